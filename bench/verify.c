@@ -1,0 +1,154 @@
+/*
+ * bench/verify.c — how fast `fmx verify` is and what it costs beyond running
+ * the candidate. For each PACK SOLUTION pair it prints:
+ *   compile ms        median over repeated compiles of the solution
+ *   verify ms/probe   wall time of fmx_verify over all probes, per probe call
+ *   forward ms/probe  the same compiled function's own run time (measured
+ *                     inside the same verify, device-synchronised)
+ *   ratio             verify / forward (target ≤ 1.2)
+ *   peak RSS          against the bytes of weights.safetensors (mmapped)
+ * Usage: bench_verify [--repeat N] PACK SOLUTION [PACK SOLUTION ...]
+ */
+#define _GNU_SOURCE
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "pack.h"
+#include "status.h"
+#include "verify.h"
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double *v, int n) {
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+static char *slurp(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)n + 1);
+    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
+        free(buf);
+        buf = NULL;
+    }
+    fclose(f);
+    if (buf) buf[n] = '\0';
+    *len = (size_t)n;
+    return buf;
+}
+
+static int bench_one(const char *pack_dir, const char *solution, int repeat) {
+    char err[2048];
+    fmx_pack *pack = NULL;
+    if (fmx_pack_open(pack_dir, &pack, err, sizeof err)) {
+        fprintf(stderr, "bench_verify: %s\n", err);
+        return 2;
+    }
+    size_t len;
+    char *src = slurp(solution, &len);
+    if (!src) {
+        fprintf(stderr, "bench_verify: cannot read %s\n", solution);
+        fmx_pack_close(pack);
+        return 2;
+    }
+    double *compile = calloc((size_t)repeat, sizeof(double));
+    fmx_program *prog = NULL;
+    for (int i = 0; i < repeat; i++) {
+        fmx_program_destroy(prog);
+        prog = NULL;
+        if (fmx_program_compile(src, len, solution, &prog, err, sizeof err)) {
+            fprintf(stderr, "bench_verify: %s\n", err);
+            return 2;
+        }
+        compile[i] = fmx_program_compile_ms(prog);
+    }
+    /* Verify all probes `repeat` times; the first run warms caches. */
+    fmx_verify_config cfg = fmx_verify_config_default();
+    cfg.all_probes = 1;
+    double *verify = calloc((size_t)repeat, sizeof(double));
+    double *forward = calloc((size_t)repeat, sizeof(double));
+    int calls = 0;
+    for (int i = 0; i <= repeat; i++) {
+        cJSON *report = NULL;
+        double t0 = now_ms();
+        int rc = fmx_verify(pack, prog, &cfg, &report);
+        double t1 = now_ms();
+        if (rc != FMX_OK) {
+            char *text = cJSON_Print(report);
+            fprintf(stderr, "bench_verify: %s does not verify:\n%s\n", solution, text);
+            free(text);
+            return 2;
+        }
+        double fwd = 0;
+        calls = 0;
+        const cJSON *r;
+        cJSON_ArrayForEach(r, cJSON_GetObjectItem(report, "probes")) {
+            fwd += cJSON_GetObjectItem(r, "ms")->valuedouble;
+            calls++;
+        }
+        cJSON_Delete(report);
+        if (i > 0) {
+            verify[i - 1] = (t1 - t0) / calls;
+            forward[i - 1] = fwd / calls;
+        }
+    }
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    char wpath[4096];
+    snprintf(wpath, sizeof wpath, "%s/weights.safetensors", pack_dir);
+    struct stat st;
+    stat(wpath, &st);
+    double c = median(compile, repeat), v = median(verify, repeat), f = median(forward, repeat);
+    printf("%-24s %-10s compile %7.2f ms  verify %9.2f ms/probe  forward %9.2f ms/probe  "
+           "ratio %.3f  peak RSS %7.1f MiB  weights %7.1f MiB  (%d probes, %s)\n",
+           fmx_pack_name(pack), fmx_pack_dtype(pack), c, v, f, v / f, ru.ru_maxrss / 1024.0,
+           st.st_size / 1048576.0, calls, fmx_engine_version());
+    fflush(stdout);
+    free(compile);
+    free(verify);
+    free(forward);
+    free(src);
+    fmx_program_destroy(prog);
+    fmx_pack_close(pack);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    int repeat = 5, i = 1;
+    if (argc > 2 && strcmp(argv[1], "--repeat") == 0) {
+        repeat = atoi(argv[2]);
+        i = 3;
+    }
+    if (repeat < 1 || (argc - i) < 2 || (argc - i) % 2) {
+        fprintf(stderr, "usage: bench_verify [--repeat N] PACK SOLUTION [PACK SOLUTION ...]\n");
+        return 2;
+    }
+    const char *dev = getenv("FMX_DEVICE");
+    char err[512];
+    if (dev && fmx_engine_set_device(dev, err, sizeof err)) {
+        fprintf(stderr, "bench_verify: %s\n", err);
+        return 2;
+    }
+    int rc = 0;
+    for (; i + 1 < argc; i += 2)
+        rc |= bench_one(argv[i], argv[i + 1], repeat);
+    return rc;
+}

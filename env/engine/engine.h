@@ -1,0 +1,182 @@
+/*
+ * engine.h — the libtorch bridge: the only interface between fmx's C core and
+ * libtorch. It compiles candidate source (the fmx candidate language, a subset
+ * of Python that TorchScript's C++ frontend compiles), runs a compiled function
+ * with named arguments, records tap() outputs, and compares tensors.
+ *
+ * It is not: a pack reader (env/pack.c), a report printer (env/verify.c), or a
+ * place for policy about which outputs to grade. Everything here is plain C;
+ * the implementation (engine.cpp) catches every C++ exception and returns a
+ * status with a message: nothing ever throws across this header.
+ *
+ * Errors: functions return 0 on success or a negative FMX_E… code
+ * (env/status.h, FMX_OK = 0); the message goes to the caller's buffer (err, errsz).
+ */
+#ifndef FMX_ENGINE_H
+#define FMX_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct fmx_tensor fmx_tensor;   /* one tensor (owns a libtorch reference) */
+typedef struct fmx_program fmx_program; /* one compiled candidate file */
+typedef struct fmx_args fmx_args;       /* named arguments for one call */
+typedef struct fmx_run fmx_run;         /* outputs and taps of one call */
+
+/* Element types, as named in safetensors headers. */
+typedef enum {
+    FMX_DT_F64,
+    FMX_DT_F32,
+    FMX_DT_F16,
+    FMX_DT_BF16,
+    FMX_DT_I64,
+    FMX_DT_I32,
+    FMX_DT_I16,
+    FMX_DT_I8,
+    FMX_DT_U8,
+    FMX_DT_BOOL,
+    FMX_DT_COUNT
+} fmx_dtype;
+
+#define FMX_MAX_DIMS 8
+
+/* "F32" → FMX_DT_F32 (safetensors names); -1 if unknown. */
+int fmx_dtype_parse(const char *name);
+/* FMX_DT_F32 → "float32" (torch names). Static string. */
+const char *fmx_dtype_name(fmx_dtype dt);
+size_t fmx_dtype_size(fmx_dtype dt);
+
+/* Library build and device, e.g. "libtorch 1.13.0 cpu". Static string. */
+const char *fmx_engine_version(void);
+/* Selects the device runs use: "cpu", "cuda", "cuda:N". Default "cpu". */
+int fmx_engine_set_device(const char *device, char *err, size_t errsz);
+/* Current device name. Static string, valid until the next set_device. */
+const char *fmx_engine_device(void);
+
+/* ---- tensors ---- */
+
+/* Wraps caller memory without copying (on cpu). The memory is borrowed: it
+ * must stay valid until fmx_tensor_destroy. On a cuda device the data is
+ * copied to the device once, here. Caller frees with fmx_tensor_destroy. */
+int fmx_tensor_wrap(void *data, fmx_dtype dt, const int64_t *shape, int ndim, fmx_tensor **out,
+                    char *err, size_t errsz);
+/* A new reference to the same tensor cast to dt (a copy when dt differs). */
+int fmx_tensor_cast(const fmx_tensor *t, fmx_dtype dt, fmx_tensor **out, char *err, size_t errsz);
+void fmx_tensor_destroy(fmx_tensor *t); /* accepts NULL */
+/* Shape and type. shape must hold FMX_MAX_DIMS; returns ndim, or -1 for an
+ * unsupported dtype (dt then untouched). */
+int fmx_tensor_shape(const fmx_tensor *t, int64_t *shape, fmx_dtype *dt);
+/* Copies the tensor (any device) into a contiguous cpu buffer of the same
+ * dtype; buf must hold numel·elemsize bytes. */
+int fmx_tensor_read(const fmx_tensor *t, void *buf, size_t bufsz, char *err, size_t errsz);
+
+/* ---- programs (the candidate language) ---- */
+
+/* Compiles a candidate file: checks and strips imports, resolves top-level
+ * constants, drops a top-level `def tap` (fmx supplies tap), compiles with
+ * the F prelude, then walks every node of every function against the op
+ * allowlist. On failure err holds "FILE:LINE:COL: message" naming the
+ * candidate's own line, followed by the offending source line. filename is
+ * used in messages only. Caller frees with fmx_program_destroy. */
+int fmx_program_compile(const char *source, size_t len, const char *filename, fmx_program **out,
+                        char *err, size_t errsz);
+void fmx_program_destroy(fmx_program *p); /* accepts NULL */
+
+/* Milliseconds the last compile took (parse + compile + op walk). */
+double fmx_program_compile_ms(const fmx_program *p);
+
+/* Number of top-level functions and their names (borrowed, valid until
+ * fmx_program_destroy), in source order. */
+int fmx_program_nfunctions(const fmx_program *p);
+const char *fmx_program_function(const fmx_program *p, int i);
+
+/* Parameter kinds of a function's schema. */
+typedef enum {
+    FMX_PARAM_TENSOR,
+    FMX_PARAM_OPT_TENSOR, /* Optional[Tensor] */
+    FMX_PARAM_WEIGHTS,    /* Dict[str, Tensor] */
+    FMX_PARAM_INT,
+    FMX_PARAM_FLOAT,
+    FMX_PARAM_BOOL,
+    FMX_PARAM_STR,
+    FMX_PARAM_OTHER
+} fmx_param_kind;
+
+typedef struct {
+    const char *name; /* borrowed, valid until fmx_program_destroy */
+    fmx_param_kind kind;
+    int has_default;
+} fmx_param;
+
+/* Parameters of function fn: fills up to cap entries, returns the count, or
+ * FMX_ENOTFOUND when fn does not exist. */
+int fmx_program_params(const fmx_program *p, const char *fn, fmx_param *out, int cap);
+
+/* ---- calls ---- */
+
+fmx_args *fmx_args_create(void); /* caller frees with fmx_args_destroy */
+void fmx_args_destroy(fmx_args *a); /* accepts NULL */
+void fmx_args_clear(fmx_args *a);   /* empties it for reuse */
+/* Each setter keeps its own reference/copy of the value. */
+int fmx_args_tensor(fmx_args *a, const char *name, const fmx_tensor *t);
+int fmx_args_int(fmx_args *a, const char *name, int64_t v);
+int fmx_args_float(fmx_args *a, const char *name, double v);
+int fmx_args_bool(fmx_args *a, const char *name, int v);
+int fmx_args_str(fmx_args *a, const char *name, const char *v);
+int fmx_args_none(fmx_args *a, const char *name);
+/* A Dict[str, Tensor] argument; n entries. A fresh dict is built for every
+ * run, so a candidate cannot change what the next run sees. */
+int fmx_args_weights(fmx_args *a, const char *name, const char *const *keys,
+                     const fmx_tensor *const *vals, int n);
+
+/* Runs fn with the arguments (keyword by name). Outputs: a Tensor, or a tuple
+ * of Tensors. Records every tap(name, x) in call order. Caller frees *out
+ * with fmx_run_destroy. Runtime errors name the candidate's line. */
+int fmx_program_run(fmx_program *p, const char *fn, const fmx_args *a, fmx_run **out, char *err,
+                    size_t errsz);
+void fmx_run_destroy(fmx_run *r); /* accepts NULL */
+double fmx_run_ms(const fmx_run *r); /* wall time of the call, device-synchronised */
+int fmx_run_noutputs(const fmx_run *r);
+/* Borrowed, valid until fmx_run_destroy. */
+const fmx_tensor *fmx_run_output(const fmx_run *r, int i);
+int fmx_run_ntaps(const fmx_run *r);
+const char *fmx_run_tap_name(const fmx_run *r, int i);       /* borrowed */
+const fmx_tensor *fmx_run_tap(const fmx_run *r, int i);      /* borrowed */
+
+/* ---- comparison ---- */
+
+typedef struct {
+    double atol; /* absolute, in units of the reference's scale (RMS) */
+    double rtol; /* relative to |reference| element-wise */
+} fmx_tolerance;
+
+typedef struct {
+    int shape_ok, dtype_ok, pass;
+    int64_t compared;  /* elements graded (mask applied) */
+    int64_t bad;       /* elements outside tolerance (non-finite included) */
+    int64_t nonfinite; /* graded elements of got that are NaN/Inf */
+    double max_abs;    /* max |got - want| over graded elements */
+    double max_rel;    /* max |got - want| / max(|want|, scale) */
+    double scale;      /* RMS of want over graded elements */
+    int64_t worst[FMX_MAX_DIMS]; /* index of the worst element */
+    int worst_ndim;
+    double worst_got, worst_want;
+} fmx_compare_result;
+
+/* Compares got against want. An element passes when both are finite and
+ * |got - want| <= atol·scale + rtol·|want|, scale = max(RMS(want), 1e-30).
+ * mask, when given, is a (B, T) tensor of keep flags (nonzero = graded) and
+ * want has shape (B, T, …): only kept (b, t) rows are graded. Shape and dtype
+ * mismatches set shape_ok/dtype_ok = 0 and pass = 0 and return 0. */
+int fmx_compare(const fmx_tensor *got, const fmx_tensor *want, const fmx_tensor *mask,
+                fmx_tolerance tol, fmx_compare_result *out, char *err, size_t errsz);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

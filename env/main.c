@@ -1,0 +1,330 @@
+/*
+ * main.c — the `fmx` command: one binary, one subcommand per job.
+ *
+ *   fmx export ...            make a task pack (hands over to the Python exporter)
+ *   fmx verify PACK FILE ...  grade a candidate file against a pack
+ *   fmx info PACK             what a pack holds: modules, probes, sizes
+ *   fmx version
+ *
+ * Exit codes: 0 ok/match, 1 mismatch, 2 error (bad input, compile or run
+ * failure).
+ */
+#define _GNU_SOURCE
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "engine/engine.h"
+#include "pack.h"
+#include "status.h"
+#include "verify.h"
+
+#ifndef FMX_VERSION
+#define FMX_VERSION "0.0.0"
+#endif
+
+static const char *usage_text =
+    "usage: fmx <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  export SPEC -o DIR [options]   make a task pack from FILE.py:FACTORY (or --hf DIR,\n"
+    "                                 --hf-config FILE --random-init); see fmx export --help\n"
+    "  verify PACK FILE [options]     grade candidate FILE against PACK\n"
+    "      --component PATH           verify one module (default: the whole model)\n"
+    "      --entry NAME               function to call (default: forward)\n"
+    "      --probes visible|all       probes to grade (default: visible)\n"
+    "      --atol X --rtol Y          override the pack's float tolerance\n"
+    "      --device cpu|cuda[:N]      where to run (default: cpu)\n"
+    "      --json                     print the report as JSON\n"
+    "  info PACK [--json]             modules, classes, probes and sizes of a pack\n"
+    "      --tensor KEY               one stored tensor (weight or capture) as JSON + hex\n"
+    "  version                        fmx and libtorch versions\n"
+    "\n"
+    "exit status: 0 match/ok, 1 mismatch, 2 error\n";
+
+static int die(const char *fmt, const char *a) {
+    fprintf(stderr, "fmx: ");
+    fprintf(stderr, fmt, a);
+    fputc('\n', stderr);
+    return 2;
+}
+
+/* Reads a whole file; caller frees. */
+static char *read_file(const char *path, size_t *len, char *err, size_t errsz) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        snprintf(err, errsz, "%s: %s", path, strerror(errno));
+        return NULL;
+    }
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
+        snprintf(err, errsz, "%s: not a regular file", path);
+        fclose(f);
+        return NULL;
+    }
+    char *buf = malloc((size_t)st.st_size + 1);
+    size_t n = buf ? fread(buf, 1, (size_t)st.st_size, f) : 0;
+    fclose(f);
+    if (!buf || n != (size_t)st.st_size) {
+        free(buf);
+        snprintf(err, errsz, "%s: read failed", path);
+        return NULL;
+    }
+    buf[n] = '\0';
+    *len = n;
+    return buf;
+}
+
+/* fmx export: runs `python3 -m fmx.export` with the package on PYTHONPATH. */
+static int cmd_export(int argc, char **argv) {
+    const char *py = getenv("FMX_PYTHON");
+    if (!py || !py[0]) py = "/usr/bin/python3";
+    const char *pkg = getenv("FMX_PYTHONPATH");
+    if (!pkg || !pkg[0]) pkg = FMX_SOURCE_DIR "/python";
+    const char *old = getenv("PYTHONPATH");
+    char *path = NULL;
+    if (asprintf(&path, "%s%s%s", pkg, old && old[0] ? ":" : "", old ? old : "") < 0) return 2;
+    setenv("PYTHONPATH", path, 1);
+    free(path);
+    char **args = calloc((size_t)argc + 4, sizeof *args);
+    if (!args) return 2;
+    int n = 0;
+    args[n++] = (char *)py;
+    args[n++] = "-m";
+    args[n++] = "fmx.export";
+    for (int i = 1; i < argc; i++)
+        args[n++] = argv[i];
+    args[n] = NULL;
+    execv(py, args);
+    fprintf(stderr, "fmx export: cannot run %s: %s (set FMX_PYTHON to a python3 with torch)\n", py,
+            strerror(errno));
+    free(args);
+    return 2;
+}
+
+static int need_value(int i, int argc, char **argv) {
+    if (i + 1 >= argc) {
+        fprintf(stderr, "fmx: %s needs a value\n", argv[i]);
+        return 0;
+    }
+    return 1;
+}
+
+static int parse_double(const char *s, double *out) {
+    char *end;
+    errno = 0;
+    *out = strtod(s, &end);
+    return errno == 0 && end != s && *end == '\0' && *out >= 0;
+}
+
+static int cmd_verify(int argc, char **argv) {
+    fmx_verify_config cfg = fmx_verify_config_default();
+    const char *pos[2] = {0};
+    int npos = 0, json = 0;
+    const char *device = "cpu";
+    int have_atol = 0, have_rtol = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--json") == 0) {
+            json = 1;
+        } else if (strcmp(a, "--component") == 0) {
+            if (!need_value(i, argc, argv)) return 2;
+            cfg.component = argv[++i];
+        } else if (strcmp(a, "--entry") == 0) {
+            if (!need_value(i, argc, argv)) return 2;
+            cfg.entry = argv[++i];
+        } else if (strcmp(a, "--probes") == 0) {
+            if (!need_value(i, argc, argv)) return 2;
+            const char *v = argv[++i];
+            if (strcmp(v, "all") == 0)
+                cfg.all_probes = 1;
+            else if (strcmp(v, "visible") == 0)
+                cfg.all_probes = 0;
+            else
+                return die("--probes takes 'visible' or 'all', not '%s'", v);
+        } else if (strcmp(a, "--atol") == 0 || strcmp(a, "--rtol") == 0) {
+            if (!need_value(i, argc, argv)) return 2;
+            double v;
+            if (!parse_double(argv[i + 1], &v))
+                return die("tolerance must be a non-negative number, not '%s'", argv[i + 1]);
+            if (a[2] == 'a') {
+                cfg.tol.atol = v;
+                have_atol = 1;
+            } else {
+                cfg.tol.rtol = v;
+                have_rtol = 1;
+            }
+            i++;
+        } else if (strcmp(a, "--device") == 0) {
+            if (!need_value(i, argc, argv)) return 2;
+            device = argv[++i];
+        } else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+            fputs(usage_text, stdout);
+            return 0;
+        } else if (a[0] == '-' && a[1]) {
+            return die("verify: unknown option '%s' (see fmx --help)", a);
+        } else if (npos < 2) {
+            pos[npos++] = a;
+        } else {
+            return die("verify: unexpected argument '%s'", a);
+        }
+    }
+    if (npos != 2) return die("%s", "verify needs PACK and FILE: fmx verify PACK FILE [options]");
+    if (have_atol != have_rtol) return die("%s", "give --atol and --rtol together");
+    cfg.override_tol = have_atol;
+
+    char err[2048];
+    if (fmx_engine_set_device(device, err, sizeof err) != 0) return die("%s", err);
+    fmx_pack *pack = NULL;
+    if (fmx_pack_open(pos[0], &pack, err, sizeof err) != 0) return die("%s", err);
+    size_t len = 0;
+    char *src = read_file(pos[1], &len, err, sizeof err);
+    if (!src) {
+        fmx_pack_close(pack);
+        return die("%s", err);
+    }
+    cJSON *report = NULL;
+    int rc = fmx_verify_source(pack, src, len, pos[1], &cfg, &report);
+    free(src);
+    if (report) {
+        cJSON_AddStringToObject(report, "file", pos[1]);
+        if (json) {
+            char *text = cJSON_Print(report);
+            if (text) puts(text);
+            free(text);
+        } else {
+            fmx_verify_print(stdout, report, isatty(STDOUT_FILENO));
+        }
+        cJSON_Delete(report);
+    }
+    fmx_pack_close(pack);
+    if (rc == FMX_OK) return 0;
+    if (rc == FMX_EMISMATCH) return 1;
+    return 2;
+}
+
+/* Prints one tensor as JSON: dtype, shape and its raw bytes in hex. */
+static int print_tensor(fmx_pack *pack, const char *key) {
+    const fmx_tensor *t = fmx_pack_capture(pack, key);
+    const char *const *keys;
+    const fmx_tensor *const *vals;
+    char err[512];
+    int n = fmx_pack_weights(pack, "", &keys, &vals, err, sizeof err);
+    for (int i = 0; !t && i < n; i++)
+        if (strcmp(keys[i], key) == 0) t = vals[i];
+    if (!t) return die("no tensor '%s' in the pack's weights or captures", key);
+    int64_t shape[FMX_MAX_DIMS];
+    fmx_dtype dt;
+    int nd = fmx_tensor_shape(t, shape, &dt);
+    size_t bytes = fmx_dtype_size(dt);
+    printf("{\"key\": \"%s\", \"dtype\": \"%s\", \"shape\": [", key, fmx_dtype_name(dt));
+    for (int i = 0; i < nd; i++) {
+        printf("%s%lld", i ? ", " : "", (long long)shape[i]);
+        bytes *= (size_t)shape[i];
+    }
+    unsigned char *buf = malloc(bytes ? bytes : 1);
+    if (!buf || fmx_tensor_read(t, buf, bytes, err, sizeof err) != 0) {
+        free(buf);
+        return die("%s", err);
+    }
+    printf("], \"hex\": \"");
+    for (size_t i = 0; i < bytes; i++)
+        printf("%02x", buf[i]);
+    printf("\"}\n");
+    free(buf);
+    return 0;
+}
+
+static int cmd_info(int argc, char **argv) {
+    const char *dir = NULL, *tensor = NULL;
+    int json = 0;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--json") == 0)
+            json = 1;
+        else if (strcmp(argv[i], "--tensor") == 0) {
+            if (!need_value(i, argc, argv)) return 2;
+            tensor = argv[++i];
+        } else if (!dir)
+            dir = argv[i];
+        else
+            return die("info: unexpected argument '%s'", argv[i]);
+    }
+    if (!dir) return die("%s", "info needs PACK: fmx info PACK");
+    char err[2048];
+    fmx_pack *pack = NULL;
+    if (fmx_pack_open(dir, &pack, err, sizeof err) != 0) return die("%s", err);
+    const cJSON *man = fmx_pack_manifest(pack);
+    if (tensor) {
+        int rc = print_tensor(pack, tensor);
+        fmx_pack_close(pack);
+        return rc;
+    }
+    if (json) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "name", fmx_pack_name(pack));
+        cJSON_AddStringToObject(o, "dtype", fmx_pack_dtype(pack));
+        cJSON *mods = cJSON_AddArrayToObject(o, "modules");
+        for (int i = 0; i < fmx_pack_nmodules(pack); i++) {
+            cJSON *m = cJSON_CreateObject();
+            cJSON_AddStringToObject(m, "path", fmx_pack_module(pack, i)->path);
+            cJSON_AddStringToObject(m, "class", fmx_pack_module(pack, i)->cls);
+            cJSON_AddItemToArray(mods, m);
+        }
+        cJSON_AddNumberToObject(o, "probes", fmx_pack_nprobes(pack));
+        cJSON_AddNumberToObject(o, "calls", fmx_pack_ncalls(pack));
+        /* Sources and coverage as the loader holds them. */
+        cJSON_AddItemToObject(o, "files", cJSON_Duplicate(cJSON_GetObjectItem(man, "files"), 1));
+        cJSON_AddItemToObject(o, "classes",
+                              cJSON_Duplicate(cJSON_GetObjectItem(man, "classes"), 1));
+        char *text = cJSON_Print(o);
+        puts(text);
+        free(text);
+        cJSON_Delete(o);
+        fmx_pack_close(pack);
+        return 0;
+    }
+    const cJSON *by = cJSON_GetObjectItem(man, "created_by");
+    printf("pack %s: %s, %s, made with torch %s on %s\n", fmx_pack_name(pack),
+           cJSON_GetStringValue(cJSON_GetObjectItem(man, "root_class")), fmx_pack_dtype(pack),
+           cJSON_GetStringValue(cJSON_GetObjectItem(by, "torch")),
+           cJSON_GetStringValue(cJSON_GetObjectItem(by, "device")));
+    printf("\nprobes:\n");
+    for (int i = 0; i < fmx_pack_nprobes(pack); i++) {
+        const fmx_probe *p = fmx_pack_probe(pack, i);
+        printf("  %-4s %-7s batch %d × seq %d, padding %s\n", p->name,
+               p->visible ? "visible" : "hidden", p->batch, p->seq, p->padding);
+    }
+    printf("\nmodules (%d):\n", fmx_pack_nmodules(pack));
+    for (int i = 0; i < fmx_pack_nmodules(pack); i++) {
+        const fmx_module *m = fmx_pack_module(pack, i);
+        int depth = 0;
+        for (int k = m->parent; k >= 0; k = fmx_pack_module(pack, k)->parent)
+            depth++;
+        printf("  %*s%-*s %s%s\n", depth * 2, "", 40 - depth * 2, m->path[0] ? m->path : "(root)",
+               m->cls, m->first_call < 0 ? "  (never called)" : "");
+    }
+    fmx_pack_close(pack);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0 ||
+        strcmp(argv[1], "help") == 0) {
+        fputs(usage_text, argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "export") == 0) return cmd_export(argc - 1, argv + 1);
+    if (strcmp(cmd, "verify") == 0) return cmd_verify(argc - 1, argv + 1);
+    if (strcmp(cmd, "info") == 0) return cmd_info(argc - 1, argv + 1);
+    if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
+        printf("fmx %s (%s)\n", FMX_VERSION, fmx_engine_version());
+        return 0;
+    }
+    fprintf(stderr, "fmx: unknown command '%s'\n\n%s", cmd, usage_text);
+    return 2;
+}

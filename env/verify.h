@@ -1,0 +1,49 @@
+/*
+ * verify.h — runs a compiled candidate against a pack's captured module calls
+ * and grades every output on every probe (the engine of `fmx verify`, and of
+ * the verify_component and submit tools). The result is a report: a cJSON
+ * tree that prints as text for people and as JSON for machines.
+ *
+ * Not here: compiling (env/engine), reading packs (env/pack.c), rewards.
+ */
+#ifndef FMX_VERIFY_H
+#define FMX_VERIFY_H
+
+#include <stdio.h>
+
+#include "pack.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    const char *component; /* module path; "" = the whole model */
+    const char *entry;     /* function to call; NULL = "forward" */
+    int all_probes;        /* 0: visible probes only; 1: hidden too */
+    int override_tol;      /* 1: use tol below for every float output */
+    fmx_tolerance tol;
+} fmx_verify_config;
+
+fmx_verify_config fmx_verify_config_default(void);
+
+/* Verifies program against pack. Always sets *report (caller frees with
+ * cJSON_Delete) unless out of memory. Returns FMX_OK when every graded output
+ * of every probe matches, FMX_EMISMATCH when some output differs, or a
+ * negative error status (bad component or entry, arguments that cannot be
+ * bound, a run-time error in the candidate); the report says which. */
+int fmx_verify(fmx_pack *pack, fmx_program *program, const fmx_verify_config *cfg, cJSON **report);
+
+/* Compiles the candidate source and verifies it; a compile error is reported
+ * like any other error (report "status": "error", stage "compile"). */
+int fmx_verify_source(fmx_pack *pack, const char *source, size_t len, const char *filename,
+                      const fmx_verify_config *cfg, cJSON **report);
+
+/* Prints a report for people. color: 1 to use ANSI colors. */
+void fmx_verify_print(FILE *out, const cJSON *report, int color);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
