@@ -1,0 +1,1088 @@
+"""The fmx exporter: run a class-based PyTorch model on probe inputs and write a task pack.
+
+A pack (docs/pack-format.md) is `task.json` + `weights.safetensors` +
+`probes.safetensors`. The exporter builds the model from a Python file
+(`FILE.py:NAME`) or a local transformers snapshot, runs it on visible and hidden
+probes, and records: the module tree, every module call's inputs and outputs
+(tensors streamed to disk as they arrive, byte-identical ones stored once), per-line
+coverage of the model's package, a function-level op trace per module on the first
+probe, the class sources and line ranges, and every parameter and buffer with its
+ties.
+
+It is not a verifier and never runs candidate code; the C server does that.
+
+    python3 -m fmx.export examples/models/qwen2.py:build -o packs/qwen2 --set num_hidden_layers=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from . import __version__
+from .safetensors import Writer, dtype_name, is_storable, save_file
+
+FORMAT = "fmx-pack"
+VERSION = 1
+TOLERANCE = {"float32": {"atol": 1e-5, "rtol": 1e-5}, "bfloat16": {"atol": 1e-2, "rtol": 1e-2}}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PADDINGS = ("none", "left", "right")
+# (batch, seq, padding); the first `probes` visible, then `hidden` hidden ones.
+VISIBLE_SHAPES = [(1, 8, "none"), (2, 13, "left"), (3, 6, "right")]
+HIDDEN_SHAPES = [(2, 17, "right"), (1, 64, "none"), (3, 11, "left")]
+
+InputsFn = Callable[[nn.Module, int, int, str, torch.Generator], Dict[str, Any]]
+
+
+class ExportError(Exception):
+    """A bad request (spec, options, output directory): the CLI prints one line and exits 2."""
+
+
+# --------------------------------------------------------------------------- model loading
+
+
+def load_spec(spec: str) -> Tuple[Any, Any, str]:
+    """Import FILE of `FILE.py:NAME`; returns (python module, the NAME object, real file path)."""
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name:
+        raise ExportError(f"bad model spec {spec!r}: expected FILE.py:NAME (a factory function or a model class)")
+    if not os.path.isfile(path):
+        raise ExportError(f"model file not found: {path}")
+    real = os.path.realpath(path)
+    modname = os.path.splitext(os.path.basename(real))[0]
+    if not modname.isidentifier():
+        raise ExportError(f"model file name {os.path.basename(real)!r} is not a Python module name")
+    def file_of(name: str) -> Optional[str]:
+        mod = sys.modules.get(name)
+        return None if mod is None else os.path.realpath(getattr(mod, "__file__", None) or "?")
+
+    base, n = modname, 0
+    while file_of(modname) not in (None, real):  # the name is taken by another file: don't replace it
+        n += 1
+        modname = f"{base}_{n}"
+    if file_of(modname) == real:
+        module = sys.modules[modname]
+    else:
+        loader_spec = importlib.util.spec_from_file_location(modname, real)
+        if loader_spec is None or loader_spec.loader is None:
+            raise ExportError(f"cannot import {path} as a Python module")
+        module = importlib.util.module_from_spec(loader_spec)
+        folder = os.path.dirname(real)
+        sys.path.insert(0, folder)
+        sys.modules[modname] = module  # dataclasses and pickling look the module up by name
+        try:
+            loader_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[modname]
+            raise
+        finally:
+            if folder in sys.path:
+                sys.path.remove(folder)
+    if not hasattr(module, name):
+        found = sorted(
+            n for n, v in vars(module).items()
+            if not n.startswith("_") and callable(v) and getattr(v, "__module__", None) == module.__name__
+        )
+        raise ExportError(f"{path} has no {name!r}; it defines: {', '.join(found) or 'nothing callable'}")
+    return module, getattr(module, name), real
+
+
+def build_from_spec(spec: str, overrides: Mapping[str, Any]) -> Tuple[nn.Module, Any, str]:
+    """Build the model of `FILE.py:NAME` with `overrides`; returns (model, python module, file)."""
+    module, obj, real = load_spec(spec)
+    name = spec.rpartition(":")[2]
+    if isinstance(obj, type) and issubclass(obj, nn.Module) and getattr(obj, "config_class", None) is not None:
+        model = obj(obj.config_class(**overrides))
+    elif callable(obj):
+        model = obj(**overrides)
+    else:
+        raise ExportError(f"{name} in {spec.rpartition(':')[0]} is a {type(obj).__name__}, not a factory or a model class")
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"{name}(...) returned a {type(model).__name__}, not a torch.nn.Module")
+    return model, module, real
+
+
+def build_from_hf(path: Optional[str], config_path: Optional[str], random_init: bool,
+                  overrides: Mapping[str, Any]) -> nn.Module:
+    """A transformers causal LM from a local snapshot (`path`) or a config file (random weights)."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        raise ExportError(
+            "--hf/--hf-config need the transformers package, which is not installed; "
+            "export a model file instead: python3 -m fmx.export FILE.py:NAME -o OUT"
+        ) from None
+    source = path if path is not None else config_path
+    assert source is not None
+    if not os.path.exists(source):
+        raise ExportError(f"not found: {source}")
+    rest = dict(overrides)
+    kwargs = {}
+    if "attn_implementation" in rest:
+        kwargs["attn_implementation"] = rest.pop("attn_implementation")
+    if os.path.isfile(source):
+        try:
+            with open(source, encoding="utf-8") as f:
+                raw = json.load(f)
+            model_type = raw.pop("model_type")
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise ExportError(f"{source}: not a transformers config.json with a model_type ({e})") from None
+        config = AutoConfig.for_model(model_type, **raw)
+    else:
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    for key, value in rest.items():
+        setattr(config, key, value)
+    if path is not None and not random_init:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    return model.eval()
+
+
+def parse_value(text: str) -> Any:
+    """A --set VALUE: JSON if it parses, else the plain string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ExportError(f"bad --set {item!r}: expected KEY=VALUE")
+        out[key] = parse_value(value)
+    return out
+
+
+# --------------------------------------------------------------------------- probes
+
+
+@dataclasses.dataclass
+class Probe:
+    name: str
+    visible: bool
+    batch: int
+    seq: int
+    padding: str
+
+
+def parse_probe_shapes(text: str) -> List[Tuple[int, int, str]]:
+    """'1x8:none,2x13:left' -> [(1, 8, 'none'), (2, 13, 'left')]; padding defaults to none."""
+    shapes = []
+    for item in text.split(","):
+        item = item.strip()
+        m = re.fullmatch(r"(\d+)x(\d+)(?::(\w+))?", item)
+        if not m or m.group(3) not in (None,) + PADDINGS:
+            raise ExportError(f"bad probe shape {item!r}: expected BATCHxSEQ[:none|left|right], e.g. 2x13:left")
+        shapes.append((int(m.group(1)), int(m.group(2)), m.group(3) or "none"))
+    return shapes
+
+
+def plan_probes(probes: int, hidden: int, shapes: Optional[Sequence[Tuple[int, int, str]]],
+                max_len: Optional[int]) -> List[Probe]:
+    """Visible probes first, then hidden ones, named p0, p1, ...
+
+    With `shapes`, the first `probes` shapes are visible and the next (up to
+    `hidden`) hidden. Without, the default shapes, extended if more are asked.
+    """
+    if probes < 1:
+        raise ExportError("--probes must be at least 1 (the op trace and the visible captures come from them)")
+    if hidden < 0:
+        raise ExportError("--hidden must not be negative")
+    if shapes is not None:
+        visible_shapes = list(shapes[:probes])
+        hidden_shapes = list(shapes[len(visible_shapes):len(visible_shapes) + hidden])
+    else:
+        visible_shapes = [_default_shape(VISIBLE_SHAPES, i) for i in range(probes)]
+        hidden_shapes = [_default_shape(HIDDEN_SHAPES, i) for i in range(hidden)]
+    plan = []
+    for visible, group in ((True, visible_shapes), (False, hidden_shapes)):
+        for batch, seq, padding in group:
+            if max_len is not None:
+                seq = min(seq, max_len)
+            if batch < 1 or seq < 1:
+                raise ExportError(f"probe shape {batch}x{seq} is empty")
+            if padding != "none" and seq < 3:
+                raise ExportError(f"probe shape {batch}x{seq}:{padding}: padding needs seq >= 3")
+            plan.append(Probe(f"p{len(plan)}", visible, batch, seq, padding))
+    return plan
+
+
+def _default_shape(base: Sequence[Tuple[int, int, str]], i: int) -> Tuple[int, int, str]:
+    if i < len(base):
+        return base[i]
+    return (1 + i % 3, 5 + (7 * i) % 29, PADDINGS[i % 3])
+
+
+def padding_mask(batch: int, seq: int, padding: str, generator: torch.Generator) -> Tensor:
+    """(B, T) I64 keep flags: every row but the last loses 1 <= n < T/2 positions on `padding`'s side."""
+    mask = torch.ones(batch, seq, dtype=torch.int64)
+    if padding == "none":
+        return mask
+    high = max(1, (seq - 1) // 2)
+    for row in range(batch - 1):
+        n = int(torch.randint(1, high + 1, (1,), generator=generator))
+        if padding == "left":
+            mask[row, :n] = 0
+        else:
+            mask[row, seq - n:] = 0
+    return mask
+
+
+def default_inputs(model: nn.Module, batch: int, seq: int, padding: str, generator: torch.Generator) -> Dict[str, Any]:
+    """input_ids uniform in [0, vocab) and an attention_mask; padded ids are pad_token_id when set."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 1:
+        raise ExportError(
+            "cannot make probe inputs: the model has no config.vocab_size; define "
+            "fmx_inputs(model, batch, seq, padding, generator) -> dict in the model file"
+        )
+    ids = torch.randint(0, vocab, (batch, seq), generator=generator, dtype=torch.int64)
+    mask = padding_mask(batch, seq, padding, generator)
+    pad = getattr(config, "pad_token_id", None)
+    if isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < vocab:
+        ids = ids.masked_fill(mask == 0, pad)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _max_len(config: Any) -> Optional[int]:
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _mask_of(inputs: Mapping[str, Any], batch: int, seq: int) -> Tensor:
+    mask = inputs.get("attention_mask")
+    if isinstance(mask, Tensor) and tuple(mask.shape) == (batch, seq):
+        return (mask.detach().to("cpu") != 0).to(torch.int64)
+    return torch.ones(batch, seq, dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------- flattening values
+
+_CACHE_NAME = re.compile(r"past|present|cache", re.IGNORECASE)
+_REPR_MAX = 200
+
+
+def _short_repr(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception as e:  # a broken __repr__ must not fail the export
+        text = f"<{type(value).__name__}: repr failed: {e}>"
+    return text if len(text) <= _REPR_MAX else text[:_REPR_MAX - 3] + "..."
+
+
+def _is_cache(name: str, value: Any) -> bool:
+    if "Cache" in type(value).__name__:
+        return True
+    return (
+        isinstance(value, (tuple, list)) and len(value) > 0 and bool(_CACHE_NAME.search(name))
+        and all(isinstance(v, (tuple, list)) and all(isinstance(x, Tensor) for x in v) for v in value)
+    )
+
+
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_has_tensor(v) for v in value)
+    if isinstance(value, Mapping):
+        return any(_has_tensor(v) for v in value.values())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return any(_has_tensor(getattr(value, f.name, None)) for f in dataclasses.fields(value))
+    return False
+
+
+def _json_scalar(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, (bool, int, str))
+
+
+def _fields(value: Any) -> Optional[List[Tuple[str, Any]]]:
+    """Named parts of a structured value (dataclass incl. ModelOutput, mapping, namedtuple), else None."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [(f.name, getattr(value, f.name, None)) for f in dataclasses.fields(value)]
+    if isinstance(value, Mapping):
+        return [(str(k), v) for k, v in value.items()]
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return [(str(k), getattr(value, k)) for k in value._fields]
+    return None
+
+
+def flatten(name: str, value: Any) -> Iterator[Tuple[str, str, Any]]:
+    """(name, kind, payload) leaves of a value; kinds: tensor, none, cache, value, other.
+
+    Tuples and lists that hold tensors become NAME_0, NAME_1, ...; dataclasses and
+    mappings NAME_field. An empty `name` names the parts by themselves.
+    """
+    def join(part: str) -> str:
+        return f"{name}_{part}" if name else part
+
+    if isinstance(value, Tensor):
+        yield name, "tensor", value
+    elif value is None:
+        yield name, "none", None
+    elif _is_cache(name, value):
+        yield name, "cache", type(value).__name__
+    elif _json_scalar(value):
+        yield name, "value", value
+    elif (parts := _fields(value)) is not None and _has_tensor(value):
+        for part, v in parts:
+            yield from flatten(join(part), v)
+    elif isinstance(value, (tuple, list)) and _has_tensor(value):
+        for i, v in enumerate(value):
+            yield from flatten(join(str(i)), v)
+    elif isinstance(value, (tuple, list)) and all(_json_scalar(v) for v in value):
+        yield name, "value", list(value)
+    else:
+        yield name, "other", _short_repr(value)
+
+
+# --------------------------------------------------------------------------- op names
+
+
+_SKIP_OPS = {
+    "torch.Tensor." + n for n in (
+        "dim", "size", "numel", "stride", "is_contiguous", "data_ptr", "element_size", "__len__",
+        "__format__", "__repr__", "__hash__", "storage_offset", "get_device", "is_floating_point",
+    )
+}
+_C_NAMESPACES = {"torch._C._linalg": ("torch.linalg.", "linalg_"), "torch._C._special": ("torch.special.", "special_"),
+                 "torch._C._fft": ("torch.fft.", "fft_")}
+
+
+def op_name(func: Any) -> Optional[str]:
+    """The public name of a torch function or Tensor method ("torch.nn.functional.linear",
+    "torch.Tensor.view", "torch.matmul"), or None for attribute getters and trivial queries."""
+    name = getattr(func, "__name__", None) or type(func).__name__
+    if name in ("__get__", "__set__", "__delete__"):
+        return None
+    qual = getattr(func, "__qualname__", None) or name
+    mod = getattr(func, "__module__", None)
+    full = None
+    for prefix in ("_TensorBase.", "TensorBase.", "Tensor."):  # C methods (1.13, 2.x), Python ones
+        if qual.startswith(prefix) and (prefix != "Tensor." or mod == "torch._tensor"):
+            full = "torch.Tensor." + qual[len(prefix):]
+            break
+    if full is None:
+        if qual.startswith("_VariableFunctionsClass."):
+            full = "torch." + name
+        elif mod == "torch._C._nn":
+            full = ("torch.nn.functional." if hasattr(F, name) else "torch._C._nn.") + name
+        elif mod in _C_NAMESPACES:
+            public, strip = _C_NAMESPACES[mod]
+            full = public + (name[len(strip):] if name.startswith(strip) else name)
+        elif mod:
+            full = f"{mod}.{qual}"
+        else:
+            full = qual
+    if full in _SKIP_OPS or re.match(r"torch\._C\._[^.]*$", full):  # torch._C._set_grad_enabled & co.
+        return None
+    return full
+
+
+def _shapes(values: Any, out: List[List[int]]) -> List[List[int]]:
+    if isinstance(values, Tensor):
+        out.append(list(values.shape))
+    elif isinstance(values, (tuple, list)):
+        for v in values:
+            _shapes(v, out)
+    elif isinstance(values, Mapping):
+        for v in values.values():
+            _shapes(v, out)
+    return out
+
+
+def _arg_text(value: Any) -> Tuple[str, bool]:
+    """(compact text, whether it holds a non-tensor) of one op argument."""
+    if isinstance(value, Tensor):
+        return "T", False
+    if isinstance(value, (tuple, list)):
+        parts = [_arg_text(v) for v in value]
+        inner = ", ".join(p for p, _ in parts)
+        text = f"({inner},)" if isinstance(value, tuple) and len(parts) == 1 else (
+            f"({inner})" if isinstance(value, tuple) else f"[{inner}]")
+        return text, any(n for _, n in parts) or not parts
+    if isinstance(value, slice):
+        parts = ["" if v is None else _short_repr(v) for v in (value.start, value.stop, value.step)]
+        return (":".join(parts[:2]) if value.step is None else ":".join(parts)), True
+    if value is Ellipsis:
+        return "...", True
+    return _short_repr(value), True
+
+
+def _args_text(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Optional[str]:
+    parts = [_arg_text(a) for a in args] + [
+        (f"{k}={_arg_text(v)[0]}", not isinstance(v, Tensor)) for k, v in kwargs.items() if not k.startswith("_")]
+    if not any(n for _, n in parts):
+        return None
+    text = ", ".join(p for p, _ in parts)
+    return text if len(text) <= _REPR_MAX else text[:_REPR_MAX - 3] + "..."
+
+
+# --------------------------------------------------------------------------- capture
+
+
+class _Frame:
+    __slots__ = ("path", "ops")
+
+    def __init__(self, path: str, ops: Optional[List[Dict[str, Any]]]) -> None:
+        self.path = path
+        self.ops = ops  # the op list being recorded for this call, or None
+
+
+class Capture:
+    """Wraps every submodule's forward to record its calls into `calls` and `writer`."""
+
+    def __init__(self, model: nn.Module, writer: Writer) -> None:
+        self.model = model
+        self.writer = writer
+        self.calls: List[Dict[str, Any]] = []
+        self.ops: Dict[str, List[Dict[str, Any]]] = {}  # module path -> op trace of its first call
+        self.stack: List[_Frame] = []
+        self.busy = False  # our own tensor handling runs inside the op-trace mode; skip it
+        self.trace_ops = False
+        self.probe = 0
+        self.batch = 0
+        self.seq = 0
+        self._counts: Dict[str, int] = {}
+        self._saved: List[Tuple[nn.Module, Optional[Any]]] = []
+        self.signatures: Dict[str, Optional[inspect.Signature]] = {}
+
+    # -- wrapping
+    def __enter__(self) -> "Capture":
+        for path, module in self.model.named_modules():
+            orig = module.forward
+            sig = _signature(module)
+            self.signatures[path] = sig
+            self._saved.append((module, module.__dict__.get("forward")))
+            module.forward = self._wrapper(path, orig, sig)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for module, previous in self._saved:
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self._saved.clear()
+
+    def start_probe(self, probe: int, batch: int, seq: int, trace_ops: bool) -> None:
+        self.probe, self.batch, self.seq, self.trace_ops = probe, batch, seq, trace_ops
+        self._counts = {}
+
+    def _wrapper(self, path: str, orig: Callable[..., Any], sig: Optional[inspect.Signature]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            index = self._counts.get(path, 0)
+            self._counts[path] = index + 1
+            ops = None
+            if self.trace_ops:
+                if self.stack and self.stack[-1].ops is not None:
+                    self.stack[-1].ops.append({"call": path})
+                if index == 0:
+                    ops = self.ops.setdefault(path, [])
+            call = {"probe": self.probe, "module": path, "index": index}
+            self.calls.append(call)
+            self.busy = True
+            try:
+                call["inputs"] = self._inputs(call, sig, args, kwargs)
+            finally:
+                self.busy = False
+            self.stack.append(_Frame(path, ops))
+            try:
+                out = orig(*args, **kwargs)
+            except BaseException as e:  # model code may catch it and go on: say so in the call
+                call["outputs"] = []
+                call["raised"] = type(e).__name__
+                raise
+            finally:
+                self.stack.pop()
+            self.busy = True
+            try:
+                call["outputs"] = self._outputs(call, out)
+            finally:
+                self.busy = False
+            return out
+
+        forward.__wrapped__ = orig  # type: ignore[attr-defined]
+        return forward
+
+    # -- recording
+    def _key(self, call: Mapping[str, Any], side: str, name: str) -> str:
+        return f"p{call['probe']}/{call['module']}/{call['index']}/{side}/{name}"
+
+    def _entry(self, call: Mapping[str, Any], side: str, name: str, kind: str, payload: Any) -> Dict[str, Any]:
+        if kind == "tensor" and not is_storable(payload):
+            kind, payload = "other", f"Tensor({payload.dtype}, {list(payload.shape)}, {payload.layout})"
+        entry: Dict[str, Any] = {"name": name, "kind": kind}
+        if kind == "tensor":
+            t: Tensor = payload
+            entry["key"] = self.writer.add(self._key(call, side, name), t, dedupe=True)
+            entry["dtype"] = dtype_name(t.dtype)
+            entry["shape"] = list(t.shape)
+            if side == "out":
+                entry["token_aligned"] = t.dim() >= 2 and tuple(t.shape[:2]) == (self.batch, self.seq)
+        elif kind == "value":
+            entry["value"] = payload
+        elif kind in ("other", "cache"):
+            entry["repr"] = payload
+        return entry
+
+    def _inputs(self, call: Mapping[str, Any], sig: Optional[inspect.Signature], args: Tuple[Any, ...],
+                kwargs: Mapping[str, Any]) -> List[Dict[str, Any]]:
+        entries = []
+        for name, value, default in _bind(sig, args, kwargs):
+            for leaf, kind, payload in flatten(name, value):
+                entry = self._entry(call, "in", leaf, kind, payload)
+                if default:
+                    entry["default"] = True
+                entries.append(entry)
+        return entries
+
+    def _outputs(self, call: Mapping[str, Any], out: Any) -> List[Dict[str, Any]]:
+        leaves = list(flatten("", out))
+        return [self._entry(call, "out", leaf or "0", kind, payload) for leaf, kind, payload in leaves]
+
+
+def _signature(module: nn.Module) -> Optional[inspect.Signature]:
+    forward = module.forward
+    if getattr(type(module).forward, "__name__", "") == "_forward_unimplemented":
+        return None
+    try:
+        return inspect.signature(forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def _bind(sig: Optional[inspect.Signature], args: Tuple[Any, ...],
+          kwargs: Mapping[str, Any]) -> Iterator[Tuple[str, Any, bool]]:
+    """(parameter name, value, came from the default) for one call, in parameter order."""
+    try:
+        if sig is None:
+            raise TypeError("no signature")
+        bound = sig.bind(*args, **kwargs)
+    except TypeError:
+        for i, a in enumerate(args):
+            yield f"arg{i}", a, False
+        for k, v in kwargs.items():
+            yield k, v, False
+        return
+    passed = set(bound.arguments)
+    bound.apply_defaults()
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind == inspect.Parameter.VAR_KEYWORD:
+            for k, v in value.items():
+                yield k, v, False
+        elif kind == inspect.Parameter.VAR_POSITIONAL:
+            for i, v in enumerate(value):
+                yield f"{name}_{i}", v, False
+        else:
+            yield name, value, name not in passed
+
+
+class OpTrace(TorchFunctionMode):
+    """Records torch functions and Tensor methods into the innermost module's first-call trace."""
+
+    def __init__(self, capture: Capture) -> None:
+        super().__init__()
+        self.capture = capture
+        self.depth = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None) -> Any:
+        kwargs = kwargs or {}
+        cap = self.capture
+        if self.depth or cap.busy or not cap.stack or cap.stack[-1].ops is None:
+            return func(*args, **kwargs)
+        self.depth += 1
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.depth -= 1
+        name = op_name(func)
+        if name is not None:
+            record: Dict[str, Any] = {"op": name, "in": _shapes((args, kwargs), []), "out": _shapes(out, [])}
+            text = _args_text(args, kwargs)
+            if text is not None:
+                record["args"] = text
+            cap.stack[-1].ops.append(record)  # type: ignore[union-attr]
+        return out
+
+
+class Coverage:
+    """Counts line events of code whose file lies under one of `folders` (sys.settrace)."""
+
+    def __init__(self, folders: Sequence[str]) -> None:
+        self.folders = tuple(os.path.join(os.path.realpath(f), "") for f in folders)
+        self.counts: Dict[Tuple[str, int], int] = {}
+        self._inside: Dict[str, bool] = {}
+        self._previous: Any = None
+
+    def _global(self, frame: Any, event: str, arg: Any) -> Any:
+        filename = frame.f_code.co_filename
+        inside = self._inside.get(filename)
+        if inside is None:
+            inside = self._inside[filename] = os.path.realpath(filename).startswith(self.folders)
+        return self._local if inside else None
+
+    def _local(self, frame: Any, event: str, arg: Any) -> Any:
+        if event == "line":
+            key = (frame.f_code.co_filename, frame.f_lineno)
+            self.counts[key] = self.counts.get(key, 0) + 1
+        return self._local
+
+    def __enter__(self) -> "Coverage":
+        self._previous = sys.gettrace()
+        sys.settrace(self._global)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        sys.settrace(self._previous)
+
+    def by_file(self) -> Dict[str, Dict[int, int]]:
+        out: Dict[str, Dict[int, int]] = {}
+        for (filename, line), n in self.counts.items():
+            lines = out.setdefault(os.path.realpath(filename), {})
+            lines[line] = lines.get(line, 0) + n
+        return out
+
+
+# --------------------------------------------------------------------------- static information
+
+
+def display_path(path: str) -> str:
+    """`path` relative to the working directory when inside it, else to the sys.path entry
+    holding it (site-packages/transformers/... -> transformers/...), else absolute."""
+    real = os.path.realpath(path)
+    cwd = os.path.join(os.path.realpath(os.getcwd()), "")
+    if real.startswith(cwd):
+        return os.path.relpath(real, cwd)
+    best = ""
+    for entry in sys.path:
+        if not entry:
+            continue
+        root = os.path.join(os.path.realpath(entry), "")
+        if real.startswith(root) and len(root) > len(best):
+            best = root
+    return os.path.relpath(real, best) if best else real
+
+
+def _class_file(cls: type) -> Optional[str]:
+    try:
+        return os.path.realpath(inspect.getfile(cls))
+    except (TypeError, OSError):
+        return None
+
+
+def _class_lines(cls: type) -> Tuple[Optional[int], Optional[int]]:
+    """(line of the `class` statement, last line) of `cls`, 1-based."""
+    try:
+        lines, start = inspect.getsourcelines(cls)
+    except (TypeError, OSError):
+        return None, None
+    first = start
+    for i, text in enumerate(lines):
+        if re.match(r"\s*class\s", text):
+            first = start + i
+            break
+    return first, start + len(lines) - 1
+
+
+def modules_and_classes(model: nn.Module, folders: Sequence[str], signatures: Mapping[str, Optional[inspect.Signature]],
+                        ops: Mapping[str, List[Dict[str, Any]]]) -> Tuple[List[Dict[str, Any]], Dict[str, Dict[str, Any]], List[str]]:
+    """The pre-order module tree, the class table, and the package files that define those classes."""
+    roots = tuple(os.path.join(os.path.realpath(f), "") for f in folders)
+    classes: Dict[str, Dict[str, Any]] = {}
+    keys: Dict[type, str] = {}
+    files: List[str] = []
+
+    def in_package(cls: type) -> Optional[str]:
+        file = _class_file(cls)
+        return file if file is not None and file.startswith(roots) else None
+
+    def key_of(cls: type) -> str:
+        if cls in keys:
+            return keys[cls]
+        key = cls.__name__
+        if key in classes:
+            key = f"{cls.__module__}.{cls.__qualname__}"
+        keys[cls] = key
+        file = in_package(cls)
+        entry: Dict[str, Any] = {"file": None, "start": None, "end": None, "bases": [], "module": cls.__module__}
+        classes[key] = entry
+        if file is not None:
+            if file not in files:
+                files.append(file)
+            entry["file"] = display_path(file)
+            entry["start"], entry["end"] = _class_lines(cls)
+            entry["bases"] = [key_of(base) for base in cls.__mro__[1:] if in_package(base) is not None]
+        return key
+
+    paths = [path for path, _ in model.named_modules()]
+    tree = []
+    for path, module in model.named_modules():
+        sig = signatures.get(path)
+        params = []
+        if sig is not None:
+            for p in sig.parameters.values():
+                prefix = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}.get(p.kind, "")
+                params.append(prefix + p.name)
+        tree.append({
+            "path": path,
+            "class": key_of(type(module)),
+            "parent": None if path == "" else path.rpartition(".")[0],
+            "children": [p for p in paths if p != "" and p != path and p.rpartition(".")[0] == path],
+            "forward_params": params,
+            "ops": ops.get(path),
+        })
+    return tree, classes, files
+
+
+def collect_weights(model: nn.Module) -> Tuple[Dict[str, Tensor], Dict[str, str], List[str], List[str]]:
+    """(stored tensors by name, aliases tied name -> stored name, buffer names, non-persistent buffer names)."""
+    stored: Dict[str, Tensor] = {}
+    aliases: Dict[str, str] = {}
+    buffers: List[str] = []
+    non_persistent: List[str] = []
+    seen: Dict[Tuple[Any, ...], str] = {}
+    for mpath, module in model.named_modules(remove_duplicate=False):
+        tables = (("param", module._parameters), ("buffer", module._buffers))
+        for kind, table in tables:
+            for name, t in table.items():
+                if t is None:
+                    continue
+                full = f"{mpath}.{name}" if mpath else name
+                if full in stored or full in aliases:
+                    continue
+                ident = (t.device, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+                if t.numel() > 0 and ident in seen:
+                    aliases[full] = seen[ident]
+                else:
+                    seen[ident] = full
+                    stored[full] = t
+                if kind == "buffer":
+                    buffers.append(full)
+                    if name in getattr(module, "_non_persistent_buffers_set", ()):
+                        non_persistent.append(full)
+    return stored, aliases, buffers, non_persistent
+
+
+def _jsonable(value: Any) -> Tuple[bool, Any]:
+    if value is None or isinstance(value, (bool, int, str)):
+        return True, value
+    if isinstance(value, float):
+        return math.isfinite(value), value
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            ok, jv = _jsonable(v)
+            if ok and isinstance(k, (str, int)):
+                out[str(k)] = jv
+        return True, out
+    if isinstance(value, (list, tuple)):
+        items = [_jsonable(v) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    return False, None
+
+
+def config_json(config: Any) -> Optional[Dict[str, Any]]:
+    """The config as a JSON object (to_dict / dataclass / vars), without non-JSON values; None if no config."""
+    if config is None:
+        return None
+    try:
+        if hasattr(config, "to_dict"):
+            raw = config.to_dict()
+        elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+            raw = dataclasses.asdict(config)
+        elif isinstance(config, Mapping):
+            raw = dict(config)
+        else:
+            raw = vars(config)
+    except Exception:
+        return None
+    ok, value = _jsonable(raw)
+    return value if ok and isinstance(value, dict) else None
+
+
+# --------------------------------------------------------------------------- output directory
+
+
+class _OutDir:
+    """Write into a temporary directory beside OUT and rename it into place on success."""
+
+    def __init__(self, out_dir: str, force: bool) -> None:
+        self.out = os.path.abspath(out_dir)
+        self.force = force
+        self.created: List[str] = []
+        self.tmp = ""
+        self.check(out_dir, force)
+        parent = os.path.dirname(self.out)
+        missing = []
+        while parent and not os.path.exists(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        try:
+            for folder in reversed(missing):
+                os.mkdir(folder)
+                self.created.append(folder)
+            self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.tmp-", dir=os.path.dirname(self.out))
+        except OSError as e:
+            self._remove_created()
+            raise ExportError(f"cannot write to {os.path.dirname(self.out) or '.'}: {e.strerror or e}") from None
+
+    @staticmethod
+    def check(out_dir: str, force: bool) -> None:
+        """Refuse an OUT that is a file, or a non-empty directory without `force`."""
+        if os.path.exists(out_dir):
+            if not os.path.isdir(out_dir):
+                raise ExportError(f"output {out_dir} exists and is not a directory")
+            if os.listdir(out_dir) and not force:
+                raise ExportError(f"output directory {out_dir} exists and is not empty (use --force to replace it)")
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.tmp, name)
+
+    def commit(self) -> None:
+        old = None
+        try:
+            if os.path.exists(self.out):
+                if os.listdir(self.out):
+                    old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.old-", dir=os.path.dirname(self.out))
+                    os.rename(self.out, os.path.join(old, "pack"))
+                else:
+                    os.rmdir(self.out)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp made it private
+            os.rename(self.tmp, self.out)
+        except OSError as e:
+            raise ExportError(f"cannot move the pack into {self.out}: {e.strerror or e}") from None
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in reversed(self.created):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        self.created.clear()
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def export(spec_or_model: Any, out_dir: str, *, overrides: Optional[Mapping[str, Any]] = None, seed: int = 0,
+           probes: int = 3, hidden: int = 3, dtype: str = "float32", name: Optional[str] = None,
+           quiet: bool = False, force: bool = False, probe_shapes: Optional[str] = None, device: str = "cpu",
+           inputs_fn: Optional[InputsFn] = None, source: Optional[Dict[str, Any]] = None,
+           package_dirs: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Export a task pack to `out_dir`; returns the manifest (task.json) as a dict.
+
+    `spec_or_model` is "FILE.py:NAME" (built here with `overrides` after
+    torch.manual_seed(seed)) or an nn.Module. Its package (coverage, class
+    sources) is the folder of the file defining the model's class, unless
+    `package_dirs` says otherwise. Probe inputs come from `inputs_fn`, else the
+    model file's `fmx_inputs`, else `default_inputs`.
+    """
+    overrides = dict(overrides or {})
+    if dtype not in DTYPES:
+        raise ExportError(f"bad dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    shapes = parse_probe_shapes(probe_shapes) if probe_shapes else None
+    plan_probes(probes, hidden, shapes, None)  # validate before any work
+    out = _OutDir(out_dir, force)
+    t_start = time.perf_counter()
+    try:
+        manifest = _export(spec_or_model, out, overrides, seed, probes, hidden, dtype, name, quiet, shapes,
+                           device, inputs_fn, source, package_dirs)
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
+    if not quiet:
+        n_visible = sum(1 for p in manifest["probes"] if p["visible"])
+        sizes = [os.path.getsize(os.path.join(out.out, f)) for f in ("weights.safetensors", "probes.safetensors")]
+        print(f"wrote {out_dir}: {n_visible}+{len(manifest['probes']) - n_visible} probes, {len(manifest['calls'])} calls, "
+              f"{_mb(sizes[0])} weights, {_mb(sizes[1])} captures ({time.perf_counter() - t_start:.1f}s)", file=sys.stderr)
+    return manifest
+
+
+def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: int, probes: int, hidden: int,
+            dtype: str, name: Optional[str], quiet: bool, shapes: Optional[List[Tuple[int, int, str]]], device: str,
+            inputs_fn: Optional[InputsFn], source: Optional[Dict[str, Any]],
+            package_dirs: Optional[Sequence[str]]) -> Dict[str, Any]:
+    torch.manual_seed(seed)
+    if isinstance(spec_or_model, str):
+        model, pymodule, file = build_from_spec(spec_or_model, overrides)
+        source = source or {"kind": "file", "spec": spec_or_model, "overrides": overrides}
+        folders = list(package_dirs or [os.path.dirname(file)])
+    elif isinstance(spec_or_model, nn.Module):
+        model = spec_or_model
+        pymodule = sys.modules.get(type(model).__module__)
+        cls_file = _class_file(type(model))
+        source = source or {"kind": "module", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
+        folders = list(package_dirs or ([os.path.dirname(cls_file)] if cls_file else []))
+    else:
+        raise ExportError(f"cannot export a {type(spec_or_model).__name__}: expected FILE.py:NAME or an nn.Module")
+    if inputs_fn is None:
+        inputs_fn = getattr(pymodule, "fmx_inputs", None) or default_inputs
+    model = model.to(device=device, dtype=DTYPES[dtype]).eval()
+    config = getattr(model, "config", None)
+    plan = plan_probes(probes, hidden, shapes, _max_len(config))
+
+    writer = Writer(out.path("probes.safetensors"), metadata={"format": FORMAT, "fmx": __version__})
+    coverage = Coverage(folders)
+    probe_entries = []
+    try:
+        with torch.no_grad(), Capture(model, writer) as capture:
+            for i, probe in enumerate(plan):
+                t0 = time.perf_counter()
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + i + 1)
+                inputs = inputs_fn(model, probe.batch, probe.seq, probe.padding, generator)
+                if not isinstance(inputs, Mapping):
+                    raise ExportError(f"probe inputs must be a dict of forward arguments, got {type(inputs).__name__}")
+                mask_key = writer.add(f"{probe.name}/mask", _mask_of(inputs, probe.batch, probe.seq), dedupe=True)
+                inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+                capture.start_probe(i, probe.batch, probe.seq, trace_ops=(i == 0))
+                with coverage, (OpTrace(capture) if i == 0 else contextlib.nullcontext()):
+                    result = model(**inputs)
+                del result, inputs
+                probe_entries.append({"name": probe.name, "visible": probe.visible, "batch": probe.batch,
+                                      "seq": probe.seq, "padding": probe.padding, "mask": mask_key})
+                if not quiet:
+                    kind = "visible" if probe.visible else "hidden"
+                    print(f"[{i + 1}/{len(plan)}] probe {probe.name} ({kind}, {probe.batch}x{probe.seq}, "
+                          f"{probe.padding}) {time.perf_counter() - t0:.2f}s", file=sys.stderr)
+            signatures = dict(capture.signatures)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+    tree, classes, class_files = modules_and_classes(model, folders, signatures, capture.ops)
+    covered = coverage.by_file()
+    files = {}
+    for file in class_files + sorted(f for f in covered if f not in class_files):
+        with open(file, encoding="utf-8") as f:
+            text = f.read()
+        lines = covered.get(file, {})
+        files[display_path(file)] = {"source": text, "coverage": {str(n): lines[n] for n in sorted(lines)}}
+
+    stored, aliases, buffers, non_persistent = collect_weights(model)
+    save_file(stored, out.path("weights.safetensors"), metadata={"format": FORMAT, "fmx": __version__})
+
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "name": name or os.path.basename(out.out),
+        "created_by": {"fmx": __version__, "torch": torch.__version__, "device": str(torch.device(device))},
+        "source": source,
+        "root_class": tree[0]["class"],
+        "dtype": dtype,
+        "config": config_json(config),
+        "seed": seed,
+        "tolerance": TOLERANCE,
+        "weights": {"aliases": aliases, "buffers": buffers, "non_persistent": non_persistent},
+        "modules": tree,
+        "files": files,
+        "classes": classes,
+        "probes": probe_entries,
+        "calls": capture.calls,
+    }
+    with open(out.path("task.json"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, allow_nan=False)
+        f.write("\n")
+    return manifest
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python3 -m fmx.export",
+        description="Run a PyTorch model on probe inputs and write an fmx task pack "
+                    "(task.json, weights.safetensors, probes.safetensors).",
+        epilog="SPEC is FILE.py:NAME: a factory called as NAME(**overrides), or an nn.Module class "
+               "with config_class, built as NAME(config_class(**overrides)).",
+    )
+    p.add_argument("spec", nargs="?", metavar="SPEC", help="model file and name, FILE.py:NAME")
+    p.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="pack directory to create")
+    p.add_argument("--hf", metavar="DIR", help="local transformers snapshot (config.json + safetensors)")
+    p.add_argument("--hf-config", metavar="CONFIG_JSON", help="transformers config file; weights are random")
+    p.add_argument("--random-init", action="store_true", help="with --hf: random weights from the snapshot's config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override (VALUE is JSON, else a string); repeatable")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probes", type=int, default=3, help="visible probes (default 3)")
+    p.add_argument("--hidden", type=int, default=3, help="hidden probes (default 3)")
+    p.add_argument("--probe-shapes", metavar="BxT:PAD,...",
+                   help="probe shapes, e.g. 1x8:none,2x13:left; the first --probes are visible, the next --hidden hidden")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", default="cpu", help="device to run the reference on (default cpu)")
+    p.add_argument("--name", help="pack name (default: the OUT_DIR folder name)")
+    p.add_argument("--force", action="store_true", help="replace an existing pack")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        chosen = [x for x in (args.spec, args.hf, args.hf_config) if x is not None]
+        if len(chosen) != 1:
+            raise ExportError("give exactly one of SPEC (FILE.py:NAME), --hf DIR, --hf-config CONFIG_JSON")
+        if args.random_init and args.hf is None and args.hf_config is None:
+            raise ExportError("--random-init goes with --hf or --hf-config")
+        overrides = parse_overrides(args.set)
+        common = dict(seed=args.seed, probes=args.probes, hidden=args.hidden, dtype=args.dtype, name=args.name,
+                      quiet=args.quiet, force=args.force, probe_shapes=args.probe_shapes, device=args.device)
+        if args.spec is not None:
+            export(args.spec, args.out, overrides=overrides, **common)
+        else:
+            _OutDir.check(args.out, args.force)
+            torch.manual_seed(args.seed)
+            random_init = args.random_init or args.hf_config is not None
+            model = build_from_hf(args.hf, args.hf_config, random_init, overrides)
+            source = {"kind": "hf", "path": args.hf or args.hf_config, "random_init": random_init, "overrides": overrides}
+            export(model, args.out, source=source, **common)
+    except ExportError as e:
+        print(f"fmx.export: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
