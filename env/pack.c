@@ -46,15 +46,18 @@ typedef struct {
 
 typedef struct {
     char *path;
+    int dt; /* -1: as stored */
     int n;
     const char **keys;
     const fmx_tensor **vals;
+    fmx_tensor **owned; /* casts made for this view, destroyed with the pack */
 } fmx__weight_view;
 
 struct fmx_pack {
     char *dir;
     cJSON *manifest;
     const char *name, *dtype;
+    fmx_dtype dtype_id;
     fmx__st_file weights, probes;
     fmx_module *modules;
     int nmodules;
@@ -332,6 +335,17 @@ static int fmx__load_probes(fmx_pack *p, char *err, size_t errsz) {
             return fmx__fail(err, errsz, FMX_EFORMAT,
                              "task.json: probes[%d] needs 'name', 'batch' and 'seq'", i);
         if (!pr->padding) pr->padding = "none";
+        const char *dtype = fmx__str(j, "dtype");
+        pr->dtype = p->dtype_id;
+        if (dtype) {
+            int d = -1;
+            for (int k = 0; k < FMX_DT_COUNT; k++)
+                if (strcmp(dtype, fmx_dtype_name((fmx_dtype)k)) == 0) d = k;
+            if (d < 0)
+                return fmx__fail(err, errsz, FMX_EFORMAT, "task.json: probe %s: unknown dtype '%s'",
+                                 pr->name, dtype);
+            pr->dtype = (fmx_dtype)d;
+        }
         if (pr->mask_key) {
             fmx__st_entry *e = fmx__st_find(&p->probes, pr->mask_key);
             if (!e || e->ndim != 2 || e->shape[0] != pr->batch || e->shape[1] != pr->seq)
@@ -371,7 +385,8 @@ static int fmx__load_calls(fmx_pack *p, char *err, size_t errsz) {
         if (call->module < 0)
             return fmx__fail(err, errsz, FMX_EFORMAT,
                              "task.json: calls[%d]: module '%s' is not in 'modules'", i, module);
-        if (call->probe == 0 && p->modules[call->module].first_call < 0)
+        call->raised = cJSON_GetObjectItemCaseSensitive(c, "raised") != NULL;
+        if (call->probe == 0 && p->modules[call->module].first_call < 0 && !call->raised)
             p->modules[call->module].first_call = i;
         const char *lists[2] = {"inputs", "outputs"};
         for (int w = 0; w < 2; w++) {
@@ -495,6 +510,13 @@ int fmx_pack_open(const char *dir, fmx_pack **out, char *err, size_t errsz) {
     if (!p->name) p->name = dir;
     p->dtype = fmx__str(p->manifest, "dtype");
     if (!p->dtype) p->dtype = "float32";
+    p->dtype_id = FMX_DT_COUNT;
+    for (int k = 0; k < FMX_DT_COUNT; k++)
+        if (strcmp(p->dtype, fmx_dtype_name((fmx_dtype)k)) == 0) p->dtype_id = (fmx_dtype)k;
+    if (p->dtype_id == FMX_DT_COUNT) {
+        rc = fmx__fail(err, errsz, FMX_EFORMAT, "%s: unknown dtype '%s'", path, p->dtype);
+        goto fail;
+    }
 
     snprintf(path, sizeof path, "%s/weights.safetensors", dir);
     if ((rc = fmx__st_open(path, &p->weights, err, errsz))) goto fail;
@@ -512,13 +534,19 @@ fail:
     return rc;
 }
 
+static void fmx__view_free(fmx__weight_view *v) {
+    for (int i = 0; v->owned && i < v->n; i++)
+        fmx_tensor_destroy(v->owned[i]);
+    free(v->owned);
+    free(v->path);
+    free(v->keys);
+    free(v->vals);
+}
+
 void fmx_pack_close(fmx_pack *p) {
     if (!p) return;
-    for (int i = 0; i < p->nviews; i++) {
-        free(p->views[i].path);
-        free(p->views[i].keys);
-        free(p->views[i].vals);
-    }
+    for (int i = 0; i < p->nviews; i++)
+        fmx__view_free(&p->views[i]);
     free(p->views);
     fmx__st_close(&p->weights);
     fmx__st_close(&p->probes);
@@ -593,52 +621,70 @@ static const char *fmx__under(const char *name, const char *prefix) {
     return NULL;
 }
 
-int fmx_pack_weights(fmx_pack *p, const char *path, const char *const **keys,
-                     const fmx_tensor *const **vals, char *err, size_t errsz) {
+static int fmx__is_float(fmx_dtype dt) {
+    return dt == FMX_DT_F64 || dt == FMX_DT_F32 || dt == FMX_DT_F16 || dt == FMX_DT_BF16;
+}
+
+/* Adds the stored tensor e to view v under rel, cast to v->dt if floating. */
+static int fmx__view_add(fmx__weight_view *v, const char *rel, fmx__st_entry *e) {
+    const fmx_tensor *t = fmx__st_tensor(e);
+    if (!t) return FMX_EDEVICE;
+    if (v->dt >= 0 && (fmx_dtype)v->dt != e->dt && fmx__is_float(e->dt)) {
+        char err[256];
+        fmx_tensor *cast = NULL;
+        if (fmx_tensor_cast(t, (fmx_dtype)v->dt, &cast, err, sizeof err) != 0) return FMX_EDEVICE;
+        v->owned[v->n] = cast;
+        t = cast;
+    }
+    v->keys[v->n] = rel;
+    v->vals[v->n++] = t;
+    return FMX_OK;
+}
+
+int fmx_pack_weights_as(fmx_pack *p, const char *path, int dt, const char *const **keys,
+                        const fmx_tensor *const **vals, char *err, size_t errsz) {
+    if (dt == (int)p->dtype_id || dt >= FMX_DT_COUNT) dt = -1;
     for (int i = 0; i < p->nviews; i++)
-        if (strcmp(p->views[i].path, path) == 0) {
+        if (p->views[i].dt == dt && strcmp(p->views[i].path, path) == 0) {
             *keys = p->views[i].keys;
             *vals = p->views[i].vals;
             return p->views[i].n;
         }
-    int cap = p->weights.n + p->naliases;
-    fmx__weight_view v = {strdup(path), 0, calloc((size_t)cap + 1, sizeof(char *)),
-                          calloc((size_t)cap + 1, sizeof(fmx_tensor *))};
+    size_t cap = (size_t)(p->weights.n + p->naliases) + 1;
+    fmx__weight_view v = {strdup(path),
+                          dt,
+                          0,
+                          calloc(cap, sizeof(char *)),
+                          calloc(cap, sizeof(fmx_tensor *)),
+                          calloc(cap, sizeof(fmx_tensor *))};
     fmx__weight_view *grown = realloc(p->views, (size_t)(p->nviews + 1) * sizeof *p->views);
-    if (!v.path || !v.keys || !v.vals || !grown) {
-        free(v.path);
-        free(v.keys);
-        free(v.vals);
-        if (grown) p->views = grown;
+    if (grown) p->views = grown;
+    if (!v.path || !v.keys || !v.vals || !v.owned || !grown) {
+        fmx__view_free(&v);
         return fmx__fail(err, errsz, FMX_ENOMEM, "out of memory");
     }
-    p->views = grown;
     for (int i = 0; i < p->weights.n; i++) {
         const char *rel = fmx__under(p->weights.entries[i].name, path);
-        if (!rel) continue;
-        const fmx_tensor *t = fmx__st_tensor(&p->weights.entries[i]);
-        if (!t) goto wrap_failed;
-        v.keys[v.n] = rel;
-        v.vals[v.n++] = t;
+        if (rel && fmx__view_add(&v, rel, &p->weights.entries[i]) != 0) goto wrap_failed;
     }
     for (int i = 0; i < p->naliases; i++) {
         const char *rel = fmx__under(p->alias_names[i], path);
-        if (!rel) continue;
-        const fmx_tensor *t = fmx__st_tensor(fmx__st_find(&p->weights, p->alias_targets[i]));
-        if (!t) goto wrap_failed;
-        v.keys[v.n] = rel;
-        v.vals[v.n++] = t;
+        if (rel && fmx__view_add(&v, rel, fmx__st_find(&p->weights, p->alias_targets[i])) != 0)
+            goto wrap_failed;
     }
     p->views[p->nviews++] = v;
     *keys = v.keys;
     *vals = v.vals;
     return v.n;
 wrap_failed:
-    free(v.path);
-    free(v.keys);
-    free(v.vals);
-    return fmx__fail(err, errsz, FMX_EDEVICE, "could not place weights of '%s' on %s", path,
+    fmx__view_free(&v);
+    return fmx__fail(err, errsz, FMX_EDEVICE, "could not place the weights of '%s' on %s", path,
                      fmx_engine_device());
+}
+
+int fmx_pack_weights(fmx_pack *p, const char *path, const char *const **keys,
+                     const fmx_tensor *const **vals, char *err, size_t errsz) {
+    return fmx_pack_weights_as(p, path, -1, keys, vals, err, errsz);
 }
 
 static int fmx__edit_distance(const char *a, const char *b) {

@@ -53,6 +53,7 @@ typedef struct {
     int index;  /* k-th call of this module in this probe */
     int ninputs, noutputs;
     const fmx_io *inputs, *outputs;
+    int raised; /* the call raised (the model caught it): not graded */
 } fmx_call;
 
 typedef struct {
@@ -61,6 +62,7 @@ typedef struct {
     int batch, seq;
     const char *padding;  /* "left", "right" or "none" */
     const char *mask_key; /* (B, T) keep flags; NULL if none */
+    fmx_dtype dtype;      /* the model's dtype on this probe (default: the pack's) */
 } fmx_probe;
 
 typedef struct {
@@ -107,6 +109,12 @@ const fmx_tensor *fmx_pack_capture(fmx_pack *p, const char *key);
  * The arrays are cached per path: later calls for the same path are free. */
 int fmx_pack_weights(fmx_pack *p, const char *path, const char *const **keys,
                      const fmx_tensor *const **vals, char *err, size_t errsz);
+
+/* The same weights with every floating tensor cast to dt (as the exporter's
+ * model.to(dtype) did for a probe of that dtype); integer and bool tensors
+ * unchanged. dt < 0 or the stored dtype: no cast. Cached per (path, dt). */
+int fmx_pack_weights_as(fmx_pack *p, const char *path, int dt, const char *const **keys,
+                        const fmx_tensor *const **vals, char *err, size_t errsz);
 
 /* Nearest module paths to path (by edit distance), for "did you mean". Writes
  * up to n indices; returns how many. */

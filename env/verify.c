@@ -283,13 +283,6 @@ int fmx_verify(fmx_pack *pack, fmx_program *program, const fmx_verify_config *cf
     if (np > FMX__MAX_PARAMS) np = FMX__MAX_PARAMS;
 
     char err[FMX__ERR];
-    const char *const *wkeys = NULL;
-    const fmx_tensor *const *wvals = NULL;
-    int nw = fmx_pack_weights(pack, cfg.component, &wkeys, &wvals, err, sizeof err);
-    if (nw < 0) {
-        fmx__error(report, "weights", err);
-        return nw;
-    }
 
     fmx_args *args = fmx_args_create();
     cJSON *results = cJSON_AddArrayToObject(report, "probes");
@@ -299,7 +292,7 @@ int fmx_verify(fmx_pack *pack, fmx_program *program, const fmx_verify_config *cf
     for (int c = 0; c < fmx_pack_ncalls(pack); c++) {
         const fmx_call *call = fmx_pack_call(pack, c);
         const fmx_probe *probe = fmx_pack_probe(pack, call->probe);
-        if (call->module != m || (!probe->visible && !cfg.all_probes)) continue;
+        if (call->module != m || call->raised || (!probe->visible && !cfg.all_probes)) continue;
         cJSON *r = cJSON_CreateObject();
         cJSON_AddItemToArray(results, r);
         cJSON_AddStringToObject(r, "probe", probe->name);
@@ -308,11 +301,23 @@ int fmx_verify(fmx_pack *pack, fmx_program *program, const fmx_verify_config *cf
         char shape[64];
         snprintf(shape, sizeof shape, "%dx%d %s", probe->batch, probe->seq, probe->padding);
         cJSON_AddStringToObject(r, "shape", shape);
+        cJSON_AddStringToObject(r, "dtype", fmx_dtype_name(probe->dtype));
         graded++;
 
         /* A bind or run error fails this probe call; the others are still
          * graded (submit needs every probe's verdict), and the report's
          * status stays "error" with the first error in "error". */
+        /* Weights in the probe's dtype (a bfloat16 probe of a float32 pack). */
+        const char *const *wkeys = NULL;
+        const fmx_tensor *const *wvals = NULL;
+        int nw = fmx_pack_weights_as(pack, cfg.component, (int)probe->dtype, &wkeys, &wvals, err,
+                                     sizeof err);
+        if (nw < 0) {
+            cJSON_AddBoolToObject(r, "pass", 0);
+            fmx__error(report, "weights", err);
+            err_status = nw;
+            break;
+        }
         int rc = fmx__bind(pack, params, np, call, cfg.entry, cfg.component, wkeys, wvals, nw, args,
                            err, sizeof err);
         if (rc) {
@@ -363,7 +368,6 @@ int fmx_verify(fmx_pack *pack, fmx_program *program, const fmx_verify_config *cf
         }
         cJSON *taps = cJSON_AddArrayToObject(r, "taps");
         const char *tap_bad = fmx__grade_taps(pack, &cfg, call->probe, run, taps);
-        fmx_run_destroy(run);
         cJSON_AddBoolToObject(r, "pass", ok);
         if (!ok) {
             /* The first divergence is the first failing tap, else the output. */
@@ -377,6 +381,7 @@ int fmx_verify(fmx_pack *pack, fmx_program *program, const fmx_verify_config *cf
         } else {
             passed++;
         }
+        fmx_run_destroy(run); /* tap names are borrowed from the run until here */
     }
     fmx_args_destroy(args);
     if (err_status) {

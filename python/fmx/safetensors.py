@@ -57,7 +57,7 @@ def is_storable(tensor: torch.Tensor) -> bool:
     return tensor.dtype in _NAMES and tensor.layout == torch.strided and not tensor.is_quantized
 
 
-def _as_bytes(tensor: torch.Tensor) -> np.ndarray:
+def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
     """A flat uint8 view of the tensor's data in row-major order (CPU copy if needed)."""
     t = tensor.detach()
     if t.device.type != "cpu":
@@ -96,7 +96,7 @@ def save_file(tensors: Mapping[str, torch.Tensor], path: str, metadata: Optional
     with open(path, "wb") as f:
         f.write(_header_bytes(entries, metadata))
         for key in order:
-            f.write(_as_bytes(tensors[key]).data)
+            f.write(tensor_bytes(tensors[key]).data)
     return offset
 
 
@@ -130,7 +130,7 @@ class Writer:
             raise KeyError(f"safetensors: duplicate key {key!r}")
         name = dtype_name(tensor.dtype)
         shape = tuple(int(s) for s in tensor.shape)
-        data = _as_bytes(tensor)
+        data = tensor_bytes(tensor)
         if dedupe:
             ident = (name, shape, hashlib.blake2b(data.data, digest_size=20).digest())
             if ident in self._digests:
