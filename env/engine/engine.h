@@ -68,7 +68,8 @@ int fmx_tensor_wrap(void *data, fmx_dtype dt, const int64_t *shape, int ndim, fm
 int fmx_tensor_cast(const fmx_tensor *t, fmx_dtype dt, fmx_tensor **out, char *err, size_t errsz);
 void fmx_tensor_destroy(fmx_tensor *t); /* accepts NULL */
 /* Shape and type. shape must hold FMX_MAX_DIMS; returns ndim, or -1 for an
- * unsupported dtype (dt then untouched). */
+ * unsupported dtype or more than FMX_MAX_DIMS dimensions (shape and dt then
+ * untouched). */
 int fmx_tensor_shape(const fmx_tensor *t, int64_t *shape, fmx_dtype *dt);
 /* Copies the tensor (any device) into a contiguous cpu buffer of the same
  * dtype; buf must hold numel·elemsize bytes. */
