@@ -13,6 +13,7 @@
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,6 +55,7 @@ typedef struct {
 } fmx__weight_view;
 
 struct fmx_pack {
+    pthread_mutex_t lock; /* guards the lazy state: tensor wrappers and weight views */
     char *dir;
     cJSON *manifest;
     const char *name, *dtype;
@@ -464,6 +466,7 @@ int fmx_pack_open(const char *dir, fmx_pack **out, char *err, size_t errsz) {
     *out = NULL;
     fmx_pack *p = calloc(1, sizeof *p);
     if (!p) return fmx__fail(err, errsz, FMX_ENOMEM, "out of memory");
+    pthread_mutex_init(&p->lock, NULL);
     p->dir = strdup(dir);
     char path[4096];
     int rc;
@@ -558,6 +561,7 @@ void fmx_pack_close(fmx_pack *p) {
     free(p->alias_targets);
     cJSON_Delete(p->manifest);
     free(p->dir);
+    pthread_mutex_destroy(&p->lock);
     free(p);
 }
 
@@ -610,7 +614,12 @@ fmx_tolerance fmx_pack_tolerance(const fmx_pack *p, fmx_dtype dt) {
 }
 
 const fmx_tensor *fmx_pack_capture(fmx_pack *p, const char *key) {
-    return fmx__st_tensor(fmx__st_find(&p->probes, key));
+    fmx__st_entry *e = fmx__st_find(&p->probes, key);
+    if (!e) return NULL;
+    pthread_mutex_lock(&p->lock);
+    const fmx_tensor *t = fmx__st_tensor(e);
+    pthread_mutex_unlock(&p->lock);
+    return t;
 }
 
 /* Name relative to prefix ("" = root: every name), or NULL if not under it. */
@@ -641,8 +650,8 @@ static int fmx__view_add(fmx__weight_view *v, const char *rel, fmx__st_entry *e)
     return FMX_OK;
 }
 
-int fmx_pack_weights_as(fmx_pack *p, const char *path, int dt, const char *const **keys,
-                        const fmx_tensor *const **vals, char *err, size_t errsz) {
+static int fmx__weights_as(fmx_pack *p, const char *path, int dt, const char *const **keys,
+                           const fmx_tensor *const **vals, char *err, size_t errsz) {
     if (dt == (int)p->dtype_id || dt >= FMX_DT_COUNT) dt = -1;
     for (int i = 0; i < p->nviews; i++)
         if (p->views[i].dt == dt && strcmp(p->views[i].path, path) == 0) {
@@ -680,6 +689,16 @@ wrap_failed:
     fmx__view_free(&v);
     return fmx__fail(err, errsz, FMX_EDEVICE, "could not place the weights of '%s' on %s", path,
                      fmx_engine_device());
+}
+
+int fmx_pack_weights_as(fmx_pack *p, const char *path, int dt, const char *const **keys,
+                        const fmx_tensor *const **vals, char *err, size_t errsz) {
+    /* Views are built once and never freed before the pack: the arrays
+     * returned stay valid after the lock is released. */
+    pthread_mutex_lock(&p->lock);
+    int n = fmx__weights_as(p, path, dt, keys, vals, err, errsz);
+    pthread_mutex_unlock(&p->lock);
+    return n;
 }
 
 int fmx_pack_weights(fmx_pack *p, const char *path, const char *const **keys,

@@ -5,6 +5,9 @@
  * later lookups cannot fail on a malformed pack. docs/pack-format.md is the
  * format; this file is its only C reader.
  *
+ * Threads: a pack may be shared by threads. Lookups are read-only except the
+ * lazy state (tensor wrappers, weight views), which a mutex inside guards.
+ *
  * Not here: comparing outputs (env/verify.c), compiling candidates
  * (env/engine).
  */

@@ -1,0 +1,429 @@
+/*
+ * episode.c — episode state, the goal text and the plan/execute/apply step
+ * rules of episode.h. Everything here but fmx_episode_execute runs on the
+ * server's main thread; execute works from the plan's copies only.
+ */
+#define _GNU_SOURCE
+#include "episode.h"
+
+#include <cjson/cJSON.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "proto.h"
+#include "status.h"
+
+struct fmx_episode {
+    int64_t id;
+    const fmx_task *task;
+    const fmx_reward_config *reward;
+    char *policy;
+    int64_t seed;
+    unsigned char *client;
+    size_t client_len;
+    fmx_budget budget;
+    int steps;
+    fmx_episode_status status;
+    char *last_code; /* last code verify_component compiled for the task's module */
+    char *last_entry;
+};
+
+fmx_budget fmx_budget_default(void) {
+    return (fmx_budget){.max_steps = 40, .max_code_bytes = 65536};
+}
+
+const char *fmx_episode_status_name(fmx_episode_status s) {
+    static const char *names[] = {"open", "submitted", "truncated", "aborted", "closed"};
+    return (unsigned)s < 5 ? names[s] : "unknown";
+}
+
+fmx_episode *fmx_episode_create(int64_t id, const fmx_task *task, const char *policy, int64_t seed,
+                                const void *client, size_t client_len, fmx_budget budget,
+                                const fmx_reward_config *reward) {
+    fmx_episode *ep = calloc(1, sizeof *ep);
+    if (!ep) return NULL;
+    ep->id = id;
+    ep->task = task;
+    ep->reward = reward;
+    ep->policy = strdup(policy ? policy : "anonymous");
+    ep->seed = seed;
+    ep->client = malloc(client_len ? client_len : 1);
+    ep->client_len = client_len;
+    ep->budget = budget;
+    if (!ep->policy || !ep->client) {
+        fmx_episode_destroy(ep);
+        return NULL;
+    }
+    if (client_len) memcpy(ep->client, client, client_len);
+    return ep;
+}
+
+void fmx_episode_destroy(fmx_episode *ep) {
+    if (!ep) return;
+    free(ep->policy);
+    free(ep->client);
+    free(ep->last_code);
+    free(ep->last_entry);
+    free(ep);
+}
+
+int64_t fmx_episode_id(const fmx_episode *ep) {
+    return ep->id;
+}
+const fmx_task *fmx_episode_task(const fmx_episode *ep) {
+    return ep->task;
+}
+fmx_episode_status fmx_episode_status_of(const fmx_episode *ep) {
+    return ep->status;
+}
+int fmx_episode_steps(const fmx_episode *ep) {
+    return ep->steps;
+}
+
+int fmx_episode_owned_by(const fmx_episode *ep, const void *client, size_t client_len) {
+    return client_len == ep->client_len && memcmp(client, ep->client, client_len) == 0;
+}
+
+void fmx_episode_abort(fmx_episode *ep) {
+    if (ep->status == FMX_EP_OPEN) ep->status = FMX_EP_ABORTED;
+}
+
+/* ---- the goal ---- */
+
+static void fmx__shape(const fmx_tensor *t, char *buf, size_t n, const char **dtype) {
+    int64_t shape[FMX_MAX_DIMS];
+    fmx_dtype dt = FMX_DT_F32;
+    int nd = t ? fmx_tensor_shape(t, shape, &dt) : -1;
+    *dtype = fmx_dtype_name(dt);
+    if (nd < 0) {
+        snprintf(buf, n, "(?)");
+        return;
+    }
+    size_t used = (size_t)snprintf(buf, n, "(");
+    for (int i = 0; i < nd && used < n; i++)
+        used +=
+            (size_t)snprintf(buf + used, n - used, "%s%lld", i ? ", " : "", (long long)shape[i]);
+    if (used < n) snprintf(buf + used, n - used, nd == 1 ? ",)" : ")");
+}
+
+cJSON *fmx_episode_goal(const fmx_episode *ep) {
+    const fmx_task *task = ep->task;
+    fmx_pack *pack = task->pack;
+    const fmx_module *mod = fmx_pack_module(pack, task->module);
+    const fmx_call *call = fmx_pack_call(pack, mod->first_call);
+    const fmx_probe *p0 = fmx_pack_probe(pack, 0);
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    if (!f) return NULL;
+    cJSON *data = cJSON_CreateObject();
+    cJSON_AddItemToObject(data, "task", fmx_task_json(task));
+
+    const char *what = task->path[0] ? task->path : "the whole model";
+    fprintf(f,
+            "Task %s: rewrite %s (class %s, pack %s) as flat functional PyTorch: one Python file "
+            "whose function `forward` computes what the module's forward computes, using only "
+            "torch ops and the module's weights, with no nn.Module classes.\n\n",
+            task->id, what, task->cls, task->pack_name);
+
+    /* The calling convention, from probe 0's first call. */
+    int ntensor_out = 0;
+    for (int k = 0; call && k < call->noutputs; k++)
+        ntensor_out += call->outputs[k].kind == FMX_IO_TENSOR;
+    fprintf(f, "Calling convention (shapes from probe %s, batch %d \u00d7 seq %d):\n  def forward(",
+            p0->name, p0->batch, p0->seq);
+    int first = 1;
+    for (int k = 0; call && k < call->ninputs; k++)
+        if (call->inputs[k].kind == FMX_IO_TENSOR) {
+            fprintf(f, "%s%s: Tensor", first ? "" : ", ", call->inputs[k].name);
+            first = 0;
+        }
+    fprintf(f, "%sweights: Dict[str, Tensor]) -> %s\n", first ? "" : ", ",
+            ntensor_out == 1 ? "Tensor" : "Tuple[Tensor, ...]");
+    fprintf(f, "Inputs (keyword arguments named as in the module's forward; declare only those "
+               "you use):\n");
+    cJSON *ins = cJSON_AddArrayToObject(data, "inputs");
+    for (int k = 0; call && k < call->ninputs; k++) {
+        const fmx_io *io = &call->inputs[k];
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddItemToArray(ins, o);
+        cJSON_AddStringToObject(o, "name", io->name);
+        char shape[160];
+        const char *dtype;
+        switch (io->kind) {
+        case FMX_IO_TENSOR:
+            fmx__shape(fmx_pack_capture(pack, io->key), shape, sizeof shape, &dtype);
+            fprintf(f, "  %-24s Tensor %s %s\n", io->name, shape, dtype);
+            cJSON_AddStringToObject(o, "kind", "tensor");
+            cJSON_AddStringToObject(o, "shape", shape);
+            cJSON_AddStringToObject(o, "dtype", dtype);
+            break;
+        case FMX_IO_VALUE:
+            cJSON_AddStringToObject(o, "kind", "value");
+            if (io->vtype == FMX_VAL_INT)
+                fprintf(f, "  %-24s int = %lld\n", io->name, (long long)io->i);
+            else if (io->vtype == FMX_VAL_FLOAT)
+                fprintf(f, "  %-24s float = %.9g\n", io->name, io->f);
+            else if (io->vtype == FMX_VAL_BOOL)
+                fprintf(f, "  %-24s bool = %s\n", io->name, io->i ? "True" : "False");
+            else
+                fprintf(f, "  %-24s str = \"%s\"\n", io->name, io->s ? io->s : "");
+            break;
+        case FMX_IO_NONE:
+            cJSON_AddStringToObject(o, "kind", "none");
+            break;
+        default:
+            cJSON_AddStringToObject(o, "kind", io->kind == FMX_IO_CACHE ? "cache" : "other");
+            fprintf(f, "  %-24s %s (not passed)\n", io->name,
+                    io->kind == FMX_IO_CACHE ? "a cache object" : "an object");
+            break;
+        }
+    }
+    fprintf(f,
+            "  %-24s Dict[str, Tensor]: parameters and buffers keyed relative to \"%s\" "
+            "(get_weight_info lists them)\n",
+            "weights", task->path);
+    int nnone = 0;
+    for (int k = 0; call && k < call->ninputs; k++) {
+        if (call->inputs[k].kind != FMX_IO_NONE) continue;
+        fprintf(f, "%s%s",
+                nnone++ ? ", "
+                        : "  None on this call (omit them, or declare "
+                          "Optional[Tensor] = None): ",
+                call->inputs[k].name);
+    }
+    if (nnone) fprintf(f, "\n");
+    fprintf(f, "Return the tensor outputs, in this order%s:\n",
+            ntensor_out == 1 ? " (one Tensor)" : " (a tuple)");
+    cJSON *outs = cJSON_AddArrayToObject(data, "outputs");
+    for (int k = 0; call && k < call->noutputs; k++) {
+        const fmx_io *io = &call->outputs[k];
+        if (io->kind != FMX_IO_TENSOR) continue;
+        char shape[160];
+        const char *dtype;
+        fmx__shape(fmx_pack_capture(pack, io->key), shape, sizeof shape, &dtype);
+        fprintf(f, "  %-24s Tensor %s %s%s\n", io->name, shape, dtype,
+                io->token_aligned ? "  (graded only at real tokens)" : "");
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "name", io->name);
+        cJSON_AddStringToObject(o, "shape", shape);
+        cJSON_AddStringToObject(o, "dtype", dtype);
+        cJSON_AddItemToArray(outs, o);
+    }
+    fprintf(f, "\nLanguage: imports only `import torch`, `import torch.nn.functional as F`, `from "
+               "torch import Tensor`, `import math`, `from typing import ...`; typed top-level "
+               "functions and constants; no classes, no in-place tensor ops (x += y, x[i] = y, "
+               "add_). Mark intermediates with tap(\"child.path\", x) to have verify_component "
+               "compare them with the child module's output.\n\n");
+    fprintf(f, "Tools:\n%s\n", fmx_tools_summary());
+    fprintf(f,
+            "Budget: %d steps (every tool call is one), code at most %zu bytes. submit ends the "
+            "episode; if the steps run out, the last code verify_component compiled for %s is "
+            "graded instead (reward 0 if none).\n",
+            ep->budget.max_steps, ep->budget.max_code_bytes, what);
+    fprintf(f,
+            "Reward: %.2f\u00b7correctness (fraction of probes, hidden included, where every "
+            "output matches) + if all match: %.2f\u00b7LOC score (logical lines; full at or below "
+            "%lld) + %.2f\u00b7compile score.\n",
+            ep->reward->w_correct, ep->reward->w_loc, (long long)task->target_loc,
+            ep->reward->w_compile);
+    fclose(f);
+
+    cJSON *budget = cJSON_AddObjectToObject(data, "budget");
+    cJSON_AddNumberToObject(budget, "max_steps", ep->budget.max_steps);
+    cJSON_AddNumberToObject(budget, "max_code_bytes", (double)ep->budget.max_code_bytes);
+    cJSON_AddStringToObject(data, "entry", "forward");
+    cJSON *obs = cJSON_CreateObject();
+    cJSON_AddStringToObject(obs, "tool", "reset");
+    cJSON_AddStringToObject(obs, "text", text ? text : "");
+    cJSON_AddItemToObject(obs, "data", data);
+    free(text);
+    return obs;
+}
+
+cJSON *fmx_episode_info(const fmx_episode *ep) {
+    cJSON *info = cJSON_CreateObject();
+    cJSON_AddItemToObject(info, "task", fmx_task_json(ep->task));
+    cJSON *b = cJSON_AddObjectToObject(info, "budget");
+    cJSON_AddNumberToObject(b, "max_steps", ep->budget.max_steps);
+    cJSON_AddNumberToObject(b, "max_code_bytes", (double)ep->budget.max_code_bytes);
+    cJSON_AddStringToObject(info, "policy", ep->policy);
+    cJSON_AddNumberToObject(info, "seed", (double)ep->seed);
+    cJSON_AddStringToObject(info, "reward_version", ep->reward->version);
+    return info;
+}
+
+/* ---- steps ---- */
+
+int fmx_episode_plan(const fmx_episode *ep, const char *tool, const cJSON *args,
+                     fmx_step_plan *plan) {
+    memset(plan, 0, sizeof *plan);
+    plan->ctx = (fmx_tool_ctx){
+        .task = ep->task, .reward = ep->reward, .max_code_bytes = ep->budget.max_code_bytes};
+    plan->tool = strdup(tool ? tool : "");
+    plan->args = args ? cJSON_Duplicate(args, 1) : NULL;
+    plan->final = ep->steps + 1 >= ep->budget.max_steps;
+    if (plan->final && ep->last_code) {
+        plan->fallback_code = strdup(ep->last_code);
+        plan->fallback_entry = strdup(ep->last_entry ? ep->last_entry : "forward");
+    }
+    plan->heavy = fmx_tools_is_heavy(plan->tool ? plan->tool : "") ||
+                  (plan->final && plan->fallback_code != NULL);
+    if (!plan->tool || (args && !plan->args) ||
+        (ep->last_code && plan->final && (!plan->fallback_code || !plan->fallback_entry))) {
+        fmx_step_plan_clear(plan);
+        return FMX_ENOMEM;
+    }
+    return FMX_OK;
+}
+
+void fmx_step_plan_clear(fmx_step_plan *plan) {
+    if (!plan) return;
+    free(plan->tool);
+    cJSON_Delete(plan->args);
+    free(plan->fallback_code);
+    free(plan->fallback_entry);
+    memset(plan, 0, sizeof *plan);
+}
+
+static double fmx__now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+/* The code and entry of a verify_component/submit action. */
+static const char *fmx__arg_str(const cJSON *args, const char *name, const char *dflt) {
+    const char *s = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(args, name));
+    return s ? s : dflt;
+}
+
+int fmx_episode_execute(const fmx_step_plan *plan, fmx_step_outcome *out) {
+    memset(out, 0, sizeof *out);
+    double t0 = fmx__now_ms();
+    int rc = fmx_tools_run(&plan->ctx, plan->tool, plan->args, &out->tool);
+    if (rc) return rc;
+    if (plan->final && !out->tool.submitted) {
+        out->truncated = 1;
+        const char *code = plan->fallback_code, *entry = plan->fallback_entry;
+        if (out->tool.verified_task_code) {
+            code = fmx__arg_str(plan->args, "code", NULL);
+            entry = fmx__arg_str(plan->args, "entry", "forward");
+        }
+        if (code) {
+            out->graded_code = strdup(code);
+            out->graded_entry = strdup(entry ? entry : "forward");
+            if (!out->graded_code || !out->graded_entry) {
+                fmx_step_outcome_clear(out);
+                return FMX_ENOMEM;
+            }
+            rc = fmx_tools_grade(&plan->ctx, code, strlen(code), out->graded_entry,
+                                 &out->trunc_grade);
+            if (rc) {
+                fmx_step_outcome_clear(out);
+                return rc;
+            }
+            out->trunc_graded = 1;
+        }
+    }
+    out->ms = fmx__now_ms() - t0;
+    return FMX_OK;
+}
+
+void fmx_step_outcome_clear(fmx_step_outcome *out) {
+    if (!out) return;
+    fmx_tool_result_clear(&out->tool);
+    fmx_grade_clear(&out->trunc_grade);
+    free(out->graded_code);
+    free(out->graded_entry);
+    memset(out, 0, sizeof *out);
+}
+
+/* Appends s to the observation's text. */
+static void fmx__append_text(cJSON *obs, const char *s) {
+    const char *old = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(obs, "text"));
+    char *joined = NULL;
+    if (asprintf(&joined, "%s%s", old ? old : "", s) < 0) return;
+    cJSON_ReplaceItemInObjectCaseSensitive(obs, "text", cJSON_CreateString(joined));
+    free(joined);
+}
+
+int fmx_episode_apply(fmx_episode *ep, const fmx_step_plan *plan, fmx_step_outcome *outcome,
+                      fmx_step_result *res) {
+    memset(res, 0, sizeof *res);
+    res->idx = ep->steps++;
+    res->observation = outcome->tool.observation;
+    outcome->tool.observation = NULL;
+    res->error = outcome->tool.error;
+    res->info = cJSON_CreateObject();
+    if (!res->observation || !res->info) {
+        fmx_step_result_clear(res);
+        return FMX_ENOMEM;
+    }
+    /* Remember code that compiled for the task's module (truncation grades it). */
+    if (outcome->tool.verified_task_code) {
+        char *code = strdup(fmx__arg_str(plan->args, "code", ""));
+        char *entry = strdup(fmx__arg_str(plan->args, "entry", "forward"));
+        if (code && entry) {
+            free(ep->last_code);
+            free(ep->last_entry);
+            ep->last_code = code;
+            ep->last_entry = entry;
+        } else {
+            free(code);
+            free(entry);
+        }
+    }
+    if (outcome->tool.submitted) {
+        ep->status = FMX_EP_SUBMITTED;
+        res->terminated = 1;
+        res->graded = 1;
+        res->grade = &outcome->tool.grade;
+        res->graded_code = fmx__arg_str(plan->args, "code", "");
+        res->graded_entry = fmx__arg_str(plan->args, "entry", "forward");
+        res->reward = outcome->tool.grade.score.reward;
+    } else if (outcome->truncated) {
+        ep->status = FMX_EP_TRUNCATED;
+        res->truncated = 1;
+        char note[512];
+        if (outcome->trunc_graded) {
+            res->graded = 1;
+            res->grade = &outcome->trunc_grade;
+            res->graded_code = outcome->graded_code;
+            res->graded_entry = outcome->graded_entry;
+            res->reward = outcome->trunc_grade.score.reward;
+            snprintf(note, sizeof note,
+                     "\n\nBudget exhausted (%d/%d steps): the episode is truncated. The last code "
+                     "verify_component compiled for the task's module was graded as if "
+                     "submitted:\n",
+                     ep->steps, ep->budget.max_steps);
+            fmx__append_text(res->observation, note);
+            fmx__append_text(res->observation,
+                             outcome->trunc_grade.text ? outcome->trunc_grade.text : "");
+        } else {
+            snprintf(note, sizeof note,
+                     "\n\nBudget exhausted (%d/%d steps): the episode is truncated. No code was "
+                     "verified for the task's module, so the reward is 0.",
+                     ep->steps, ep->budget.max_steps);
+            fmx__append_text(res->observation, note);
+        }
+    }
+    cJSON_AddNumberToObject(res->info, "step", (double)ep->steps);
+    cJSON_AddNumberToObject(res->info, "steps_left", ep->budget.max_steps - ep->steps);
+    cJSON_AddStringToObject(res->info, "status", fmx_episode_status_name(ep->status));
+    fmx_proto_add_float(res->info, "ms", outcome->ms);
+    if (res->error) cJSON_AddStringToObject(res->info, "error", res->error);
+    if (res->graded && res->grade->summary)
+        cJSON_AddItemToObject(res->info, "grade", cJSON_Duplicate(res->grade->summary, 1));
+    return FMX_OK;
+}
+
+void fmx_step_result_clear(fmx_step_result *res) {
+    if (!res) return;
+    cJSON_Delete(res->observation);
+    cJSON_Delete(res->info);
+    memset(res, 0, sizeof *res);
+}

@@ -1,0 +1,1159 @@
+/*
+ * server.c — `fmx serve` (server.h): the poll loop, request dispatch, the
+ * episode table with per-episode request queues, the worker pool and group
+ * commit. Only the main thread touches episodes, the log and the ROUTER
+ * socket; workers see a job (plan in, outcome out) and nothing else.
+ */
+#define _GNU_SOURCE
+#include "server.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "episodes/log.h"
+#include "proto.h"
+#include "status.h"
+#include "tasks.h"
+#include "tools.h"
+
+#ifndef FMX_VERSION
+#define FMX_VERSION "0.1.0"
+#endif
+
+#define FMX__MAX_IDENTITY 256
+#define FMX__ZMQ_MAXMSG (16 << 20) /* bigger messages: the peer is disconnected */
+#define FMX__TURN_MAX 1024         /* requests read per loop turn */
+#define FMX__QUEUE_MAX 256         /* requests waiting on one busy episode */
+#define FMX__ENDED_MAX 4096        /* ended episodes kept for episode_over answers */
+#define FMX__MAX_POLICY 256        /* bytes of a policy name */
+
+static volatile sig_atomic_t fmx__signal;
+
+static void fmx__on_signal(int sig) {
+    fmx__signal = sig;
+}
+
+static double fmx__mono(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static double fmx__unix(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* ---- requests, replies, jobs ---- */
+
+/* Where a reply goes: the ROUTER identity, and whether a REQ client's empty
+ * delimiter frame must be echoed. */
+typedef struct {
+    unsigned char id[FMX__MAX_IDENTITY];
+    size_t id_len;
+    int delim;
+} fmx__env;
+
+typedef struct fmx__request {
+    struct fmx__request *next;
+    fmx__env env;
+    uint64_t req;
+    int has_req;
+    cJSON *body; /* owned */
+    double t_unix, t_mono;
+} fmx__request;
+
+typedef struct fmx__job {
+    struct fmx__job *next;
+    fmx__request *rq; /* owned */
+    int64_t episode;
+    fmx_step_plan plan;
+    fmx_step_outcome outcome;
+    int rc;
+} fmx__job;
+
+typedef struct {
+    fmx__env env;
+    uint64_t req;
+    int has_req;
+    int64_t episode; /* touched episode, 0 if none */
+    char *data;      /* msgpack, owned */
+    size_t len;
+} fmx__reply;
+
+/* One episode in the table. */
+typedef struct fmx__slot {
+    struct fmx__slot *hnext; /* hash chain */
+    struct fmx__slot *enext; /* ended FIFO */
+    fmx_episode *ep;
+    int64_t id;
+    int busy; /* a job is in flight */
+    fmx__request *qhead, *qtail;
+    int nqueued;
+    int in_ended;
+} fmx__slot;
+
+typedef struct {
+    char *name;
+    int64_t id;
+} fmx__policy;
+
+typedef struct {
+    const fmx_serve_config *cfg;
+    fmx_reward_config reward;
+    fmx_tasks *tasks;
+    fmx_log *log;
+    void *zctx, *router, *done;
+    /* worker pool */
+    pthread_t *threads;
+    int nthreads;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    fmx__job *jhead, *jtail;
+    int stop_workers;
+    int inflight;
+    /* episodes */
+    fmx__slot **buckets;
+    size_t nbuckets, nslots;
+    int open_episodes;
+    fmx__slot *ended_head, *ended_tail;
+    int nended;
+    fmx__policy *policies;
+    int npolicies;
+    int next_task;
+    /* replies of this turn */
+    fmx__reply *replies;
+    int nreplies, capreplies;
+    int in_tx;
+    /* cached bodies */
+    cJSON *spec, *task_list, **goals;
+    /* counters */
+    double started;
+    int64_t steps, requests, dropped;
+    int shutting_down;
+} fmx__server;
+
+/* ---- episode table ---- */
+
+static size_t fmx__hash(int64_t id, size_t n) {
+    uint64_t x = (uint64_t)id * 0x9E3779B97F4A7C15ull;
+    return (size_t)(x >> 32) & (n - 1);
+}
+
+static fmx__slot *fmx__find(fmx__server *s, int64_t id) {
+    for (fmx__slot *e = s->buckets[fmx__hash(id, s->nbuckets)]; e; e = e->hnext)
+        if (e->id == id) return e;
+    return NULL;
+}
+
+static int fmx__insert(fmx__server *s, fmx__slot *slot) {
+    if (s->nslots + 1 > s->nbuckets) {
+        size_t n = s->nbuckets * 2;
+        fmx__slot **b = calloc(n, sizeof *b);
+        if (!b) return FMX_ENOMEM;
+        for (size_t i = 0; i < s->nbuckets; i++)
+            for (fmx__slot *e = s->buckets[i], *next; e; e = next) {
+                next = e->hnext;
+                size_t h = fmx__hash(e->id, n);
+                e->hnext = b[h];
+                b[h] = e;
+            }
+        free(s->buckets);
+        s->buckets = b;
+        s->nbuckets = n;
+    }
+    size_t h = fmx__hash(slot->id, s->nbuckets);
+    slot->hnext = s->buckets[h];
+    s->buckets[h] = slot;
+    s->nslots++;
+    return FMX_OK;
+}
+
+/* Returns 0 so that handlers can `return fmx__request_free(rq);`. */
+static int fmx__request_free(fmx__request *rq) {
+    if (!rq) return 0;
+    cJSON_Delete(rq->body);
+    free(rq);
+    return 0;
+}
+
+/* Unlinks and frees a slot (its queue must be empty or is freed). */
+static void fmx__remove(fmx__server *s, fmx__slot *slot) {
+    fmx__slot **pp = &s->buckets[fmx__hash(slot->id, s->nbuckets)];
+    while (*pp && *pp != slot)
+        pp = &(*pp)->hnext;
+    if (*pp) *pp = slot->hnext;
+    s->nslots--;
+    if (slot->in_ended) {
+        fmx__slot **ep = &s->ended_head;
+        fmx__slot *prev = NULL;
+        while (*ep && *ep != slot) {
+            prev = *ep;
+            ep = &(*ep)->enext;
+        }
+        if (*ep) *ep = slot->enext;
+        if (s->ended_tail == slot) s->ended_tail = prev;
+        s->nended--;
+    }
+    if (fmx_episode_status_of(slot->ep) == FMX_EP_OPEN) s->open_episodes--;
+    for (fmx__request *rq = slot->qhead, *next; rq; rq = next) {
+        next = rq->next;
+        fmx__request_free(rq);
+    }
+    fmx_episode_destroy(slot->ep);
+    free(slot);
+}
+
+/* ---- replies ---- */
+
+static void fmx__push_reply(fmx__server *s, const fmx__env *env, uint64_t req, int has_req,
+                            int64_t episode, cJSON *body) {
+    char *data = NULL;
+    size_t len = 0;
+    if (!body || fmx_proto_encode(body, has_req ? &req : NULL, &data, &len) != FMX_OK) {
+        /* Out of memory: a minimal hand-encoded error still goes out. */
+        static const char oom[] = "\x82\xa2ok\xc2\xa5\x65rror\x82\xa4\x63ode\xa8internal"
+                                  "\xa7message\xadout of memory";
+        data = malloc(sizeof oom - 1);
+        if (data) memcpy(data, oom, sizeof oom - 1);
+        len = data ? sizeof oom - 1 : 0;
+    }
+    cJSON_Delete(body);
+    if (!data) {
+        s->dropped++;
+        return;
+    }
+    if (s->nreplies == s->capreplies) {
+        int cap = s->capreplies ? 2 * s->capreplies : 256;
+        fmx__reply *g = realloc(s->replies, (size_t)cap * sizeof *g);
+        if (!g) {
+            free(data);
+            s->dropped++;
+            return;
+        }
+        s->replies = g;
+        s->capreplies = cap;
+    }
+    s->replies[s->nreplies++] = (fmx__reply){*env, req, has_req, episode, data, len};
+}
+
+static cJSON *fmx__error_body(const char *code, const char *fmt, va_list ap) {
+    char msg[2048];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    cJSON *b = cJSON_CreateObject();
+    cJSON_AddBoolToObject(b, "ok", 0);
+    cJSON *e = cJSON_AddObjectToObject(b, "error");
+    cJSON_AddStringToObject(e, "code", code);
+    cJSON_AddStringToObject(e, "message", msg);
+    return b;
+}
+
+/* Queues an error reply to rq. Returns 0 (see fmx__request_free). */
+static int fmx__reply_error(fmx__server *s, const fmx__request *rq, const char *code,
+                            const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    cJSON *b = fmx__error_body(code, fmt, ap);
+    va_end(ap);
+    fmx__push_reply(s, &rq->env, rq->req, rq->has_req, 0, b);
+    return 0;
+}
+
+static cJSON *fmx__ok(void) {
+    cJSON *b = cJSON_CreateObject();
+    cJSON_AddBoolToObject(b, "ok", 1);
+    return b;
+}
+
+/* ---- the log ---- */
+
+static void fmx__ended(fmx__server *s, fmx__slot *slot);
+
+static int fmx__tx(fmx__server *s) {
+    if (s->in_tx) return FMX_OK;
+    int rc = fmx_log_begin(s->log);
+    if (rc == FMX_OK) s->in_tx = 1;
+    return rc;
+}
+
+/* Commits the turn, then sends its replies. A failed commit turns every
+ * reply into an `internal` error and aborts the open episodes it touched. */
+static void fmx__flush(fmx__server *s) {
+    if (s->in_tx) {
+        int rc = fmx_log_commit(s->log);
+        s->in_tx = 0;
+        if (rc != FMX_OK) {
+            char why[512];
+            snprintf(why, sizeof why, "the episode log could not be written: %s",
+                     fmx_log_errmsg(s->log));
+            fprintf(stderr, "fmx serve: %s\n", why);
+            fmx_log_rollback(s->log);
+            for (int i = 0; i < s->npolicies; i++)
+                free(s->policies[i].name);
+            s->npolicies = 0; /* their rows may be gone with the rollback */
+            for (int i = 0; i < s->nreplies; i++) {
+                fmx__reply *r = &s->replies[i];
+                /* An episode whose step was not recorded cannot go on. */
+                fmx__slot *slot = r->episode ? fmx__find(s, r->episode) : NULL;
+                if (slot && fmx_episode_status_of(slot->ep) == FMX_EP_OPEN) {
+                    fmx_episode_abort(slot->ep);
+                    fmx__ended(s, slot);
+                }
+                char *data = NULL;
+                size_t len = 0;
+                cJSON *b = cJSON_CreateObject();
+                cJSON_AddBoolToObject(b, "ok", 0);
+                cJSON *e = cJSON_AddObjectToObject(b, "error");
+                cJSON_AddStringToObject(e, "code", "internal");
+                cJSON_AddStringToObject(e, "message", why);
+                if (fmx_proto_encode(b, r->has_req ? &r->req : NULL, &data, &len) == FMX_OK) {
+                    free(r->data);
+                    r->data = data;
+                    r->len = len;
+                }
+                cJSON_Delete(b);
+            }
+        }
+    }
+    for (int i = 0; i < s->nreplies; i++) {
+        fmx__reply *r = &s->replies[i];
+        int ok = zmq_send(s->router, r->env.id, r->env.id_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0;
+        if (ok && r->env.delim) ok = zmq_send(s->router, "", 0, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0;
+        if (ok) ok = zmq_send(s->router, r->data, r->len, ZMQ_DONTWAIT) >= 0;
+        if (!ok) s->dropped++; /* the client is gone (EHOSTUNREACH) or not reading */
+        free(r->data);
+    }
+    s->nreplies = 0;
+}
+
+/* ---- workers ---- */
+
+typedef struct {
+    fmx__server *s;
+} fmx__worker_arg;
+
+static void *fmx__worker(void *arg) {
+    fmx__server *s = arg;
+    void *push = zmq_socket(s->zctx, ZMQ_PUSH);
+    int hwm = 0; /* unlimited: a finished job is never dropped */
+    zmq_setsockopt(push, ZMQ_SNDHWM, &hwm, sizeof hwm);
+    zmq_connect(push, "inproc://fmx-done");
+    for (;;) {
+        pthread_mutex_lock(&s->mu);
+        while (!s->jhead && !s->stop_workers)
+            pthread_cond_wait(&s->cv, &s->mu);
+        if (!s->jhead) {
+            pthread_mutex_unlock(&s->mu);
+            break;
+        }
+        fmx__job *job = s->jhead;
+        s->jhead = job->next;
+        if (!s->jhead) s->jtail = NULL;
+        pthread_mutex_unlock(&s->mu);
+        job->rc = fmx_episode_execute(&job->plan, &job->outcome);
+        while (zmq_send(push, &job, sizeof job, 0) < 0 && errno == EINTR) {
+        }
+    }
+    int linger = 0;
+    zmq_setsockopt(push, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_close(push);
+    return NULL;
+}
+
+static void fmx__submit_job(fmx__server *s, fmx__job *job) {
+    job->next = NULL;
+    pthread_mutex_lock(&s->mu);
+    if (s->jtail)
+        s->jtail->next = job;
+    else
+        s->jhead = job;
+    s->jtail = job;
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    s->inflight++;
+}
+
+/* ---- ops ---- */
+
+static int fmx__handle(fmx__server *s, fmx__request *rq);
+
+static int fmx__get_int(const cJSON *body, const char *key, int64_t *out, int *present) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(body, key);
+    *present = v != NULL;
+    if (!v) return 1;
+    if (!cJSON_IsNumber(v) || !(fabs(v->valuedouble) < 9e18) ||
+        v->valuedouble != (double)(int64_t)v->valuedouble)
+        return 0;
+    *out = (int64_t)v->valuedouble;
+    return 1;
+}
+
+static void fmx__op_hello(fmx__server *s, fmx__request *rq) {
+    cJSON *b = fmx__ok();
+    cJSON_AddNumberToObject(b, "protocol", FMX_PROTO_VERSION);
+    cJSON_AddStringToObject(b, "server", "fmx " FMX_VERSION);
+    cJSON_AddStringToObject(b, "engine", fmx_engine_version());
+    cJSON_AddStringToObject(b, "device", fmx_engine_device());
+    fmx__push_reply(s, &rq->env, rq->req, rq->has_req, 0, b);
+}
+
+static void fmx__op_spec(fmx__server *s, fmx__request *rq) {
+    cJSON *b = fmx__ok();
+    for (const cJSON *c = s->spec->child; c; c = c->next)
+        cJSON_AddItemReferenceToObject(b, c->string, (cJSON *)c);
+    fmx__push_reply(s, &rq->env, rq->req, rq->has_req, 0, b);
+}
+
+static void fmx__op_list_tasks(fmx__server *s, fmx__request *rq) {
+    cJSON *b = fmx__ok();
+    cJSON_AddItemReferenceToObject(b, "tasks", s->task_list);
+    fmx__push_reply(s, &rq->env, rq->req, rq->has_req, 0, b);
+}
+
+static void fmx__op_health(fmx__server *s, fmx__request *rq) {
+    cJSON *b = fmx__ok();
+    fmx_proto_add_float(b, "uptime_s", fmx__mono() - s->started);
+    cJSON_AddNumberToObject(b, "episodes_open", s->open_episodes);
+    cJSON_AddNumberToObject(b, "steps", (double)s->steps);
+    cJSON_AddNumberToObject(b, "requests", (double)s->requests);
+    cJSON_AddNumberToObject(b, "jobs_in_flight", s->inflight);
+    cJSON_AddNumberToObject(b, "tasks", fmx_tasks_count(s->tasks));
+    cJSON_AddStringToObject(b, "db", s->cfg->db_path);
+    cJSON_AddBoolToObject(b, "shutting_down", s->shutting_down);
+    fmx__push_reply(s, &rq->env, rq->req, rq->has_req, 0, b);
+}
+
+static int64_t fmx__policy_id(fmx__server *s, const char *name, int *rc) {
+    for (int i = 0; i < s->npolicies; i++)
+        if (strcmp(s->policies[i].name, name) == 0) return s->policies[i].id;
+    int64_t id = 0;
+    *rc = fmx__tx(s);
+    if (*rc == FMX_OK) *rc = fmx_log_policy(s->log, name, &id);
+    if (*rc != FMX_OK) return 0;
+    fmx__policy *g = realloc(s->policies, (size_t)(s->npolicies + 1) * sizeof *g);
+    char *dup = strdup(name);
+    if (g) s->policies = g;
+    if (g && dup)
+        s->policies[s->npolicies++] = (fmx__policy){dup, id};
+    else
+        free(dup);
+    return id;
+}
+
+static int fmx__op_reset(fmx__server *s, fmx__request *rq) {
+    const cJSON *jt = cJSON_GetObjectItemCaseSensitive(rq->body, "task");
+    const cJSON *jp = cJSON_GetObjectItemCaseSensitive(rq->body, "policy");
+    int64_t seed = 0;
+    int has_seed;
+    if (!fmx__get_int(rq->body, "seed", &seed, &has_seed))
+        return fmx__reply_error(s, rq, "bad_request", "reset: 'seed' must be an integer");
+    if (jt && !cJSON_IsString(jt) && !cJSON_IsNull(jt))
+        return fmx__reply_error(s, rq, "bad_request", "reset: 'task' must be a task id string");
+    if (jp && !cJSON_IsString(jp) && !cJSON_IsNull(jp))
+        return fmx__reply_error(s, rq, "bad_request", "reset: 'policy' must be a string");
+    const char *policy = cJSON_IsString(jp) && jp->valuestring[0] ? jp->valuestring : "anonymous";
+    if (strlen(policy) > FMX__MAX_POLICY)
+        return fmx__reply_error(s, rq, "bad_request", "reset: 'policy' is longer than %d bytes",
+                                FMX__MAX_POLICY);
+    const fmx_task *task;
+    int ti;
+    if (cJSON_IsString(jt)) {
+        task = fmx_tasks_find(s->tasks, jt->valuestring);
+        if (!task) {
+            char ids[1024] = "";
+            size_t used = 0;
+            int n = fmx_tasks_count(s->tasks);
+            for (int i = 0; i < n && i < 12 && used < sizeof ids; i++)
+                used += (size_t)snprintf(ids + used, sizeof ids - used, "%s%s", i ? ", " : "",
+                                         fmx_tasks_get(s->tasks, i)->id);
+            return fmx__reply_error(s, rq, "unknown_task",
+                                    "no task '%s'; %d tasks (list_tasks lists them all): %s%s",
+                                    jt->valuestring, n, ids, n > 12 ? ", ..." : "");
+        }
+        ti = (int)(task - fmx_tasks_get(s->tasks, 0));
+    } else {
+        ti = s->next_task;
+        s->next_task = (s->next_task + 1) % fmx_tasks_count(s->tasks);
+        task = fmx_tasks_get(s->tasks, ti);
+    }
+    int rc = FMX_OK;
+    int64_t pid = fmx__policy_id(s, policy, &rc);
+    int64_t id = 0;
+    if (rc == FMX_OK) rc = fmx__tx(s);
+    if (rc == FMX_OK) rc = fmx_log_episode_begin(s->log, task->id, pid, seed, &id);
+    if (rc != FMX_OK)
+        return fmx__reply_error(s, rq, "internal", "the episode log refused a new episode: %s",
+                                fmx_log_errmsg(s->log));
+    fmx__slot *slot = calloc(1, sizeof *slot);
+    if (slot)
+        slot->ep = fmx_episode_create(id, task, policy, seed, rq->env.id, rq->env.id_len,
+                                      s->cfg->budget, &s->reward);
+    if (slot) slot->id = id;
+    if (!slot || !slot->ep || fmx__insert(s, slot) != FMX_OK) {
+        if (slot) fmx_episode_destroy(slot->ep);
+        free(slot);
+        fmx_log_episode_end(s->log, id, "aborted", 0);
+        return fmx__reply_error(s, rq, "internal", "out of memory");
+    }
+    s->open_episodes++;
+    if (!s->goals[ti]) s->goals[ti] = fmx_episode_goal(slot->ep);
+    cJSON *b = fmx__ok();
+    cJSON_AddNumberToObject(b, "episode", (double)id);
+    if (s->goals[ti])
+        cJSON_AddItemReferenceToObject(b, "observation", s->goals[ti]);
+    else
+        cJSON_AddItemToObject(b, "observation", fmx_episode_goal(slot->ep));
+    cJSON_AddItemToObject(b, "info", fmx_episode_info(slot->ep));
+    fmx__push_reply(s, &rq->env, rq->req, rq->has_req, id, b);
+    return 0;
+}
+
+/* Moves an ended episode to the ended FIFO, evicting the oldest. */
+static void fmx__ended(fmx__server *s, fmx__slot *slot) {
+    s->open_episodes--;
+    slot->in_ended = 1;
+    slot->enext = NULL;
+    if (s->ended_tail)
+        s->ended_tail->enext = slot;
+    else
+        s->ended_head = slot;
+    s->ended_tail = slot;
+    s->nended++;
+    while (s->nended > FMX__ENDED_MAX && s->ended_head && !s->ended_head->busy &&
+           !s->ended_head->qhead)
+        fmx__remove(s, s->ended_head);
+}
+
+/* Applies a finished step (inline or from a worker): state, log, reply. */
+static int fmx__complete_step(fmx__server *s, fmx__slot *slot, fmx__request *rq,
+                              fmx_step_plan *plan, fmx_step_outcome *outcome) {
+    fmx_step_result res;
+    if (fmx_episode_apply(slot->ep, plan, outcome, &res) != FMX_OK)
+        return fmx__reply_error(s, rq, "internal", "out of memory");
+    s->steps++;
+    char *args = plan->args ? cJSON_PrintUnformatted(plan->args) : NULL;
+    char *obs = cJSON_PrintUnformatted(res.observation);
+    fmx_step_record rec = {.episode = slot->id,
+                           .idx = res.idx,
+                           .tool = plan->tool,
+                           .args = args ? args : "{}",
+                           .observation = obs ? obs : "{}",
+                           .reward = res.reward,
+                           .terminated = res.terminated,
+                           .truncated = res.truncated,
+                           .error = res.error,
+                           .started_at = rq->t_unix,
+                           .ms = (fmx__mono() - rq->t_mono) * 1e3};
+    int rc = fmx__tx(s);
+    if (rc == FMX_OK) rc = fmx_log_step(s->log, &rec);
+    if (rc == FMX_OK && res.graded) {
+        const fmx_grade *g = res.grade;
+        fmx_submission_record sub = {.episode = slot->id,
+                                     .code = res.graded_code,
+                                     .entry = res.graded_entry,
+                                     .correctness = g->facts.correctness,
+                                     .loc = g->facts.loc,
+                                     .loc_score = g->score.loc_score,
+                                     .compile_score = g->score.compile_score,
+                                     .reward = g->score.reward,
+                                     .reward_version = s->reward.version,
+                                     .breakdown = g->breakdown,
+                                     .truncated = res.truncated};
+        rc = fmx_log_submission(s->log, &sub, NULL);
+    }
+    int ended = res.terminated || res.truncated;
+    if (rc == FMX_OK && ended)
+        rc = fmx_log_episode_end(
+            s->log, slot->id, fmx_episode_status_name(fmx_episode_status_of(slot->ep)), res.reward);
+    free(args);
+    free(obs);
+    if (rc != FMX_OK) {
+        fmx_step_result_clear(&res);
+        /* The step happened but cannot be recorded: the episode cannot go on. */
+        fmx__reply_error(s, rq, "internal", "the episode log refused the step: %s",
+                         fmx_log_errmsg(s->log));
+        fmx_episode_abort(slot->ep);
+        fmx__ended(s, slot);
+        return 0;
+    }
+    cJSON *b = fmx__ok();
+    cJSON_AddItemToObject(b, "observation", res.observation);
+    fmx_proto_add_float(b, "reward", res.reward);
+    cJSON_AddBoolToObject(b, "terminated", res.terminated);
+    cJSON_AddBoolToObject(b, "truncated", res.truncated);
+    cJSON_AddItemToObject(b, "info", res.info);
+    res.observation = res.info = NULL;
+    fmx__push_reply(s, &rq->env, rq->req, rq->has_req, slot->id, b);
+    if (ended) fmx__ended(s, slot);
+    return 0;
+}
+
+/* A step request for a slot that is free to run it. Takes rq. */
+static int fmx__run_step(fmx__server *s, fmx__slot *slot, fmx__request *rq) {
+    fmx_episode_status st = fmx_episode_status_of(slot->ep);
+    if (st != FMX_EP_OPEN) {
+        fmx__reply_error(s, rq, "episode_over", "episode %lld is over (%s); reset to start another",
+                         (long long)slot->id, fmx_episode_status_name(st));
+        return fmx__request_free(rq);
+    }
+    const cJSON *action = cJSON_GetObjectItemCaseSensitive(rq->body, "action");
+    const cJSON *tool = cJSON_GetObjectItemCaseSensitive(action, "tool");
+    const cJSON *args = cJSON_GetObjectItemCaseSensitive(action, "args");
+    if (!cJSON_IsObject(action) || !cJSON_IsString(tool)) {
+        fmx__reply_error(s, rq, "bad_request",
+                         "step needs 'action': {\"tool\": STR, \"args\": MAP}; tools: "
+                         "read_module_source, get_weight_info, capture_intermediate, trace_ops, "
+                         "verify_component, submit");
+        return fmx__request_free(rq);
+    }
+    fmx__job *job = calloc(1, sizeof *job);
+    if (!job || fmx_episode_plan(slot->ep, tool->valuestring, args, &job->plan) != FMX_OK) {
+        free(job);
+        fmx__reply_error(s, rq, "internal", "out of memory");
+        return fmx__request_free(rq);
+    }
+    job->rq = rq;
+    job->episode = slot->id;
+    if (job->plan.heavy && !s->shutting_down) {
+        slot->busy = 1;
+        fmx__submit_job(s, job);
+        return 0;
+    }
+    if (job->plan.heavy) { /* no new heavy work once shutting down */
+        fmx__reply_error(s, rq, "shutting_down", "the server is shutting down");
+    } else if (fmx_episode_execute(&job->plan, &job->outcome) != FMX_OK) {
+        fmx__reply_error(s, rq, "internal", "out of memory");
+    } else {
+        fmx__complete_step(s, slot, rq, &job->plan, &job->outcome);
+    }
+    fmx_step_outcome_clear(&job->outcome);
+    fmx_step_plan_clear(&job->plan);
+    fmx__request_free(rq);
+    free(job);
+    return 0;
+}
+
+/* close for a slot that is free. Takes rq. Returns 1 if the slot is gone. */
+static int fmx__run_close(fmx__server *s, fmx__slot *slot, fmx__request *rq) {
+    if (fmx_episode_status_of(slot->ep) == FMX_EP_OPEN) {
+        int rc = fmx__tx(s);
+        if (rc == FMX_OK) rc = fmx_log_episode_end(s->log, slot->id, "aborted", 0);
+        if (rc != FMX_OK) {
+            fmx__reply_error(s, rq, "internal", "the episode log refused the close: %s",
+                             fmx_log_errmsg(s->log));
+            fmx__request_free(rq);
+            return 0;
+        }
+    }
+    cJSON *b = fmx__ok();
+    cJSON_AddBoolToObject(b, "closed", 1);
+    cJSON_AddNumberToObject(b, "episode", (double)slot->id);
+    fmx__push_reply(s, &rq->env, rq->req, rq->has_req, 0, b);
+    fmx__request_free(rq);
+    /* Requests queued behind the close find no episode. */
+    for (fmx__request *q = slot->qhead, *next; q; q = next) {
+        next = q->next;
+        fmx__reply_error(s, q, "unknown_episode", "episode %lld was closed", (long long)slot->id);
+        fmx__request_free(q);
+    }
+    slot->qhead = slot->qtail = NULL;
+    fmx__remove(s, slot);
+    return 1;
+}
+
+/* Runs queued requests of a slot until one becomes a job or none is left. */
+static void fmx__drain_queue(fmx__server *s, fmx__slot *slot) {
+    while (slot->qhead && !slot->busy) {
+        fmx__request *rq = slot->qhead;
+        slot->qhead = rq->next;
+        if (!slot->qhead) slot->qtail = NULL;
+        slot->nqueued--;
+        rq->next = NULL;
+        const char *op = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(rq->body, "op"));
+        if (op && strcmp(op, "close") == 0) {
+            if (fmx__run_close(s, slot, rq)) return;
+        } else {
+            fmx__run_step(s, slot, rq);
+        }
+    }
+}
+
+/* step and close: find the episode, check the owner, queue if busy. Takes rq. */
+static int fmx__op_episode(fmx__server *s, fmx__request *rq, int is_close) {
+    int64_t id = 0;
+    int present;
+    if (!fmx__get_int(rq->body, "episode", &id, &present) || !present) {
+        fmx__reply_error(s, rq, "bad_request", "%s needs 'episode': the integer id reset returned",
+                         is_close ? "close" : "step");
+        return fmx__request_free(rq);
+    }
+    fmx__slot *slot = fmx__find(s, id);
+    if (!slot) {
+        fmx__reply_error(s, rq, "unknown_episode", "no episode %lld on this server", (long long)id);
+        return fmx__request_free(rq);
+    }
+    if (!fmx_episode_owned_by(slot->ep, rq->env.id, rq->env.id_len)) {
+        fmx__reply_error(s, rq, "not_your_episode",
+                         "episode %lld belongs to another client connection", (long long)id);
+        return fmx__request_free(rq);
+    }
+    if (slot->busy || slot->qhead) {
+        if (slot->nqueued >= FMX__QUEUE_MAX) {
+            fmx__reply_error(s, rq, "bad_request",
+                             "episode %lld already has %d requests waiting; wait for replies",
+                             (long long)id, FMX__QUEUE_MAX);
+            return fmx__request_free(rq);
+        }
+        rq->next = NULL;
+        if (slot->qtail)
+            slot->qtail->next = rq;
+        else
+            slot->qhead = rq;
+        slot->qtail = rq;
+        slot->nqueued++;
+        return 0;
+    }
+    if (is_close)
+        fmx__run_close(s, slot, rq);
+    else
+        fmx__run_step(s, slot, rq);
+    return 0;
+}
+
+/* Dispatches one decoded request. Takes rq. */
+static int fmx__handle(fmx__server *s, fmx__request *rq) {
+    s->requests++;
+    const cJSON *jop = cJSON_GetObjectItemCaseSensitive(rq->body, "op");
+    if (!cJSON_IsString(jop)) {
+        fmx__reply_error(s, rq, "bad_request",
+                         "a request needs 'op' (a string): hello, spec, list_tasks, reset, step, "
+                         "close, health");
+        return fmx__request_free(rq);
+    }
+    const char *op = jop->valuestring;
+    if (strcmp(op, "health") == 0) { /* answered even while shutting down */
+        fmx__op_health(s, rq);
+        return fmx__request_free(rq);
+    }
+    if (s->shutting_down) {
+        fmx__reply_error(s, rq, "shutting_down", "the server is shutting down");
+        return fmx__request_free(rq);
+    }
+    if (strcmp(op, "step") == 0) return fmx__op_episode(s, rq, 0);
+    if (strcmp(op, "close") == 0) return fmx__op_episode(s, rq, 1);
+    if (strcmp(op, "hello") == 0)
+        fmx__op_hello(s, rq);
+    else if (strcmp(op, "spec") == 0)
+        fmx__op_spec(s, rq);
+    else if (strcmp(op, "list_tasks") == 0)
+        fmx__op_list_tasks(s, rq);
+    else if (strcmp(op, "reset") == 0)
+        fmx__op_reset(s, rq);
+    else
+        fmx__reply_error(
+            s, rq, "unknown_op",
+            "unknown op '%s'; ops: hello, spec, list_tasks, reset, step, close, health", op);
+    return fmx__request_free(rq);
+}
+
+/* A job came back from a worker. */
+static void fmx__job_done(fmx__server *s, fmx__job *job) {
+    s->inflight--;
+    fmx__slot *slot = fmx__find(s, job->episode);
+    if (slot) {
+        slot->busy = 0;
+        if (job->rc != FMX_OK)
+            fmx__reply_error(s, job->rq, "internal", "out of memory running the step");
+        else
+            fmx__complete_step(s, slot, job->rq, &job->plan, &job->outcome);
+    } else { /* dropped while in flight (a failed commit): nothing to apply */
+        fmx__reply_error(s, job->rq, "internal", "the episode was dropped");
+    }
+    fmx_step_outcome_clear(&job->outcome);
+    fmx_step_plan_clear(&job->plan);
+    fmx__request_free(job->rq);
+    free(job);
+    if (slot) fmx__drain_queue(s, slot);
+}
+
+/* ---- receiving ---- */
+
+/* Reads one multipart message from the ROUTER: [identity, (empty,) body].
+ * Returns 0 when none is waiting. */
+static int fmx__recv(fmx__server *s) {
+    zmq_msg_t frames[3];
+    int n = 0, more = 1, extra = 0;
+    while (more) {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, s->router, n == 0 && !extra ? ZMQ_DONTWAIT : 0) < 0) {
+            zmq_msg_close(&m);
+            if (n == 0) return 0;
+            break;
+        }
+        more = zmq_msg_more(&m);
+        if (n < 3)
+            frames[n++] = m;
+        else {
+            extra++;
+            zmq_msg_close(&m);
+        }
+    }
+    fmx__request *rq = calloc(1, sizeof *rq);
+    if (!rq) {
+        for (int i = 0; i < n; i++)
+            zmq_msg_close(&frames[i]);
+        s->dropped++;
+        return 1;
+    }
+    rq->t_unix = fmx__unix();
+    rq->t_mono = fmx__mono();
+    size_t idlen = zmq_msg_size(&frames[0]);
+    if (idlen > FMX__MAX_IDENTITY) idlen = FMX__MAX_IDENTITY;
+    memcpy(rq->env.id, zmq_msg_data(&frames[0]), idlen);
+    rq->env.id_len = idlen;
+    rq->env.delim = n >= 3 && zmq_msg_size(&frames[1]) == 0;
+    const zmq_msg_t *body = n >= 2 ? &frames[n - 1] : NULL;
+    char err[512];
+    if (n < 2 || extra || (n == 3 && !rq->env.delim)) {
+        fmx__reply_error(s, rq, "bad_message",
+                         "a request is one frame holding one msgpack map (after a REQ socket's "
+                         "empty delimiter)");
+        s->requests++;
+        fmx__request_free(rq);
+    } else if (fmx_proto_decode(zmq_msg_data((zmq_msg_t *)body), zmq_msg_size((zmq_msg_t *)body),
+                                &rq->body, &rq->req, &rq->has_req, err, sizeof err) != FMX_OK) {
+        fmx__reply_error(s, rq, "bad_message", "%s", err);
+        s->requests++;
+        fmx__request_free(rq);
+    } else {
+        fmx__handle(s, rq);
+    }
+    for (int i = 0; i < n; i++)
+        zmq_msg_close(&frames[i]);
+    return 1;
+}
+
+/* ---- set-up and the loop ---- */
+
+static cJSON *fmx__build_spec(const fmx_serve_config *cfg) {
+    cJSON *spec = cJSON_CreateObject();
+    cJSON_AddNumberToObject(spec, "protocol", FMX_PROTO_VERSION);
+    cJSON_AddItemToObject(spec, "tools", fmx_tools_spec());
+    cJSON_AddStringToObject(
+        spec, "observation",
+        "A map {tool, text, data, error?}: text is what the policy reads, data the same content "
+        "structured, error a short code when the action was refused (unknown_tool, bad_args, "
+        "unknown_path, hidden_probe, out_of_range, code_too_long); a refused action still counts "
+        "as a step but does not end the episode.");
+    cJSON_AddStringToObject(
+        spec, "action",
+        "A map {tool: STR, args: MAP}: one call of one of the tools, with arguments as in the "
+        "tool's parameters schema.");
+    cJSON *b = cJSON_AddObjectToObject(spec, "budget");
+    cJSON_AddNumberToObject(b, "max_steps", cfg->budget.max_steps);
+    cJSON_AddNumberToObject(b, "max_code_bytes", (double)cfg->budget.max_code_bytes);
+    cJSON *fields = cJSON_Parse(fmx_log_step_fields_json());
+    cJSON_AddItemToObject(spec, "step_fields", fields ? fields : cJSON_CreateArray());
+    return spec;
+}
+
+fmx_serve_config fmx_serve_config_default(void) {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return (fmx_serve_config){.tasks_dir = NULL,
+                              .db_path = "fmx.db",
+                              .bind = "tcp://127.0.0.1:5555",
+                              .threads = n > 0 ? (int)n : 1,
+                              .budget = fmx_budget_default(),
+                              .reward_path = NULL,
+                              .device = "cpu",
+                              .shutdown_wait_s = 30};
+}
+
+static void fmx__teardown(fmx__server *s) {
+    if (s->threads) {
+        pthread_mutex_lock(&s->mu);
+        s->stop_workers = 1;
+        pthread_cond_broadcast(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+        /* Workers still running a job past the shutdown wait are left to the
+         * process exit; the others are joined. */
+        if (s->inflight == 0)
+            for (int i = 0; i < s->nthreads; i++)
+                pthread_join(s->threads[i], NULL);
+        free(s->threads);
+    }
+    for (fmx__job *j = s->jhead, *next; j; j = next) {
+        next = j->next;
+        fmx_step_plan_clear(&j->plan);
+        fmx__request_free(j->rq);
+        free(j);
+    }
+    for (size_t i = 0; s->buckets && i < s->nbuckets; i++)
+        for (fmx__slot *e = s->buckets[i], *next; e; e = next) {
+            next = e->hnext;
+            for (fmx__request *rq = e->qhead, *q; rq; rq = q) {
+                q = rq->next;
+                fmx__request_free(rq);
+            }
+            fmx_episode_destroy(e->ep);
+            free(e);
+        }
+    free(s->buckets);
+    for (int i = 0; i < s->npolicies; i++)
+        free(s->policies[i].name);
+    free(s->policies);
+    for (int i = 0; s->goals && i < fmx_tasks_count(s->tasks); i++)
+        cJSON_Delete(s->goals[i]);
+    free(s->goals);
+    cJSON_Delete(s->spec);
+    cJSON_Delete(s->task_list);
+    free(s->replies);
+    if (s->done) zmq_close(s->done);
+    if (s->router) zmq_close(s->router);
+    if (s->zctx && s->inflight == 0) zmq_ctx_term(s->zctx);
+    fmx_log_close(s->log);
+    fmx_tasks_close(s->tasks);
+    if (s->inflight == 0) {
+        pthread_mutex_destroy(&s->mu);
+        pthread_cond_destroy(&s->cv);
+    }
+}
+
+/* Marks every open episode aborted in the log and answers queued requests. */
+static void fmx__abort_all(fmx__server *s) {
+    fmx__tx(s);
+    for (size_t i = 0; i < s->nbuckets; i++)
+        for (fmx__slot *e = s->buckets[i]; e; e = e->hnext) {
+            for (fmx__request *rq = e->qhead, *next; rq; rq = next) {
+                next = rq->next;
+                fmx__reply_error(s, rq, "shutting_down", "the server is shutting down");
+                fmx__request_free(rq);
+            }
+            e->qhead = e->qtail = NULL;
+            e->nqueued = 0;
+            if (fmx_episode_status_of(e->ep) == FMX_EP_OPEN) {
+                fmx_log_episode_end(s->log, e->id, "aborted", 0);
+                fmx_episode_abort(e->ep);
+                s->open_episodes--;
+            }
+        }
+}
+
+int fmx_serve(const fmx_serve_config *cfg) {
+    fmx__server srv = {0}, *s = &srv;
+    s->cfg = cfg;
+    s->started = fmx__mono();
+    char err[2048];
+    int status = 2;
+
+    s->reward = fmx_reward_config_default();
+    if (cfg->reward_path &&
+        fmx_reward_config_load(cfg->reward_path, &s->reward, err, sizeof err) != FMX_OK) {
+        fprintf(stderr, "fmx serve: --reward %s: %s\n", cfg->reward_path, err);
+        return 2;
+    }
+    if (fmx_engine_set_device(cfg->device, err, sizeof err) != FMX_OK) {
+        fprintf(stderr, "fmx serve: %s\n", err);
+        return 2;
+    }
+    if (fmx_tasks_open(cfg->tasks_dir, &s->tasks, stderr, err, sizeof err) != FMX_OK) {
+        fprintf(stderr, "fmx serve: %s\n", err);
+        return 2;
+    }
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    if (fmx_log_open(cfg->db_path, &s->log, err, sizeof err) != FMX_OK) {
+        fprintf(stderr, "fmx serve: --db %s: %s\n", cfg->db_path, err);
+        goto out;
+    }
+    int64_t aborted = 0;
+    int rc = fmx_log_begin(s->log);
+    if (rc == FMX_OK) rc = fmx_log_abort_open(s->log, &aborted);
+    for (int i = 0; rc == FMX_OK && i < fmx_tasks_count(s->tasks); i++) {
+        const fmx_task *t = fmx_tasks_get(s->tasks, i);
+        rc = fmx_log_task(s->log, t->id, t->kind, t->pack_name, t->path, t->cls, t->target_loc);
+    }
+    if (rc == FMX_OK) rc = fmx_log_commit(s->log);
+    if (rc != FMX_OK) {
+        fprintf(stderr, "fmx serve: --db %s: %s\n", cfg->db_path, fmx_log_errmsg(s->log));
+        goto out;
+    }
+    if (aborted)
+        fprintf(stderr, "fmx serve: %lld episodes left open by an earlier run marked aborted\n",
+                (long long)aborted);
+    s->spec = fmx__build_spec(cfg);
+    s->task_list = fmx_tasks_json(s->tasks);
+    s->goals = calloc((size_t)fmx_tasks_count(s->tasks), sizeof *s->goals);
+    s->nbuckets = 1024;
+    s->buckets = calloc(s->nbuckets, sizeof *s->buckets);
+    if (!s->spec || !s->task_list || !s->goals || !s->buckets) {
+        fprintf(stderr, "fmx serve: out of memory\n");
+        goto out;
+    }
+
+    /* Signals go to this thread only: block them before any thread starts
+     * (ZeroMQ's and the workers inherit the mask), then unblock here. */
+    sigset_t sigs, old;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &sigs, &old);
+    struct sigaction sa = {0};
+    sa.sa_handler = fmx__on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    s->zctx = zmq_ctx_new();
+    s->router = s->zctx ? zmq_socket(s->zctx, ZMQ_ROUTER) : NULL;
+    s->done = s->zctx ? zmq_socket(s->zctx, ZMQ_PULL) : NULL;
+    if (!s->router || !s->done) {
+        fprintf(stderr, "fmx serve: zeromq: %s\n", zmq_strerror(errno));
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        goto out;
+    }
+    int one = 1, linger = 1000, hwm = 100000, zero = 0;
+    int64_t maxmsg = FMX__ZMQ_MAXMSG;
+    zmq_setsockopt(s->router, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
+    zmq_setsockopt(s->router, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
+    zmq_setsockopt(s->router, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_setsockopt(s->router, ZMQ_SNDHWM, &hwm, sizeof hwm);
+    zmq_setsockopt(s->router, ZMQ_RCVHWM, &hwm, sizeof hwm);
+    zmq_setsockopt(s->done, ZMQ_RCVHWM, &zero, sizeof zero);
+    if (zmq_bind(s->done, "inproc://fmx-done") != 0 || zmq_bind(s->router, cfg->bind) != 0) {
+        fprintf(stderr, "fmx serve: cannot bind %s: %s\n", cfg->bind, zmq_strerror(errno));
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        goto out;
+    }
+    s->nthreads = cfg->threads > 0 ? cfg->threads : 1;
+    s->threads = calloc((size_t)s->nthreads, sizeof *s->threads);
+    for (int i = 0; s->threads && i < s->nthreads; i++)
+        if (pthread_create(&s->threads[i], NULL, fmx__worker, s) != 0) {
+            s->nthreads = i;
+            break;
+        }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (!s->threads || s->nthreads == 0) {
+        fprintf(stderr, "fmx serve: cannot start worker threads\n");
+        goto out;
+    }
+    fprintf(stderr,
+            "fmx serve: %d tasks from %d packs; listening on %s (%d worker threads, log %s, "
+            "%s)\n",
+            fmx_tasks_count(s->tasks), fmx_tasks_npacks(s->tasks), cfg->bind, s->nthreads,
+            cfg->db_path, fmx_engine_version());
+    fflush(stderr);
+
+    double deadline = 0;
+    for (;;) {
+        if (fmx__signal && !s->shutting_down) {
+            s->shutting_down = 1;
+            deadline = fmx__mono() + cfg->shutdown_wait_s;
+            fprintf(stderr, "fmx serve: signal %d: finishing %d jobs in flight, then stopping\n",
+                    (int)fmx__signal, s->inflight);
+        }
+        if (s->shutting_down && (s->inflight == 0 || fmx__mono() > deadline)) break;
+        zmq_pollitem_t items[2] = {{s->router, 0, ZMQ_POLLIN, 0}, {s->done, 0, ZMQ_POLLIN, 0}};
+        int n = zmq_poll(items, 2, s->shutting_down ? 100 : 1000);
+        if (n < 0 && errno != EINTR) {
+            fprintf(stderr, "fmx serve: poll: %s\n", zmq_strerror(errno));
+            break;
+        }
+        /* Finished jobs first: they free episodes whose requests wait. */
+        fmx__job *job;
+        while (zmq_recv(s->done, &job, sizeof job, ZMQ_DONTWAIT) == (int)sizeof job)
+            fmx__job_done(s, job);
+        for (int i = 0; i < FMX__TURN_MAX && fmx__recv(s); i++) {
+        }
+        fmx__flush(s);
+    }
+    if (s->inflight)
+        fprintf(stderr, "fmx serve: %d jobs still running after %.0f s; not waiting\n", s->inflight,
+                cfg->shutdown_wait_s);
+    fmx__abort_all(s);
+    fmx__flush(s);
+    fprintf(stderr, "fmx serve: stopped after %lld steps\n", (long long)s->steps);
+    status = 0;
+out:
+    fmx__teardown(s);
+    return status;
+}
+
+/* ---- command line ---- */
+
+static const char fmx__usage[] =
+    "usage: fmx serve --tasks DIR [options]\n"
+    "  --tasks DIR           directory of packs (subdirectories with task.json)\n"
+    "  --db FILE             episode log, SQLite (default fmx.db)\n"
+    "  --bind ADDR           ZeroMQ address (default tcp://127.0.0.1:5555; ipc://PATH works)\n"
+    "  --threads N           worker threads for verify_component/submit (default: CPU cores)\n"
+    "  --max-steps N         steps per episode (default 40)\n"
+    "  --max-code-bytes N    largest candidate file (default 65536)\n"
+    "  --reward FILE         reward config (key = value lines; default: built in)\n"
+    "  --device DEV          cpu or cuda[:N] (default cpu)\n";
+
+static int fmx__posint(const char *s, long max, long *out) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < 1 || v > max) return 0;
+    *out = v;
+    return 1;
+}
+
+int fmx_serve_main(int argc, char **argv) {
+    fmx_serve_config cfg = fmx_serve_config_default();
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+            fputs(fmx__usage, stdout);
+            return 0;
+        }
+        if (i + 1 >= argc || a[0] != '-') {
+            fprintf(stderr, "fmx serve: %s '%s'\n\n%s",
+                    a[0] == '-' ? "missing value for" : "unexpected argument", a, fmx__usage);
+            return 2;
+        }
+        const char *v = argv[++i];
+        long n = 0;
+        if (strcmp(a, "--tasks") == 0)
+            cfg.tasks_dir = v;
+        else if (strcmp(a, "--db") == 0)
+            cfg.db_path = v;
+        else if (strcmp(a, "--bind") == 0)
+            cfg.bind = v;
+        else if (strcmp(a, "--reward") == 0)
+            cfg.reward_path = v;
+        else if (strcmp(a, "--device") == 0)
+            cfg.device = v;
+        else if (strcmp(a, "--threads") == 0 && fmx__posint(v, 1024, &n))
+            cfg.threads = (int)n;
+        else if (strcmp(a, "--max-steps") == 0 && fmx__posint(v, 1000000, &n))
+            cfg.budget.max_steps = (int)n;
+        else if (strcmp(a, "--max-code-bytes") == 0 && fmx__posint(v, 4 << 20, &n))
+            cfg.budget.max_code_bytes = (size_t)n;
+        else {
+            fprintf(stderr, "fmx serve: bad option %s %s\n\n%s", a, v, fmx__usage);
+            return 2;
+        }
+    }
+    if (!cfg.tasks_dir) {
+        fprintf(stderr, "fmx serve: --tasks DIR is required\n\n%s", fmx__usage);
+        return 2;
+    }
+    return fmx_serve(&cfg);
+}
