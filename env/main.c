@@ -3,6 +3,7 @@
  *
  *   fmx export ...            make a task pack (hands over to the Python exporter)
  *   fmx verify PACK FILE ...  grade a candidate file against a pack
+ *   fmx mutate PACK SOLUTION  how strong a pack's probes are: mutants of a solution
  *   fmx info PACK             what a pack holds: modules, probes, sizes
  *   fmx version
  *
@@ -19,7 +20,10 @@
 #include <unistd.h>
 
 #include "engine/engine.h"
+#include "mutate.h"
 #include "pack.h"
+#include "pyexec.h"
+#include "server.h"
 #include "status.h"
 #include "verify.h"
 
@@ -40,8 +44,11 @@ static const char *usage_text =
     "      --atol X --rtol Y          override the pack's float tolerance\n"
     "      --device cpu|cuda[:N]      where to run (default: cpu)\n"
     "      --json                     print the report as JSON\n"
+    "  mutate PACK SOLUTION [options] verify mutants of a correct SOLUTION on every probe and\n"
+    "                                 report which survive (see fmx mutate --help)\n"
     "  info PACK [--json]             modules, classes, probes and sizes of a pack\n"
     "      --tensor KEY               one stored tensor (weight or capture) as JSON + hex\n"
+    "  serve --tasks DIR [options]    run the RL environment server (see fmx serve --help)\n"
     "  version                        fmx and libtorch versions\n"
     "\n"
     "exit status: 0 match/ok, 1 mismatch, 2 error\n";
@@ -79,17 +86,11 @@ static char *read_file(const char *path, size_t *len, char *err, size_t errsz) {
     return buf;
 }
 
-/* fmx export: runs `python3 -m fmx.export` with the package on PYTHONPATH. */
+/* fmx export: runs `python3 -m fmx.export` with the package on PYTHONPATH and
+ * FMX_BIN set to this binary (the exporter's --solution runs `fmx mutate`). */
 static int cmd_export(int argc, char **argv) {
-    const char *py = getenv("FMX_PYTHON");
-    if (!py || !py[0]) py = "/usr/bin/python3";
-    const char *pkg = getenv("FMX_PYTHONPATH");
-    if (!pkg || !pkg[0]) pkg = FMX_SOURCE_DIR "/python";
-    const char *old = getenv("PYTHONPATH");
-    char *path = NULL;
-    if (asprintf(&path, "%s%s%s", pkg, old && old[0] ? ":" : "", old ? old : "") < 0) return 2;
-    setenv("PYTHONPATH", path, 1);
-    free(path);
+    if (fmx_python_env() != FMX_OK) return 2;
+    const char *py = fmx_python_interpreter();
     char **args = calloc((size_t)argc + 4, sizeof *args);
     if (!args) return 2;
     int n = 0;
@@ -320,7 +321,9 @@ int main(int argc, char **argv) {
     const char *cmd = argv[1];
     if (strcmp(cmd, "export") == 0) return cmd_export(argc - 1, argv + 1);
     if (strcmp(cmd, "verify") == 0) return cmd_verify(argc - 1, argv + 1);
+    if (strcmp(cmd, "mutate") == 0) return fmx_mutate_main(argc - 1, argv + 1);
     if (strcmp(cmd, "info") == 0) return cmd_info(argc - 1, argv + 1);
+    if (strcmp(cmd, "serve") == 0) return fmx_serve_main(argc - 1, argv + 1);
     if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
         printf("fmx %s (%s)\n", FMX_VERSION, fmx_engine_version());
         return 0;
