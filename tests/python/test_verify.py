@@ -98,7 +98,9 @@ def test_text_report_names_probes_taps_and_verdict(packs):
     res = fmx("verify", packs["qwen2"], solution("qwen2"))
     assert res.returncode == 0
     assert "tap model.layers.1" in res.stdout and "out logits" in res.stdout
-    assert "MATCH: 3/3 visible probe calls" in res.stdout
+    visible = sum(p["visible"] for p in json.loads((packs["qwen2"] / "task.json").read_text())
+                  ["probes"])
+    assert f"MATCH: {visible}/{visible} visible probe calls" in res.stdout
     assert "[hidden]" not in res.stdout  # visible probes only by default
 
 
@@ -152,10 +154,15 @@ RMSNORM_CAST_BEFORE_WEIGHT = ('return weights[prefix + "weight"] * x.to(hidden_s
 
 
 def test_rmsnorm_cast_order_bug_caught_in_bfloat16_only(packs, tmp_path):
-    """The seed's bug: weight applied before the cast back to the input dtype."""
+    """The seed's bug: weight applied before the cast back to the input dtype.
+
+    In float32 the cast is a no-op, so only the pack's bfloat16 probes see it."""
     src = mutate("qwen2", *RMSNORM_CAST_BEFORE_WEIGHT)
     res, report = verify(packs["qwen2"], src, "--probes", "all", tmp_path=tmp_path)
-    assert res.returncode == 0, "in float32 the cast is a no-op: the bug is invisible"
+    assert res.returncode == 1, res.stdout
+    failing = {p["dtype"] for p in report["probes"] if not p["pass"]}
+    passing = {p["dtype"] for p in report["probes"] if p["pass"]}
+    assert failing == {"bfloat16"} and passing == {"float32"}
     res, report = verify(packs["qwen2-bf16"], src, "--probes", "all", tmp_path=tmp_path)
     assert res.returncode == 1, res.stdout
     assert report["first_divergence"]["name"] == "model.layers.0"
