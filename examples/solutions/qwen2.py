@@ -1,13 +1,15 @@
 """Qwen2ForCausalLM (examples/models/qwen2.py, tiny default config) as flat
 functional PyTorch: fmx's reference solution, written in the candidate language.
 
-Every entry takes its module's forward inputs by name plus `weights` keyed
-relative to that module's path (entries listed in qwen2.entries.json). The
+Every entry takes its module's forward inputs by name plus, where it needs
+them, `weights` keyed relative to that module's path (entries listed in
+qwen2.entries.json; rotary_emb computes inv_freq from ROPE_THETA). The
 trailing `prefix` (default "") lets a parent hand its own dict to a child:
 `rms_norm(h, weights, "model.norm.")`. It matches the model in float32 and in
 bfloat16 on the same torch build, cast for cast (RMSNorm scales by the weight
 after casting back; softmax runs in float32). Padding is taken from the 2D
-attention_mask; eager attention. Qwen2.5-0.5B: N_LAYERS = 24, N_HEADS = 14.
+attention_mask; eager attention. Qwen2.5-0.5B: N_LAYERS = 24, N_HEADS = 14,
+ROPE_THETA = 1000000.0.
 """
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ N_LAYERS = 2
 N_HEADS = 4
 N_KV_HEADS = 2
 EPS = 1e-6
+ROPE_THETA = 10000.0
 
 
 def tap(name: str, x: Tensor) -> Tensor:
@@ -42,10 +45,12 @@ def rms_norm(hidden_states: Tensor, weights: Dict[str, Tensor], prefix: str = ""
     return weights[prefix + "weight"] * x.to(hidden_states.dtype)
 
 
-def rotary_emb(x: Tensor, position_ids: Tensor, weights: Dict[str, Tensor],
-               prefix: str = "") -> Tuple[Tensor, Tensor]:
-    # (B, D/2, 1) @ (B, 1, T) -> (B, T, D/2) angles in float32; cos, sin in x's dtype
-    inv_freq = weights[prefix + "inv_freq"].float()[None, :, None]
+def rotary_emb(x: Tensor, position_ids: Tensor) -> Tuple[Tensor, Tensor]:
+    # inv_freq as the model computes it (float32, on the CPU), rounded to x's dtype as
+    # the model's buffer is; (B, D/2, 1) @ (B, 1, T) -> (B, T, D/2) angles in float32
+    D = x.shape[-1] // N_HEADS
+    inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, D, 2).float() / D))
+    inv_freq = inv_freq.to(x.dtype).float().to(x.device)[None, :, None]
     freqs = inv_freq.expand(position_ids.shape[0], -1, 1) @ position_ids[:, None, :].float()
     emb = torch.cat((freqs, freqs), dim=1).transpose(1, 2)
     return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
@@ -91,7 +96,7 @@ def model(input_ids: Tensor, attention_mask: Tensor, weights: Dict[str, Tensor],
           prefix: str = "") -> Tensor:
     h = F.embedding(input_ids, weights[prefix + "embed_tokens.weight"])
     pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-    cos, sin = rotary_emb(h, pos[None, :], weights, prefix + "rotary_emb.")
+    cos, sin = rotary_emb(h, pos[None, :])
     # (B, 1, T, T) additive mask: 0 = attend, finfo(dtype).min = future or padding key
     keep = (pos[None, :] <= pos[:, None]) & (attention_mask[:, None, None, :] != 0)
     mask = torch.where(keep, 0.0, float("-inf")).to(h.dtype).nan_to_num()

@@ -3,11 +3,13 @@
 A pack (docs/pack-format.md) is `task.json` + `weights.safetensors` +
 `probes.safetensors`. The exporter builds the model from a Python file
 (`FILE.py:NAME`) or a local transformers snapshot, runs it on visible and hidden
-probes, and records: the module tree, every module call's inputs and outputs
-(tensors streamed to disk as they arrive, byte-identical ones stored once), per-line
-coverage of the model's package, a function-level op trace per module on the first
-probe, the class sources and line ranges, and every parameter and buffer with its
-ties.
+probes (a float32 model also on a bfloat16 copy, for two of them), and records:
+the module tree, every module call's inputs and outputs (tensors streamed to disk
+as they arrive, byte-identical ones stored once), per-line coverage of the model's
+package, a function-level op trace per module on the first probe, the class
+sources and line ranges, and every parameter and buffer with its ties. With
+`--sensitive-init` (always with random transformers weights) it first redraws the
+weights so that every op moves the output (`sensitive_init`).
 
 It is not a verifier and never runs candidate code; the C server does that.
 
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import json
@@ -26,6 +30,7 @@ import math
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,12 +46,21 @@ from .safetensors import Writer, dtype_name, is_storable, save_file
 
 FORMAT = "fmx-pack"
 VERSION = 1
-TOLERANCE = {"float32": {"atol": 1e-5, "rtol": 1e-5}, "bfloat16": {"atol": 1e-2, "rtol": 1e-2}}
+# Per output dtype, an element passes when |got - want| <= atol * RMS(want) + rtol * |want|.
+# Measured and chosen in docs/pack-format.md ("Tolerances"): TOLERANCE for a verifier on the
+# torch build and device in created_by (a faithful rewrite is bit-exact there; bfloat16 allows
+# one rounding per element), TOLERANCE_CROSS_BUILD for any other build.
+TOLERANCE = {"float32": {"atol": 1e-5, "rtol": 1e-5}, "bfloat16": {"atol": 2**-7, "rtol": 2**-7}}
+TOLERANCE_CROSS_BUILD = {"float32": {"atol": 1e-5, "rtol": 1e-5}, "bfloat16": {"atol": 2**-3, "rtol": 2**-3}}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TOLERANCE_DTYPES = ("float64", "float32", "float16", "bfloat16")
 PADDINGS = ("none", "left", "right")
 # (batch, seq, padding); the first `probes` visible, then `hidden` hidden ones.
 VISIBLE_SHAPES = [(1, 8, "none"), (2, 13, "left"), (3, 6, "right")]
 HIDDEN_SHAPES = [(2, 17, "right"), (1, 64, "none"), (3, 11, "left")]
+LONG_PROBE = 64      # a pack should have a probe at least this long (the hidden 1x64)
+MAX_WINDOW = 512     # a sliding window up to this long gets a hidden probe past it
+LOW_PRECISION = "bfloat16"  # the reduced-precision copy probed in a float32 pack
 
 InputsFn = Callable[[nn.Module, int, int, str, torch.Generator], Dict[str, Any]]
 
@@ -174,6 +188,87 @@ def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
+# --------------------------------------------------------------------------- random weights
+
+RESIDUAL_STD = 0.03
+# A module whose output is added to the residual stream, by its dotted path:
+# attention output and MLP down projections across transformers' families.
+RESIDUAL_OUT = re.compile(r"(^|\.)(o_proj|out_proj|down_proj|c_proj|dense|dense_4h_to_h|fc2|fc_out|w2)$")
+RESIDUAL_OUT_EXCLUDE = re.compile(r"(^|\.)intermediate\.")  # BERT-style up projections named dense
+
+
+def sensitive_init(model: nn.Module, seed: int = 0, residual_std: float = RESIDUAL_STD) -> Dict[str, int]:
+    """Redraw every floating parameter by its role so that every op moves the output.
+
+    The rule (docs/pack-format.md, "Random weights"): inputs of nonlinearities
+    O(1), the residual stream small enough that every norm's eps matters, nothing
+    constant. A tied parameter takes the role of its first name in module order;
+    buffers are left alone. Draws come from a generator seeded with `seed`.
+    Returns how many parameters got each role.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    counts: Dict[str, int] = {}
+    done: set = set()
+
+    def normal(p: Tensor, std: float) -> Tensor:
+        return torch.randn(p.shape, generator=gen, dtype=torch.float32) * std
+
+    with torch.no_grad():
+        for path, module in model.named_modules():
+            kind = type(module).__name__.lower()
+            residual = bool(RESIDUAL_OUT.search(path)) and not RESIDUAL_OUT_EXCLUDE.search(path)
+            scale = residual_std if residual else 1.0
+            for pname, p in module.named_parameters(recurse=False):
+                if id(p) in done or not p.is_floating_point() or p.numel() == 0:
+                    continue
+                done.add(id(p))
+                if "norm" in kind and p.dim() == 1 and pname == "weight":  # 1 + N(0, 0.1); a (1 + w) norm
+                    base = 1.0 if float(p.float().mean()) > 0.5 else 0.0        # starts at zeros: N(0, 0.1)
+                    role, value = "norm_weight", base + normal(p, 0.1)
+                elif "norm" in kind and p.dim() == 1:
+                    role, value = "norm_bias", normal(p, 0.1)
+                elif "embedding" in kind and pname == "weight" and p.dim() == 2:
+                    role, value = "embedding", normal(p, residual_std / _embed_scale(module))
+                elif pname == "weight" and p.dim() >= 2:  # Linear (out, in), Conv1D (in, out), convs
+                    fan_in = p.shape[0] if p.dim() == 2 and getattr(module, "nx", None) == p.shape[0] else p[0].numel()
+                    role, value = "residual_out" if residual else "linear", normal(p, scale * fan_in**-0.5)
+                elif pname == "bias" and p.dim() == 1:
+                    role, value = "residual_bias" if residual else "bias", normal(p, scale * 0.1)
+                else:  # anything else: 10% jitter around its constructed value (N(0, 0.1) if all zero)
+                    rms = float(p.float().pow(2).mean().sqrt())
+                    role, value = "other", p.float() + normal(p, 0.1 * rms if rms > 0 else 0.1)
+                p.copy_(value.to(p.device, p.dtype))
+                counts[role] = counts.get(role, 0) + 1
+    return counts
+
+
+def _embed_scale(module: nn.Module) -> float:
+    """The factor a scaled embedding (Gemma's embed_scale) multiplies its output by, else 1."""
+    try:
+        scale = float(getattr(module, "embed_scale", 1.0))
+    except (TypeError, ValueError, RuntimeError):
+        return 1.0
+    return scale if math.isfinite(scale) and scale > 0 else 1.0
+
+
+def parse_tolerance(text: str) -> Dict[str, Dict[str, float]]:
+    """'float32=1e-5:1e-5,bfloat16=0.0156:0.0156' -> {dtype: {"atol": .., "rtol": ..}}."""
+    out: Dict[str, Dict[str, float]] = {}
+    for item in text.split(","):
+        dtype, sep, values = item.strip().partition("=")
+        atol, sep2, rtol = values.partition(":")
+        try:
+            tol = {"atol": float(atol), "rtol": float(rtol)}
+        except ValueError:
+            tol = {}
+        if not sep or not sep2 or dtype not in TOLERANCE_DTYPES or not tol or \
+                not all(math.isfinite(v) and v >= 0 for v in tol.values()):
+            raise ExportError(f"bad --tolerance {item.strip()!r}: expected DTYPE=ATOL:RTOL with DTYPE one of "
+                              f"{', '.join(TOLERANCE_DTYPES)} and non-negative numbers, e.g. float32=1e-5:1e-5")
+        out[dtype] = tol
+    return out
+
+
 # --------------------------------------------------------------------------- probes
 
 
@@ -184,6 +279,8 @@ class Probe:
     batch: int
     seq: int
     padding: str
+    dtype: Optional[str] = None     # a reduced-precision copy's dtype; None: the pack's
+    inputs_of: Optional[int] = None  # a copy's inputs are those of this probe index
 
 
 def parse_probe_shapes(text: str) -> List[Tuple[int, int, str]]:
@@ -232,6 +329,39 @@ def _default_shape(base: Sequence[Tuple[int, int, str]], i: int) -> Tuple[int, i
     if i < len(base):
         return base[i]
     return (1 + i % 3, 5 + (7 * i) % 29, PADDINGS[i % 3])
+
+
+def window_probe(config: Any, max_len: Optional[int]) -> Tuple[Optional[Tuple[int, int, str]], str]:
+    """(shape, why) of a hidden probe past the config's sliding window; shape None where there is
+    no window, it is off, longer than MAX_WINDOW (not affordable) or no position lies past it."""
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None, "no sliding window in the config"
+    if getattr(config, "use_sliding_window", True) is False:
+        return None, f"sliding_window {window} is off (use_sliding_window is false): no probe past it"
+    if window > MAX_WINDOW:
+        return None, f"sliding_window {window} > {MAX_WINDOW}: a probe past it is not affordable"
+    seq = window + max(8, window // 4)
+    if max_len is not None:
+        seq = min(seq, max_len)
+    if seq <= window:
+        return None, f"sliding_window {window}: no position past it (max length {max_len})"
+    return (1, seq, "none"), f"hidden 1x{seq} probe: past the sliding window of {window}"
+
+
+def low_precision_copies(plan: Sequence[Probe], dtype: str) -> List[Probe]:
+    """The probes rerun on a `dtype` copy of the model: one visible and one hidden, left-padded
+    by preference (padding and casts both matter there), then right-padded, then any."""
+    rank = {"left": 0, "right": 1, "none": 2}
+    copies = []
+    for visible in (True, False):
+        group = [i for i, p in enumerate(plan) if p.visible == visible]
+        if group:
+            i = min(group, key=lambda i: (rank[plan[i].padding], i))
+            src = plan[i]
+            copies.append(Probe(f"p{len(plan) + len(copies)}", src.visible, src.batch, src.seq, src.padding,
+                                dtype, i))
+    return copies
 
 
 def padding_mask(batch: int, seq: int, padding: str, generator: torch.Generator) -> Tensor:
@@ -908,25 +1038,30 @@ def export(spec_or_model: Any, out_dir: str, *, overrides: Optional[Mapping[str,
            probes: int = 3, hidden: int = 3, dtype: str = "float32", name: Optional[str] = None,
            quiet: bool = False, force: bool = False, probe_shapes: Optional[str] = None, device: str = "cpu",
            inputs_fn: Optional[InputsFn] = None, source: Optional[Dict[str, Any]] = None,
-           package_dirs: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+           package_dirs: Optional[Sequence[str]] = None, init: bool = False, low_precision_probe: bool = True,
+           tolerance: Optional[Mapping[str, Mapping[str, float]]] = None) -> Dict[str, Any]:
     """Export a task pack to `out_dir`; returns the manifest (task.json) as a dict.
 
     `spec_or_model` is "FILE.py:NAME" (built here with `overrides` after
     torch.manual_seed(seed)) or an nn.Module. Its package (coverage, class
     sources) is the folder of the file defining the model's class, unless
     `package_dirs` says otherwise. Probe inputs come from `inputs_fn`, else the
-    model file's `fmx_inputs`, else `default_inputs`.
+    model file's `fmx_inputs`, else `default_inputs`. `init` redraws the weights
+    with `sensitive_init`; a float32 export reruns two probes on a bfloat16 copy
+    unless `low_precision_probe` is false; `tolerance` overrides TOLERANCE per dtype.
     """
     overrides = dict(overrides or {})
     if dtype not in DTYPES:
         raise ExportError(f"bad dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     shapes = parse_probe_shapes(probe_shapes) if probe_shapes else None
     plan_probes(probes, hidden, shapes, None)  # validate before any work
+    tolerances = {**TOLERANCE, **{k: dict(v) for k, v in (tolerance or {}).items()}}
     out = _OutDir(out_dir, force)
     t_start = time.perf_counter()
     try:
         manifest = _export(spec_or_model, out, overrides, seed, probes, hidden, dtype, name, quiet, shapes,
-                           device, inputs_fn, source, package_dirs)
+                           device, inputs_fn, source, package_dirs, init=init,
+                           low_precision=low_precision_probe and dtype == "float32", tolerance=tolerances)
         out.commit()
     except BaseException:
         out.abort()
@@ -942,7 +1077,8 @@ def export(spec_or_model: Any, out_dir: str, *, overrides: Optional[Mapping[str,
 def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: int, probes: int, hidden: int,
             dtype: str, name: Optional[str], quiet: bool, shapes: Optional[List[Tuple[int, int, str]]], device: str,
             inputs_fn: Optional[InputsFn], source: Optional[Dict[str, Any]],
-            package_dirs: Optional[Sequence[str]]) -> Dict[str, Any]:
+            package_dirs: Optional[Sequence[str]], *, init: bool, low_precision: bool,
+            tolerance: Dict[str, Dict[str, float]]) -> Dict[str, Any]:
     torch.manual_seed(seed)
     if isinstance(spec_or_model, str):
         model, pymodule, file = build_from_spec(spec_or_model, overrides)
@@ -958,34 +1094,37 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
         raise ExportError(f"cannot export a {type(spec_or_model).__name__}: expected FILE.py:NAME or an nn.Module")
     if inputs_fn is None:
         inputs_fn = getattr(pymodule, "fmx_inputs", None) or default_inputs
+    roles = sensitive_init(model, seed) if init else None
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     config = getattr(model, "config", None)
     plan = plan_probes(probes, hidden, shapes, _max_len(config))
+    window, window_note = window_probe(config, _max_len(config))
+    window_name = None
+    if window is not None and hidden > 0:
+        window_name = f"p{len(plan)}"
+        plan.append(Probe(window_name, False, *window))
+    elif window is not None:
+        window_note += " (not added: --hidden 0)"
+    copies = low_precision_copies(plan, LOW_PRECISION) if low_precision else []
 
     writer = Writer(out.path("probes.safetensors"), metadata={"format": FORMAT, "fmx": __version__})
     coverage = Coverage(folders)
+    run = functools.partial(_run_probe, writer=writer, coverage=coverage, inputs_fn=inputs_fn, seed=seed,
+                            device=device, quiet=quiet, total=len(plan) + len(copies))
     probe_entries = []
     try:
         with torch.no_grad(), Capture(model, writer) as capture:
             for i, probe in enumerate(plan):
-                t0 = time.perf_counter()
-                generator = torch.Generator().manual_seed(seed * 1_000_003 + i + 1)
-                inputs = inputs_fn(model, probe.batch, probe.seq, probe.padding, generator)
-                if not isinstance(inputs, Mapping):
-                    raise ExportError(f"probe inputs must be a dict of forward arguments, got {type(inputs).__name__}")
-                mask_key = writer.add(f"{probe.name}/mask", _mask_of(inputs, probe.batch, probe.seq), dedupe=True)
-                inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
-                capture.start_probe(i, probe.batch, probe.seq, trace_ops=(i == 0))
-                with coverage, (OpTrace(capture) if i == 0 else contextlib.nullcontext()):
-                    result = model(**inputs)
-                del result, inputs
-                probe_entries.append({"name": probe.name, "visible": probe.visible, "batch": probe.batch,
-                                      "seq": probe.seq, "padding": probe.padding, "mask": mask_key})
-                if not quiet:
-                    kind = "visible" if probe.visible else "hidden"
-                    print(f"[{i + 1}/{len(plan)}] probe {probe.name} ({kind}, {probe.batch}x{probe.seq}, "
-                          f"{probe.padding}) {time.perf_counter() - t0:.2f}s", file=sys.stderr)
+                probe_entries.append(run(model, capture, i, probe))
             signatures = dict(capture.signatures)
+        if copies:
+            low = _low_precision_copy(model, DTYPES[LOW_PRECISION])
+            with torch.no_grad(), Capture(low, writer) as low_capture:
+                low_capture.calls = capture.calls  # one call list, in the order calls started
+                for i, probe in enumerate(copies, start=len(plan)):
+                    probe_entries.append(run(low, low_capture, i, probe))
+            _check_cast(model, low, "after its probes")  # the forward must not have changed them
+            del low
         writer.close()
     except BaseException:
         writer.abort()
@@ -1013,7 +1152,11 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
         "dtype": dtype,
         "config": config_json(config),
         "seed": seed,
-        "tolerance": TOLERANCE,
+        "init": {"kind": "sensitive", "residual_std": RESIDUAL_STD, "roles": roles} if roles is not None
+                else {"kind": "model"},
+        "tolerance": tolerance,
+        "tolerance_cross_build": TOLERANCE_CROSS_BUILD,
+        "probe_power": _probe_power(plan, copies, window_name, window_note),
         "weights": {"aliases": aliases, "buffers": buffers, "non_persistent": non_persistent},
         "modules": tree,
         "files": files,
@@ -1025,6 +1168,168 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
         json.dump(manifest, f, indent=1, allow_nan=False)
         f.write("\n")
     return manifest
+
+
+def _run_probe(model: nn.Module, capture: Capture, i: int, probe: Probe, *, writer: Writer, coverage: Coverage,
+               inputs_fn: InputsFn, seed: int, device: str, quiet: bool, total: int) -> Dict[str, Any]:
+    """Runs probe `i` and returns its manifest entry. A reduced-precision copy (`probe.dtype`) gets the
+    inputs of probe `probe.inputs_of`, floating ones cast to its dtype."""
+    t0 = time.perf_counter()
+    source = i if probe.inputs_of is None else probe.inputs_of
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + source + 1)
+    inputs = inputs_fn(model, probe.batch, probe.seq, probe.padding, generator)
+    if not isinstance(inputs, Mapping):
+        raise ExportError(f"probe inputs must be a dict of forward arguments, got {type(inputs).__name__}")
+    mask_key = writer.add(f"{probe.name}/mask", _mask_of(inputs, probe.batch, probe.seq), dedupe=True)
+    inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+    if probe.dtype is not None:  # a reduced-precision copy: floating inputs in its dtype too
+        inputs = {k: v.to(DTYPES[probe.dtype]) if isinstance(v, Tensor) and v.is_floating_point() else v
+                  for k, v in inputs.items()}
+    capture.start_probe(i, probe.batch, probe.seq, trace_ops=(i == 0))
+    with coverage, (OpTrace(capture) if i == 0 else contextlib.nullcontext()):
+        result = model(**inputs)
+    del result, inputs
+    entry = {"name": probe.name, "visible": probe.visible, "batch": probe.batch, "seq": probe.seq,
+             "padding": probe.padding, "mask": mask_key}
+    note = ""
+    if probe.dtype is not None:
+        entry.update(dtype=probe.dtype, inputs_of=f"p{probe.inputs_of}")
+        note = f", {probe.dtype} copy of p{probe.inputs_of}"
+    if not quiet:
+        kind = "visible" if probe.visible else "hidden"
+        print(f"[{i + 1}/{total}] probe {probe.name} ({kind}, {probe.batch}x{probe.seq}, "
+              f"{probe.padding}{note}) {time.perf_counter() - t0:.2f}s", file=sys.stderr)
+    return entry
+
+
+def _low_precision_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A deep copy of `model` in `dtype`, checked to hold exactly the pack's weights cast to it
+    (round to nearest), which is what the verifier hands a candidate on such a probe."""
+    try:
+        low = copy.deepcopy(model).to(dtype)
+    except Exception as e:
+        raise ExportError(f"cannot make a {dtype} copy of the model for the reduced-precision probe ({e}); "
+                          "export with --no-bf16-probe") from None
+    _check_cast(model, low, "after .to()")
+    return low
+
+
+def _check_cast(model: nn.Module, low: nn.Module, when: str) -> None:
+    """Every parameter and buffer of `low` equals `model`'s, floating ones cast to their dtype, bit for bit."""
+    theirs, ours = _named_tensors(low), _named_tensors(model)
+    for name, t in ours.items():
+        other = theirs.get(name)
+        want = t.detach().to(other.dtype) if other is not None and t.is_floating_point() else t.detach()
+        same = (other is not None and other.dtype == want.dtype and other.shape == want.shape
+                and torch.equal(_bits(other.detach()), _bits(want)))
+        if not same:
+            raise ExportError(
+                f"the reduced-precision copy's {name!r} is not the pack's weight cast to its dtype ({when}): the "
+                "verifier would hand a candidate other weights than the reference used (a buffer computed "
+                "in the forward or in .to()?); export with --no-bf16-probe")
+    extra = sorted(set(theirs) - set(ours))
+    if extra:
+        raise ExportError(f"the reduced-precision copy has tensors the model lacks ({', '.join(extra[:3])}); "
+                          "export with --no-bf16-probe")
+
+
+def _named_tensors(model: nn.Module) -> Dict[str, Tensor]:
+    """Every parameter and buffer under every name (tied and shared ones too)."""
+    out = {}
+    for mpath, module in model.named_modules(remove_duplicate=False):
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    out[f"{mpath}.{name}" if mpath else name] = t
+    return out
+
+
+def _bits(t: Tensor) -> Tensor:
+    """`t` viewed as integers of its width (NaN-safe bitwise equality); bool and integer tensors as they are."""
+    if not t.is_floating_point():
+        return t
+    width = {8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]
+    return t.contiguous().view(width)
+
+
+def _probe_power(plan: Sequence[Probe], copies: Sequence[Probe], window_name: Optional[str],
+                 window_note: str) -> Dict[str, Any]:
+    """task.json's probe_power: what the probes include to separate a wrong program from a right one."""
+    probes = list(plan) + list(copies)
+    longest = max(p.seq for p in probes)
+    notes = [f"shapes vary: batch {sorted({p.batch for p in probes})}, seq {sorted({p.seq for p in probes})}, "
+             f"padding {sorted({p.padding for p in probes})} (mask bugs show on padded rows)"]
+    notes.append(f"longest probe {longest} tokens" + ("" if longest >= LONG_PROBE else
+                 f", under {LONG_PROBE}: capped by the config's max length or the requested shapes"))
+    notes.append(window_note)
+    if copies:
+        notes.append(", ".join(f"{c.name} reruns p{c.inputs_of} in {c.dtype}" for c in copies)
+                     + ": in float32 every cast is a no-op, so dtype mistakes show only there")
+    else:
+        notes.append("no reduced-precision probe (bfloat16 export, or --no-bf16-probe)")
+    return {"longest": longest, "paddings": sorted({p.padding for p in probes}),
+            "sliding_window": window_name,
+            "low_precision": [c.name for c in copies], "notes": notes}
+
+
+# --------------------------------------------------------------------------- mutation check
+
+EQUIVALENT_KEYS = ("operator", "line_contains", "after_contains", "reason")
+
+
+def load_equivalents(path: str) -> List[Dict[str, str]]:
+    """An --equivalent file: a JSON list of {operator, line_contains, after_contains, reason}."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            items = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"--equivalent {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(items, list):
+        raise ExportError(f"--equivalent {path}: expected a JSON list of objects")
+    for i, item in enumerate(items):
+        where = f"--equivalent {path}: entry {i}"
+        if not isinstance(item, dict) or any(k not in EQUIVALENT_KEYS or not isinstance(v, str) for k, v in item.items()):
+            raise ExportError(f"{where}: an object of strings with keys among {', '.join(EQUIVALENT_KEYS)}")
+        if not item.get("reason"):
+            raise ExportError(f"{where}: needs a reason")
+        if not (item.get("line_contains") or item.get("after_contains")):
+            raise ExportError(f"{where}: needs line_contains or after_contains")
+    return items
+
+
+def store_equivalents(out_dir: str, items: List[Dict[str, str]]) -> None:
+    """Adds "equivalent_mutants" to a written pack's task.json (replaced atomically)."""
+    path = os.path.join(out_dir, "task.json")
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    manifest["equivalent_mutants"] = items
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, allow_nan=False)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def mutation_check(pack: str, solution: str) -> int:
+    """Runs `fmx mutate PACK SOLUTION` (the binary in $FMX_BIN, which `fmx export`
+    sets); prints each survivor and the score line. Returns 0 when no mutant
+    survives, 1 when some do."""
+    fmx = os.environ.get("FMX_BIN") or shutil.which("fmx")
+    if not fmx:
+        raise ExportError("--solution runs `fmx mutate`: run through `fmx export` or set FMX_BIN")
+    res = subprocess.run([fmx, "mutate", pack, solution, "--json"], capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL)
+    if res.returncode not in (0, 1):
+        raise ExportError(f"fmx mutate {pack} {solution}: {res.stderr.strip() or f'exit status {res.returncode}'}")
+    report = json.loads(res.stdout)
+    for m in report["mutants"]:
+        if m["verdict"] == "survived":
+            print(f"survived {m['id']} {m['operator']} line {m['line']}: {m['before']}  ->  {m['after']}")
+    n = report["summary"]
+    counted = n["killed"] + n["survived"]
+    score = f"{100 * n['killed'] / counted:.1f}%" if counted else "n/a"
+    print(f"{pack}: mutation score {score}: {n['killed']} of {counted} killed, {n['survived']} survived "
+          f"({n['equivalent']} equivalent, {n['invalid']} invalid not counted; {solution})")
+    return 1 if n["survived"] else 0
 
 
 # --------------------------------------------------------------------------- CLI
@@ -1042,7 +1347,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, metavar="OUT_DIR", help="pack directory to create")
     p.add_argument("--hf", metavar="DIR", help="local transformers snapshot (config.json + safetensors)")
     p.add_argument("--hf-config", metavar="CONFIG_JSON", help="transformers config file; weights are random")
-    p.add_argument("--random-init", action="store_true", help="with --hf: random weights from the snapshot's config")
+    p.add_argument("--random-init", action="store_true",
+                   help="with --hf: random weights from the snapshot's config (drawn as --sensitive-init does)")
+    p.add_argument("--sensitive-init", action="store_true",
+                   help="redraw the weights by parameter role so that every op moves the output "
+                        "(docs/pack-format.md, Random weights); for a model file without an init of its own")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override (VALUE is JSON, else a string); repeatable")
     p.add_argument("--seed", type=int, default=0)
@@ -1051,10 +1360,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-shapes", metavar="BxT:PAD,...",
                    help="probe shapes, e.g. 1x8:none,2x13:left; the first --probes are visible, the next --hidden hidden")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--no-bf16-probe", action="store_true",
+                   help="no bfloat16 rerun of a visible and a hidden probe in a float32 pack")
+    p.add_argument("--tolerance", metavar="DTYPE=ATOL:RTOL,...",
+                   help="per-dtype tolerances recorded in the pack, e.g. float32=1e-5:1e-5,bfloat16=0.0156:0.0156 "
+                        "(defaults: docs/pack-format.md)")
     p.add_argument("--device", default="cpu", help="device to run the reference on (default cpu)")
     p.add_argument("--name", help="pack name (default: the OUT_DIR folder name)")
     p.add_argument("--force", action="store_true", help="replace an existing pack")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--equivalent", metavar="FILE",
+                   help="equivalent mutants of the pack's solutions, a JSON list stored in task.json "
+                        "(docs/pack-format.md, \"Equivalent mutants\")")
+    p.add_argument("--solution", metavar="FILE",
+                   help="then run `fmx mutate OUT FILE` and print the mutation score (exit 1 if a mutant survives)")
     return p
 
 
@@ -1066,18 +1385,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ExportError("give exactly one of SPEC (FILE.py:NAME), --hf DIR, --hf-config CONFIG_JSON")
         if args.random_init and args.hf is None and args.hf_config is None:
             raise ExportError("--random-init goes with --hf or --hf-config")
+        if args.sensitive_init and args.hf is not None and not args.random_init:
+            raise ExportError("--sensitive-init redraws the weights: with --hf add --random-init")
         overrides = parse_overrides(args.set)
+        equivalents = load_equivalents(args.equivalent) if args.equivalent else None
         common = dict(seed=args.seed, probes=args.probes, hidden=args.hidden, dtype=args.dtype, name=args.name,
-                      quiet=args.quiet, force=args.force, probe_shapes=args.probe_shapes, device=args.device)
+                      quiet=args.quiet, force=args.force, probe_shapes=args.probe_shapes, device=args.device,
+                      low_precision_probe=not args.no_bf16_probe,
+                      tolerance=parse_tolerance(args.tolerance) if args.tolerance else None)
         if args.spec is not None:
-            export(args.spec, args.out, overrides=overrides, **common)
+            export(args.spec, args.out, overrides=overrides, init=args.sensitive_init, **common)
         else:
             _OutDir.check(args.out, args.force)
             torch.manual_seed(args.seed)
             random_init = args.random_init or args.hf_config is not None
             model = build_from_hf(args.hf, args.hf_config, random_init, overrides)
             source = {"kind": "hf", "path": args.hf or args.hf_config, "random_init": random_init, "overrides": overrides}
-            export(model, args.out, source=source, **common)
+            export(model, args.out, source=source, init=random_init, **common)
+        if equivalents is not None:
+            store_equivalents(args.out, equivalents)
+        if args.solution:
+            return mutation_check(args.out, args.solution)
     except ExportError as e:
         print(f"fmx.export: error: {e}", file=sys.stderr)
         return 2

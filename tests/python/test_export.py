@@ -7,6 +7,7 @@ Run: cd /work/main && PYTHONPATH=python /usr/bin/python3 -m pytest tests/python/
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -165,7 +166,7 @@ def test_every_tensor_key_is_stored_with_its_shape(tiny):
             if e["kind"] == "tensor":
                 t = probes[e["key"]]
                 assert list(t.shape) == e["shape"], (call["module"], e["name"])
-                assert {torch.float32: "F32", torch.int64: "I64"}[t.dtype] == e["dtype"]
+                assert {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}[t.dtype] == e["dtype"]
                 n += 1
             else:
                 assert "key" not in e
@@ -237,17 +238,19 @@ def test_captured_values_are_consistent(tiny):
     for probe in range(len(m["probes"])):
         ln = _calls(m, "model.layers.0.input_layernorm", probe)[0]
         attn = _calls(m, "model.layers.0.self_attn", probe)[0]
-        x = probes[ln["inputs"][0]["key"]]
+        x = probes[ln["inputs"][0]["key"]]  # float32, or bfloat16 on the reduced-precision probes
         w = weights["model.layers.0.input_layernorm.weight"]
         ref = tiny_model.TinyRMSNorm(32, 1e-6)
         ref.weight.data.copy_(w)
+        ref.to(x.dtype)  # the weight cast as the verifier casts it
         with torch.no_grad():
             assert torch.equal(ref(x), probes[ln["outputs"][0]["key"]])
         assert torch.equal(probes[attn["inputs"][0]["key"]], probes[ln["outputs"][0]["key"]])
 
 
 def _rerun_root(pack: str, build) -> None:
-    """Load the pack's weights into a differently seeded model and rerun the root calls."""
+    """Load the pack's weights into a differently seeded model and rerun the root calls; a
+    reduced-precision probe reruns on a copy in its dtype (weights cast, as the verifier casts them)."""
     with open(os.path.join(pack, "task.json")) as f:
         m = json.load(f)
     probes = load_file(os.path.join(pack, "probes.safetensors"))
@@ -263,6 +266,10 @@ def _rerun_root(pack: str, build) -> None:
     for name in m["weights"]["non_persistent"]:
         owner, _, leaf = name.rpartition(".")
         model.get_submodule(owner)._buffers[leaf].copy_(weights[name])
+    models = {m["dtype"]: model}
+    for p in m["probes"]:
+        if p.get("dtype", m["dtype"]) not in models:
+            models[p["dtype"]] = copy.deepcopy(model).to(getattr(torch, p["dtype"]))
     for call in [c for c in m["calls"] if c["module"] == ""]:
         kwargs = {}
         for e in call["inputs"]:
@@ -270,7 +277,7 @@ def _rerun_root(pack: str, build) -> None:
                 continue
             kwargs[e["name"]] = probes[e["key"]] if e["kind"] == "tensor" else e.get("value")
         with torch.no_grad():
-            out = model(**kwargs)
+            out = models[m["probes"][call["probe"]].get("dtype", m["dtype"])](**kwargs)
         for e in call["outputs"]:
             if e["kind"] == "tensor":
                 got = getattr(out, e["name"]) if not e["name"].isdigit() else out[int(e["name"])]
@@ -299,12 +306,12 @@ def test_coverage(tiny):
     def line_of(text: str) -> str:
         return str(next(i for i, s in enumerate(lines, 1) if text in s))
 
-    # two layers x six probes
-    assert cov[line_of("return out, None")] == 12
-    assert cov[line_of("if output_attentions:")] == 12
+    # two layers x eight probes (six, and two reruns in bfloat16)
+    assert cov[line_of("return out, None")] == 16
+    assert cov[line_of("if output_attentions:")] == 16
     assert line_of("# never-runs") not in cov
     assert line_of("def forward(self, x: Tensor) -> Tensor:") not in cov  # def lines ran at import
-    assert cov[line_of("var = hidden_states.pow(2)")] == 6 * (2 * 4 + 1)  # 4 norms per layer + the final
+    assert cov[line_of("var = hidden_states.pow(2)")] == 8 * (2 * 4 + 1)  # 4 norms per layer + the final
     # every covered line is inside the file
     assert all(1 <= int(n) <= len(lines) for n in cov)
 
@@ -386,13 +393,16 @@ def test_weights_tied_stored_once(tiny):
 
 def test_probes_and_masks(tiny):
     m, probes = tiny["m"], tiny["probes"]
-    plan = [(p["visible"], p["batch"], p["seq"], p["padding"]) for p in m["probes"]]
-    assert plan == [(True, 1, 8, "none"), (True, 2, 13, "left"), (True, 3, 6, "right"),
-                    (False, 2, 17, "right"), (False, 1, 40, "none"), (False, 3, 11, "left")]  # 64 capped at 40
-    assert [p["name"] for p in m["probes"]] == [f"p{i}" for i in range(6)]
+    plan = [(p["visible"], p["batch"], p["seq"], p["padding"], p.get("dtype"), p.get("inputs_of"))
+            for p in m["probes"]]
+    assert plan == [(True, 1, 8, "none", None, None), (True, 2, 13, "left", None, None),
+                    (True, 3, 6, "right", None, None), (False, 2, 17, "right", None, None),
+                    (False, 1, 40, "none", None, None), (False, 3, 11, "left", None, None),  # 64 capped at 40
+                    (True, 2, 13, "left", "bfloat16", "p1"), (False, 3, 11, "left", "bfloat16", "p5")]
+    assert [p["name"] for p in m["probes"]] == [f"p{i}" for i in range(8)]
     for p in m["probes"]:
         mask = probes[p["mask"]]
-        assert p["mask"] == f"{p['name']}/mask"
+        assert p["mask"] == f"{p.get('inputs_of', p['name'])}/mask"  # a rerun's mask is its source's
         assert mask.dtype == torch.int64 and list(mask.shape) == [p["batch"], p["seq"]]
         assert bool((mask[-1] == 1).all())
         for row in mask[:-1]:
@@ -405,6 +415,9 @@ def test_probes_and_masks(tiny):
             assert bool((pad == 0).all())
         ids = probes[_named(_calls(m, "", int(p["name"][1:]))[0]["inputs"])["input_ids"]["key"]]
         assert ids.dtype == torch.int64 and int(ids.min()) >= 0 and int(ids.max()) < 97
+        if "inputs_of" in p:  # same inputs as the probe it reruns
+            source = _named(_calls(m, "", int(p["inputs_of"][1:]))[0]["inputs"])["input_ids"]["key"]
+            assert torch.equal(probes[source], ids)
         root_mask = _named(_calls(m, "", int(p["name"][1:]))[0]["inputs"])["attention_mask"]
         assert torch.equal(probes[root_mask["key"]], mask)
 
@@ -431,7 +444,8 @@ def test_padding_mask_bounds():
 def test_export_is_deterministic_and_seeded(tmp_path, tiny):
     again = export(f"{TINY}:build", str(tmp_path / "again"), quiet=True)
     assert again["calls"] == tiny["m"]["calls"]
-    other = export(f"{TINY}:build", str(tmp_path / "other"), seed=1, quiet=True, probes=1, hidden=0)
+    other = export(f"{TINY}:build", str(tmp_path / "other"), seed=1, quiet=True, probes=1, hidden=0,
+                   low_precision_probe=False)
     a = load_file(str(tmp_path / "other" / "probes.safetensors"))
     key = _named(_calls(other, "", 0)[0]["inputs"])["input_ids"]["key"]
     assert not torch.equal(a[key], tiny["probes"][_named(_calls(tiny["m"], "", 0)[0]["inputs"])["input_ids"]["key"]])
@@ -453,8 +467,9 @@ def test_bfloat16_export(tmp_path):
 
 def test_probe_shapes_option(tmp_path):
     m = export(f"{TINY}:build", str(tmp_path / "s"), probe_shapes="1x5,2x9:right", probes=1, hidden=1, quiet=True)
-    assert [(p["visible"], p["batch"], p["seq"], p["padding"]) for p in m["probes"]] == [
-        (True, 1, 5, "none"), (False, 2, 9, "right")]
+    assert [(p["visible"], p["batch"], p["seq"], p["padding"], p.get("dtype")) for p in m["probes"]] == [
+        (True, 1, 5, "none", None), (False, 2, 9, "right", None),
+        (True, 1, 5, "none", "bfloat16"), (False, 2, 9, "right", "bfloat16")]
     with pytest.raises(ExportError, match="bad probe shape"):
         export(f"{TINY}:build", str(tmp_path / "t"), probe_shapes="1x5:middle", quiet=True)
     assert not os.path.exists(tmp_path / "t")
@@ -463,9 +478,11 @@ def test_probe_shapes_option(tmp_path):
 def test_progress_lines(tmp_path, capsys):
     export(f"{TINY}:build", str(tmp_path / "p"), probes=1, hidden=1)
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("[1/2] probe p0 (visible, 1x8, none) ") and err[0].endswith("s")
-    assert err[1].startswith("[2/2] probe p1 (hidden, 2x17, right) ")
-    assert err[2].startswith(f"wrote {tmp_path / 'p'}: 1+1 probes, ") and " MB weights, " in err[2]
+    assert err[0].startswith("[1/4] probe p0 (visible, 1x8, none) ") and err[0].endswith("s")
+    assert err[1].startswith("[2/4] probe p1 (hidden, 2x17, right) ")
+    assert err[2].startswith("[3/4] probe p2 (visible, 1x8, none, bfloat16 copy of p0) ")
+    assert err[3].startswith("[4/4] probe p3 (hidden, 2x17, right, bfloat16 copy of p1) ")
+    assert err[4].startswith(f"wrote {tmp_path / 'p'}: 2+2 probes, ") and " MB weights, " in err[4]
 
 
 def test_export_module_instance_and_custom_inputs(tmp_path):
@@ -507,6 +524,8 @@ def test_export_module_instance_and_custom_inputs(tmp_path):
     assert "raised" not in call
     assert m["config"] is None
     assert torch.equal(load_file(str(tmp_path / "v" / "probes.safetensors"))[m["probes"][0]["mask"]], torch.ones(1, 8, dtype=torch.int64))
+    rerun = _calls(m, "", 1)[0]  # the bfloat16 rerun gets the same inputs, floating ones cast
+    assert m["probes"][1]["dtype"] == "bfloat16" and rerun["inputs"][0]["dtype"] == "BF16"
 
     import tiny_model
 
@@ -553,7 +572,7 @@ def test_output_dir_rules(tmp_path):
     with pytest.raises(ExportError, match="not empty"):
         export(f"{TINY}:build", str(out), quiet=True, probes=1, hidden=0)
     m = export(f"{TINY}:build", str(out), quiet=True, probes=2, hidden=0, force=True)
-    assert len(m["probes"]) == 2 and json.load(open(out / "task.json"))["probes"] == m["probes"]
+    assert len(m["probes"]) == 3 and json.load(open(out / "task.json"))["probes"] == m["probes"]  # + a bf16 rerun
     assert sorted(os.listdir(tmp_path)) == ["o"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(ExportError, match="not a directory"):
@@ -628,7 +647,7 @@ def test_example_models_export_and_reproduce(tmp_path, example):
     if not os.path.exists(path):
         pytest.skip(f"{path} not written yet")
     m = export(f"{path}:build", str(tmp_path / example), quiet=True)
-    assert len(m["probes"]) == 6 and m["calls"]
+    assert len(m["probes"]) == 8 and m["calls"]  # six, and two reruns in bfloat16
     from fmx.export import display_path
 
     assert list(m["files"]) == [display_path(path)]
