@@ -69,7 +69,9 @@ struct fmx_pack {
     int ncalls;
     fmx_io *ios; /* all inputs and outputs of all calls */
     int nios;
-    fmx_tolerance tol[FMX_DT_COUNT];
+    fmx_tolerance tol[FMX_DT_COUNT];       /* for the build and device that made the pack */
+    fmx_tolerance tol_cross[FMX_DT_COUNT]; /* for any other build or device */
+    const char *made_torch, *made_device;  /* created_by */
     const char **alias_names, **alias_targets;
     int naliases;
     fmx__weight_view *views;
@@ -420,25 +422,62 @@ static int fmx__load_calls(fmx_pack *p, char *err, size_t errsz) {
     return FMX_OK;
 }
 
-static void fmx__load_tolerance(fmx_pack *p) {
-    /* Defaults: docs/pack-format.md; a pack's own table overrides them. */
-    for (int d = 0; d < FMX_DT_COUNT; d++)
-        p->tol[d] = (fmx_tolerance){0, 0};
-    p->tol[FMX_DT_F64] = (fmx_tolerance){1e-9, 1e-9};
-    p->tol[FMX_DT_F32] = (fmx_tolerance){1e-5, 1e-5};
-    p->tol[FMX_DT_F16] = (fmx_tolerance){1e-3, 1e-3};
-    p->tol[FMX_DT_BF16] = (fmx_tolerance){1e-2, 1e-2};
-    const cJSON *t = cJSON_GetObjectItemCaseSensitive(p->manifest, "tolerance");
+/* Overrides entries of tol from a manifest table {"float32": {atol, rtol}}. */
+static void fmx__read_tolerance(const cJSON *table, fmx_tolerance *tol) {
     const cJSON *it;
-    cJSON_ArrayForEach(it, t) {
+    cJSON_ArrayForEach(it, table) {
         int d = -1;
         for (int k = 0; k < FMX_DT_COUNT; k++)
             if (strcmp(it->string, fmx_dtype_name((fmx_dtype)k)) == 0) d = k;
         const cJSON *a = cJSON_GetObjectItemCaseSensitive(it, "atol");
         const cJSON *r = cJSON_GetObjectItemCaseSensitive(it, "rtol");
-        if (d >= 0 && cJSON_IsNumber(a) && cJSON_IsNumber(r))
-            p->tol[d] = (fmx_tolerance){a->valuedouble, r->valuedouble};
+        if (d >= 0 && cJSON_IsNumber(a) && cJSON_IsNumber(r) && a->valuedouble >= 0 &&
+            r->valuedouble >= 0)
+            tol[d] = (fmx_tolerance){a->valuedouble, r->valuedouble};
     }
+}
+
+static void fmx__load_tolerance(fmx_pack *p) {
+    /* Defaults (README, "What fmx verify checks"); the pack's own tables
+     * override them. Integers are exact. */
+    for (int d = 0; d < FMX_DT_COUNT; d++)
+        p->tol[d] = (fmx_tolerance){0, 0};
+    p->tol[FMX_DT_F64] = (fmx_tolerance){1e-9, 1e-9};
+    p->tol[FMX_DT_F32] = (fmx_tolerance){1e-5, 1e-5};
+    p->tol[FMX_DT_F16] = (fmx_tolerance){1e-3, 1e-3};
+    p->tol[FMX_DT_BF16] = (fmx_tolerance){0.0078125, 0.0078125};
+    fmx__read_tolerance(cJSON_GetObjectItemCaseSensitive(p->manifest, "tolerance"), p->tol);
+    memcpy(p->tol_cross, p->tol, sizeof p->tol);
+    p->tol_cross[FMX_DT_F16] = (fmx_tolerance){1e-2, 1e-2};
+    p->tol_cross[FMX_DT_BF16] = (fmx_tolerance){0.125, 0.125};
+    fmx__read_tolerance(cJSON_GetObjectItemCaseSensitive(p->manifest, "tolerance_cross_build"),
+                        p->tol_cross);
+    const cJSON *by = cJSON_GetObjectItemCaseSensitive(p->manifest, "created_by");
+    p->made_torch = fmx__str(by, "torch");
+    p->made_device = fmx__str(by, "device");
+}
+
+/* Length of the leading "X.Y.Z" of a version string. */
+static size_t fmx__version_len(const char *v) {
+    size_t n = 0;
+    int dots = 0;
+    while (v[n] && ((v[n] >= '0' && v[n] <= '9') || (v[n] == '.' && dots++ < 2)))
+        n++;
+    return n;
+}
+
+int fmx_pack_same_build(const fmx_pack *p) {
+    if (!p->made_torch || !p->made_device) return 0;
+    /* "libtorch 1.13.0 cpu" against created_by {"torch": "1.13.0a0", "device": "cpu"} */
+    const char *ev = fmx_engine_version();
+    if (strncmp(ev, "libtorch ", 9) == 0) ev += 9;
+    size_t n = fmx__version_len(ev);
+    if (n == 0 || n != fmx__version_len(p->made_torch) || strncmp(ev, p->made_torch, n) != 0)
+        return 0;
+    /* device types: "cuda:0" and "cuda" are the same kind of device */
+    const char *dev = fmx_engine_device();
+    size_t a = strcspn(dev, ":"), b = strcspn(p->made_device, ":");
+    return a == b && strncmp(dev, p->made_device, a) == 0;
 }
 
 static int fmx__load_aliases(fmx_pack *p, char *err, size_t errsz) {
@@ -610,7 +649,7 @@ int fmx_pack_find_call(const fmx_pack *p, int probe, int module, int k) {
 }
 
 fmx_tolerance fmx_pack_tolerance(const fmx_pack *p, fmx_dtype dt) {
-    return p->tol[dt];
+    return fmx_pack_same_build(p) ? p->tol[dt] : p->tol_cross[dt];
 }
 
 const fmx_tensor *fmx_pack_capture(fmx_pack *p, const char *key) {

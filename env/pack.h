@@ -99,7 +99,13 @@ const fmx_call *fmx_pack_call(const fmx_pack *p, int i);
 /* Index of the k-th call of module m on probe, or -1. */
 int fmx_pack_find_call(const fmx_pack *p, int probe, int module, int k);
 
-/* Tolerance for outputs of dtype dt (pack's table; exact for integers). */
+/* 1 when this engine's libtorch version (X.Y.Z) and device type are those
+ * the pack's reference came from (created_by): kernels then round alike and a
+ * faithful rewrite matches to the bit. */
+int fmx_pack_same_build(const fmx_pack *p);
+
+/* Tolerance for outputs of dtype dt: the pack's "tolerance" table on the same
+ * build, its "tolerance_cross_build" table otherwise; exact for integers. */
 fmx_tolerance fmx_pack_tolerance(const fmx_pack *p, fmx_dtype dt);
 
 /* A captured tensor (probes file) by key; NULL if absent. Wrapped lazily

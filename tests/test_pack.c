@@ -202,6 +202,50 @@ static void test_weights_are_relative_with_aliases(void **state) {
     fmx_pack_close(p);
 }
 
+/* Writes the manifest with a created_by and both tolerance tables. */
+static void write_manifest_made_by(const char *torch, const char *device) {
+    const char *old_tol = "\"tolerance\":{\"float32\":{\"atol\":2e-6,\"rtol\":3e-6}},";
+    const char *at = strstr(MANIFEST, old_tol);
+    assert_non_null(at);
+    char *m = malloc(strlen(MANIFEST) + 512);
+    sprintf(m,
+            "{\"created_by\":{\"torch\":\"%s\",\"device\":\"%s\"},"
+            "\"tolerance\":{\"bfloat16\":{\"atol\":0.0078125,\"rtol\":0.0078125}},"
+            "\"tolerance_cross_build\":{\"bfloat16\":{\"atol\":0.125,\"rtol\":0.25}},"
+            "%.*s%s",
+            torch, device, (int)(at - MANIFEST - 1), MANIFEST + 1, at + strlen(old_tol));
+    write_text("task.json", m);
+    free(m);
+}
+
+static void test_tolerance_table_follows_the_build(void **state) {
+    /* Same libtorch X.Y.Z and device type as this engine: the tight table. */
+    char version[64];
+    snprintf(version, sizeof version, "%s", fmx_engine_version() + strlen("libtorch "));
+    version[strcspn(version, " ")] = '\0';
+    strcat(version, "a0+local"); /* suffixes after X.Y.Z do not matter */
+    write_manifest_made_by(version, fmx_engine_device());
+    char err[512];
+    fmx_pack *p = NULL;
+    assert_int_equal(fmx_pack_open(dir, &p, err, sizeof err), FMX_OK);
+    assert_true(fmx_pack_same_build(p));
+    assert_true(fmx_pack_tolerance(p, FMX_DT_BF16).atol == 0.0078125);
+    fmx_pack_close(p);
+
+    /* Another build: the cross-build table. */
+    write_manifest_made_by("0.0.1", fmx_engine_device());
+    assert_int_equal(fmx_pack_open(dir, &p, err, sizeof err), FMX_OK);
+    assert_false(fmx_pack_same_build(p));
+    assert_true(fmx_pack_tolerance(p, FMX_DT_BF16).rtol == 0.25);
+    fmx_pack_close(p);
+
+    /* Same version on another device type: cross-build too. */
+    write_manifest_made_by(version, "tpu");
+    assert_int_equal(fmx_pack_open(dir, &p, err, sizeof err), FMX_OK);
+    assert_false(fmx_pack_same_build(p));
+    fmx_pack_close(p);
+}
+
 static void test_nearest_modules(void **state) {
     char err[512];
     fmx_pack *p = NULL;
@@ -302,6 +346,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_open_reads_everything, setup, teardown),
         cmocka_unit_test_setup_teardown(test_weights_are_relative_with_aliases, setup, teardown),
         cmocka_unit_test_setup_teardown(test_nearest_modules, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_tolerance_table_follows_the_build, setup, teardown),
         cmocka_unit_test_setup_teardown(test_missing_dir, setup, teardown),
         cmocka_unit_test_setup_teardown(test_header_length_lies, setup, teardown),
         cmocka_unit_test_setup_teardown(test_offsets_outside_file, setup, teardown),
