@@ -1550,11 +1550,24 @@ int fmx_tools_grade(const fmx_tool_ctx *ctx, const char *code, size_t len, const
     /* Run errors (bind, run), a missing entry or nothing to run: not every
      * shape ran. */
     f->runs_all_shapes = f->compiled && g->graded_probes > 0 && !stage;
-    /* Graph facts: no engine measurement yet (engine.h has no
-     * fmx_program_facts); counted as clean when the code compiled. */
-    f->host_syncs = 0;
-    f->data_dependent_flow = 0;
-    f->survives_optimization = f->compiled;
+    /* Graph facts (engine.h): host syncs and data-dependent flow from the
+     * entry's inlined graph; surviving optimisation from one optimised
+     * re-run of the first visible probe call against its unoptimised run.
+     * Compiling again is cheap (milliseconds); code that does not compile
+     * or has no entry gets no facts (and no compile score). */
+    fmx_program_facts pf = {0};
+    char opt_why[512] = "";
+    fmx_program *prog = NULL;
+    if (f->compiled &&
+        fmx_program_compile(code, len, "candidate.py", &prog, opt_why, sizeof opt_why) == FMX_OK &&
+        fmx_program_facts_get(prog, cfg.entry, &pf, opt_why, sizeof opt_why) == FMX_OK) {
+        f->host_syncs = pf.host_syncs;
+        f->data_dependent_flow = pf.data_dependent_flow;
+        int same = 0;
+        fmx_verify_optimized(pack, prog, &cfg, &same, opt_why, sizeof opt_why);
+        f->survives_optimization = same;
+    }
+    fmx_program_destroy(prog);
     g->score = fmx_reward_score(ctx->reward, f);
     fmx_reward_breakdown_json(ctx->reward, f, &g->score, g->breakdown, sizeof g->breakdown);
 
@@ -1567,6 +1580,10 @@ int fmx_tools_grade(const fmx_tool_ctx *ctx, const char *code, size_t len, const
     cJSON_AddNumberToObject(sum, "target_loc", (double)f->target_loc);
     cJSON_AddBoolToObject(sum, "compiled", f->compiled);
     cJSON_AddBoolToObject(sum, "runs_all_shapes", f->runs_all_shapes);
+    cJSON_AddNumberToObject(sum, "host_syncs", f->host_syncs);
+    cJSON_AddNumberToObject(sum, "data_dependent_flow", f->data_dependent_flow);
+    cJSON_AddBoolToObject(sum, "survives_optimization", f->survives_optimization);
+    if (pf.first_problem[0]) cJSON_AddStringToObject(sum, "first_problem", pf.first_problem);
     fmx_proto_add_float(sum, "loc_score", g->score.loc_score);
     fmx_proto_add_float(sum, "compile_score", g->score.compile_score);
     cJSON *bd = cJSON_Parse(g->breakdown);
@@ -1591,6 +1608,15 @@ int fmx_tools_grade(const fmx_tool_ctx *ctx, const char *code, size_t len, const
     fmx__sb_printf(&t, "compile: %s, runs on every probe shape: %s\n",
                    f->compiled ? "compiles" : "does not compile",
                    f->runs_all_shapes ? "yes" : "no");
+    if (f->compiled) {
+        fmx__sb_printf(&t, "host syncs: %d, data-dependent branches/loops: %d%s%s\n", f->host_syncs,
+                       f->data_dependent_flow, pf.first_problem[0] ? "; first: " : "",
+                       pf.first_problem);
+        fmx__sb_printf(&t, "survives graph optimization: %s%s%s\n",
+                       f->survives_optimization ? "yes" : "no",
+                       !f->survives_optimization && opt_why[0] ? ": " : "",
+                       f->survives_optimization ? "" : opt_why);
+    }
     fmx__sb_printf(
         &t,
         "reward %.4f = %.2f\u00b7correctness %.4f + [all probes pass]\u00b7(%.2f\u00b7loc "

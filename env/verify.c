@@ -250,6 +250,11 @@ int fmx_verify(fmx_pack *pack, fmx_program *program, const fmx_verify_config *cf
     cJSON_AddStringToObject(report, "engine", fmx_engine_version());
     cJSON_AddStringToObject(report, "device", fmx_engine_device());
     cJSON_AddStringToObject(report, "probes_graded", cfg.all_probes ? "all" : "visible");
+    /* Which tolerance table applies: kernels of another build round differently. */
+    cJSON_AddStringToObject(report, "tolerance_table",
+                            cfg.override_tol             ? "command line"
+                            : fmx_pack_same_build(pack) ? "same build"
+                                                         : "cross build");
     if (program) cJSON_AddNumberToObject(report, "compile_ms", fmx_program_compile_ms(program));
 
     int m = fmx_pack_find_module(pack, cfg.component);
@@ -431,6 +436,58 @@ int fmx_verify_source(fmx_pack *pack, const char *source, size_t len, const char
     return rc;
 }
 
+int fmx_verify_optimized(fmx_pack *pack, fmx_program *program, const fmx_verify_config *cfg_in,
+                         int *same, char *err, size_t errsz) {
+    fmx_verify_config cfg = cfg_in ? *cfg_in : fmx_verify_config_default();
+    if (!cfg.component) cfg.component = "";
+    if (!cfg.entry) cfg.entry = "forward";
+    *same = 0;
+    if (errsz) err[0] = '\0';
+    int m = fmx_pack_find_module(pack, cfg.component);
+    if (m < 0) {
+        snprintf(err, errsz, "no module at path '%s' in pack %s", cfg.component,
+                 fmx_pack_name(pack));
+        return FMX_ENOTFOUND;
+    }
+    fmx_param params[FMX__MAX_PARAMS];
+    int np = fmx_program_params(program, cfg.entry, params, FMX__MAX_PARAMS);
+    if (np < 0) {
+        snprintf(err, errsz, "the candidate has no function '%s'", cfg.entry);
+        return FMX_ENOTFOUND;
+    }
+    if (np > FMX__MAX_PARAMS) np = FMX__MAX_PARAMS;
+    /* The first graded call: on a visible probe, else (all probes) any. */
+    const fmx_call *call = NULL;
+    for (int pass = 0; pass < (cfg.all_probes ? 2 : 1) && !call; pass++)
+        for (int c = 0; c < fmx_pack_ncalls(pack) && !call; c++) {
+            const fmx_call *k = fmx_pack_call(pack, c);
+            if (k->module != m || k->raised) continue;
+            if (pass == 0 && !fmx_pack_probe(pack, k->probe)->visible) continue;
+            call = k;
+        }
+    if (!call) {
+        snprintf(err, errsz, "module '%s' was never called on the %s probes", cfg.component,
+                 cfg.all_probes ? "" : "visible");
+        return FMX_ENOTFOUND;
+    }
+    const fmx_probe *probe = fmx_pack_probe(pack, call->probe);
+    const char *const *wkeys = NULL;
+    const fmx_tensor *const *wvals = NULL;
+    int nw =
+        fmx_pack_weights_as(pack, cfg.component, (int)probe->dtype, &wkeys, &wvals, err, errsz);
+    if (nw < 0) return nw;
+    fmx_args *args = fmx_args_create();
+    if (!args) return FMX_ENOMEM;
+    fmx_run *ref = NULL;
+    int rc = fmx__bind(pack, params, np, call, cfg.entry, cfg.component, wkeys, wvals, nw, args,
+                       err, errsz);
+    if (!rc) rc = fmx_program_run(program, cfg.entry, args, &ref, err, errsz);
+    if (!rc) rc = fmx_program_check_optimized(program, cfg.entry, args, ref, same, err, errsz);
+    fmx_run_destroy(ref);
+    fmx_args_destroy(args);
+    return rc;
+}
+
 /* ---- text report ---- */
 
 static const char *fmx__s(const cJSON *o, const char *k) {
@@ -511,7 +568,8 @@ void fmx_verify_print(FILE *out, const cJSON *report, int color) {
             component[0] ? component : "whole model", cls[0] ? " (" : "", cls, cls[0] ? ")" : "",
             fmx__s(report, "entry"), fmx__s(report, "engine"));
     if (cJSON_GetObjectItem(report, "compile_ms"))
-        fprintf(out, "compiled in %.1f ms\n", fmx__n(report, "compile_ms"));
+        fprintf(out, "compiled in %.1f ms · %s tolerances\n", fmx__n(report, "compile_ms"),
+                fmx__s(report, "tolerance_table"));
     const cJSON *probes = cJSON_GetObjectItem(report, "probes");
     const cJSON *r;
     cJSON_ArrayForEach(r, probes) {

@@ -39,6 +39,16 @@ int fmx_verify(fmx_pack *pack, fmx_program *program, const fmx_verify_config *cf
 int fmx_verify_source(fmx_pack *pack, const char *source, size_t len, const char *filename,
                       const fmx_verify_config *cfg, cJSON **report);
 
+/* Whether program's entry survives graph optimisation on this pack: binds the
+ * component's first call on a visible probe (on any probe when none and
+ * cfg->all_probes), runs it once unoptimised, then optimised
+ * (fmx_program_check_optimized: same outputs within 1e-5·RMS). FMX_OK with
+ * *same set (and the reason in err when 0); a negative status (and *same =
+ * 0) when it cannot tell: no such component or entry, no call to run,
+ * arguments that do not bind, or an error in the unoptimised run. */
+int fmx_verify_optimized(fmx_pack *pack, fmx_program *program, const fmx_verify_config *cfg,
+                         int *same, char *err, size_t errsz);
+
 /* Prints a report for people. color: 1 to use ANSI colors. */
 void fmx_verify_print(FILE *out, const cJSON *report, int color);
 

@@ -1,7 +1,9 @@
 /*
  * test_engine.c — cmocka tests of the libtorch bridge through engine.h only:
  * tensors, the candidate language (imports, constants, tap, the F prelude,
- * every refusal with its line), keyword runs, runtime errors, fmx_compare.
+ * every refusal with its line), keyword runs, runtime errors, fmx_compare,
+ * and the compile facts (host syncs, data-dependent flow, surviving the
+ * graph optimiser).
  * Expected values are computed here in C, independently of libtorch.
  */
 #include <stdarg.h>
@@ -1085,6 +1087,272 @@ static void test_compile_time(void **state) {
            fmx_engine_version());
 }
 
+/* ---- compile facts: host syncs, data-dependent flow, surviving optimisation ---- */
+
+static fmx_program_facts facts_of(const char *src, const char *fn) {
+    fmx_program *p = compile_ok(src);
+    fmx_program_facts f;
+    memset(&f, 0x55, sizeof f);
+    int rc = fmx_program_facts_get(p, fn, &f, err, sizeof err);
+    if (rc != FMX_OK) fail_msg("facts of %s failed (%d): %s", fn, rc, err);
+    fmx_program_destroy(p);
+    return f;
+}
+
+/* The facts of src's forward: syncs and flows as counted, first_problem on
+ * line (0: none) and containing needle. */
+static void expect_facts(const char *src, int syncs, int flows, int line, const char *needle) {
+    fmx_program_facts f = facts_of(src, "forward");
+    if (f.host_syncs != syncs || f.data_dependent_flow != flows || f.first_line != line)
+        fail_msg("got %d syncs, %d flows, line %d (want %d, %d, %d): '%s' in\n%s", f.host_syncs,
+                 f.data_dependent_flow, f.first_line, syncs, flows, line, f.first_problem, src);
+    if (line == 0) {
+        assert_string_equal(f.first_problem, "");
+        return;
+    }
+    char prefix[32];
+    snprintf(prefix, sizeof prefix, "line %d: ", line);
+    if (strncmp(f.first_problem, prefix, strlen(prefix)) != 0 || !strstr(f.first_problem, needle))
+        fail_msg("first_problem '%s' does not start with '%s' or lacks '%s'", f.first_problem,
+                 prefix, needle);
+}
+
+/* A functional program: a loop over a constant, branches on shapes, dtypes
+ * and None-ness, helpers; nothing leaves the device. */
+static const char *k_clean =
+    "import torch\n"
+    "import torch.nn.functional as F\n"
+    "from torch import Tensor\n"
+    "from typing import Optional\n"
+    "\n"
+    "N_LAYERS = 3\n"
+    "\n"
+    "def block(x: Tensor, w: Tensor) -> Tensor:\n"
+    "    return F.gelu(x @ w) + x\n"
+    "\n"
+    "def forward(x: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor:\n"
+    "    for i in range(N_LAYERS):\n"
+    "        x = block(x, w) * (1.0 / (i + 1))\n"
+    "    for j in range(x.size(0)):\n"
+    "        x = x + j\n"
+    "    if x.shape[0] > 1:\n"
+    "        x = x * 0.5\n"
+    "    if x.dtype == torch.float32 and x.dim() == 2:\n"
+    "        x = torch.softmax(x, dim=-1)\n"
+    "    if bias is not None:\n"
+    "        x = x + bias\n"
+    "    n = 0\n"
+    "    while n < x.shape[-1]:\n"
+    "        n += 2\n"
+    "    x = torch.where(x > 0.1, x, torch.zeros_like(x))\n"
+    "    return F.layer_norm(x, [x.shape[-1]]) * n\n";
+
+static void test_facts_clean(void **state) {
+    (void)state;
+    expect_facts(k_clean, 0, 0, 0, NULL);
+    /* A whole decoder: embeddings, rope, attention, masks, float("-inf"). */
+    fmx_program_facts f = facts_of(k_decoder, "forward");
+    assert_int_equal(f.host_syncs, 0);
+    assert_int_equal(f.data_dependent_flow, 0);
+    assert_string_equal(f.first_problem, "");
+
+    fmx_program *p = compile_ok(k_clean);
+    assert_int_equal(fmx_program_facts_get(p, "nope", &f, err, sizeof err), FMX_ENOTFOUND);
+    assert_int_equal(fmx_program_facts_get(p, NULL, &f, err, sizeof err), FMX_EINVAL);
+    fmx_program_destroy(p);
+}
+
+static void test_facts_host_syncs(void **state) {
+    (void)state;
+    expect_facts("import torch\n"
+                 "\n"
+                 "def forward(x: torch.Tensor) -> torch.Tensor:\n"
+                 "    s = x.sum().item()\n"
+                 "    return x * s\n",
+                 1, 0, 4, ".item() moves a tensor value to the host");
+    expect_facts("import torch\n"
+                 "from typing import List\n"
+                 "\n"
+                 "def forward(x: torch.Tensor) -> torch.Tensor:\n"
+                 "    y = x * 2\n"
+                 "    v: List[float] = y.tolist()\n"
+                 "    return x * len(v)\n",
+                 1, 0, 6, ".tolist()");
+    expect_facts("import torch\n"
+                 "\n"
+                 "def forward(x: torch.Tensor) -> torch.Tensor:\n"
+                 "    n = int(x.sum())\n"
+                 "    return x * n\n",
+                 1, 0, 4, "int(tensor)");
+    /* In a helper: the helper's line. Two syncs, the earlier line first. */
+    expect_facts("import torch\n"
+                 "\n"
+                 "def scale(x: torch.Tensor) -> float:\n"
+                 "    return float(x.abs().max())\n"
+                 "\n"
+                 "def forward(x: torch.Tensor) -> torch.Tensor:\n"
+                 "    k = x.nonzero()\n"
+                 "    return x * scale(x) + k.shape[0]\n",
+                 2, 0, 4, "float(tensor)");
+    expect_facts("import torch\n"
+                 "\n"
+                 "def forward(x: torch.Tensor) -> torch.Tensor:\n"
+                 "    return x[x > 0]\n",
+                 1, 0, 4, "boolean mask");
+    expect_facts("import torch\n"
+                 "\n"
+                 "def forward(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:\n"
+                 "    return torch.masked_select(x, m)\n",
+                 1, 0, 4, "masked_select");
+}
+
+static void test_facts_data_dependent_flow(void **state) {
+    (void)state;
+    /* The If is flagged, and bool(tensor) it needs is a host sync. */
+    expect_facts("import torch\n"
+                 "\n"
+                 "def forward(x: torch.Tensor) -> torch.Tensor:\n"
+                 "    y = x * 2\n"
+                 "    if x.sum() > 0:\n"
+                 "        y = y + 1\n"
+                 "    return y\n",
+                 1, 1, 5, "if condition depends on tensor values (a tensor used as a bool");
+    expect_facts("import torch\n"
+                 "\n"
+                 "def forward(x: torch.Tensor) -> torch.Tensor:\n"
+                 "    x = x + 1\n"
+                 "    while bool(x.max() > 1):\n"
+                 "        x = x * 0.5\n"
+                 "    return x\n",
+                 1, 1, 5, "loop condition depends on tensor values");
+    expect_facts("import torch\n"
+                 "\n"
+                 "def forward(x: torch.Tensor) -> torch.Tensor:\n"
+                 "    n = int(x.sum())\n"
+                 "    for i in range(n):\n"
+                 "        x = x + i\n"
+                 "    return x\n",
+                 1, 1, 4, "int(tensor)");
+    /* A flag set under a data-dependent If makes the next If data-dependent. */
+    expect_facts("import torch\n"
+                 "\n"
+                 "def forward(x: torch.Tensor) -> torch.Tensor:\n"
+                 "    big = False\n"
+                 "    if x.mean() > 0.5:\n"
+                 "        big = True\n"
+                 "    if big:\n"
+                 "        x = x * 2\n"
+                 "    return x\n",
+                 1, 2, 5, "if condition");
+    /* A loop-carried count that a tensor value changes. */
+    expect_facts("import torch\n"
+                 "\n"
+                 "def forward(x: torch.Tensor) -> torch.Tensor:\n"
+                 "    n = 0\n"
+                 "    for i in range(4):\n"
+                 "        n = n + int(x[i].argmax())\n"
+                 "    if n > 3:\n"
+                 "        x = x + 1\n"
+                 "    return x\n",
+                 1, 1, 6, "int(tensor)");
+    /* The shape of a nonzero() is data-dependent; the shape of x is not. */
+    expect_facts("import torch\n"
+                 "\n"
+                 "def forward(x: torch.Tensor) -> torch.Tensor:\n"
+                 "    if x.shape[0] > 1:\n"
+                 "        x = x * 2\n"
+                 "    idx = torch.nonzero(x)\n"
+                 "    if idx.shape[0] > 3:\n"
+                 "        x = x + 1\n"
+                 "    return x\n",
+                 1, 1, 6, "nonzero");
+}
+
+static void test_survives_optimization(void **state) {
+    (void)state;
+    float x[12], w[16];
+    fill(x, 12, 7);
+    fill(w, 16, 8);
+    fmx_tensor *tx = f32(x, 2, 3, 4, 0, 0);
+    fmx_tensor *tw = f32(w, 2, 4, 4, 0, 0);
+    fmx_args *a = fmx_args_create();
+    fmx_args_tensor(a, "x", tx);
+    fmx_args_tensor(a, "w", tw);
+
+    fmx_program *p = compile_ok(k_clean);
+    fmx_run *ref = run_ok(p, "forward", a);
+    int same = -1;
+    assert_int_equal(fmx_program_check_optimized(p, "forward", a, ref, &same, err, sizeof err),
+                     FMX_OK);
+    if (same != 1) fail_msg("clean program does not survive optimization: %s", err);
+    assert_string_equal(err, "");
+    /* The program's own runs stay as they were. */
+    fmx_run *again = run_ok(p, "forward", a);
+    float o1[12], o2[12];
+    read_f32(fmx_run_output(ref, 0), o1, 12);
+    read_f32(fmx_run_output(again, 0), o2, 12);
+    assert_memory_equal(o1, o2, sizeof o1);
+    fmx_run_destroy(again);
+
+    /* Misuse is an error, not a verdict. */
+    assert_int_equal(fmx_program_check_optimized(p, "nope", a, ref, &same, err, sizeof err),
+                     FMX_ENOTFOUND);
+    assert_int_equal(same, 0);
+    assert_int_equal(fmx_program_check_optimized(p, "forward", a, NULL, &same, err, sizeof err),
+                     FMX_EINVAL);
+    fmx_run_destroy(ref);
+    fmx_program_destroy(p);
+
+    /* Integer and several outputs, a data-dependent branch: same results. */
+    p = compile_ok("import torch\n"
+                   "from typing import Tuple\n"
+                   "\n"
+                   "def forward(x: torch.Tensor, w: torch.Tensor) -> Tuple[torch.Tensor, "
+                   "torch.Tensor]:\n"
+                   "    h = torch.tanh(x @ w) * 3 + 1\n"
+                   "    if h.sum() > 0:\n"
+                   "        h = h - 1\n"
+                   "    return h, h.argmax(-1)\n");
+    ref = run_ok(p, "forward", a);
+    assert_int_equal(fmx_program_check_optimized(p, "forward", a, ref, &same, err, sizeof err),
+                     FMX_OK);
+    if (same != 1) fail_msg("does not survive optimization: %s", err);
+    fmx_run_destroy(ref);
+    fmx_program_destroy(p);
+
+    /* Random outputs differ from run to run: not the same. */
+    p = compile_ok("import torch\n"
+                   "\n"
+                   "def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:\n"
+                   "    return x @ w + torch.rand_like(x)\n");
+    ref = run_ok(p, "forward", a);
+    assert_int_equal(fmx_program_check_optimized(p, "forward", a, ref, &same, err, sizeof err),
+                     FMX_OK);
+    assert_int_equal(same, 0);
+    if (!strstr(err, "output 0") || !strstr(err, "differ")) fail_msg("reason: %s", err);
+    fmx_run_destroy(ref);
+
+    /* A reference with another number of outputs. */
+    fmx_program *p2 = compile_ok("import torch\n"
+                                 "from typing import Tuple\n"
+                                 "\n"
+                                 "def forward(x: torch.Tensor, w: torch.Tensor) -> "
+                                 "Tuple[torch.Tensor, torch.Tensor]:\n"
+                                 "    return x, w\n");
+    ref = run_ok(p2, "forward", a);
+    assert_int_equal(fmx_program_check_optimized(p, "forward", a, ref, &same, err, sizeof err),
+                     FMX_OK);
+    assert_int_equal(same, 0);
+    if (!strstr(err, "outputs")) fail_msg("reason: %s", err);
+    fmx_run_destroy(ref);
+    fmx_program_destroy(p2);
+    fmx_program_destroy(p);
+
+    fmx_args_destroy(a);
+    fmx_tensor_destroy(tx);
+    fmx_tensor_destroy(tw);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_dtypes_and_device),
@@ -1102,6 +1370,10 @@ int main(void) {
         cmocka_unit_test(test_runtime_errors),
         cmocka_unit_test(test_compare),
         cmocka_unit_test(test_compile_time),
+        cmocka_unit_test(test_facts_clean),
+        cmocka_unit_test(test_facts_host_syncs),
+        cmocka_unit_test(test_facts_data_dependent_flow),
+        cmocka_unit_test(test_survives_optimization),
     };
     return cmocka_run_group_tests(tests, setup, NULL);
 }

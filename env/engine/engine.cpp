@@ -35,6 +35,7 @@
 #include <torch/csrc/jit/runtime/graph_executor.h>
 
 #include <algorithm>
+#include <climits>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -1300,6 +1301,26 @@ bool is_none(torch::jit::Value *v) {
     return v->type()->kind() == c10::TypeKind::NoneType;
 }
 
+bool has_calls(torch::jit::Block *b) {
+    for (Node *n : b->nodes()) {
+        if (n->kind() == c10::prim::CallFunction) return true;
+        for (torch::jit::Block *sub : n->blocks())
+            if (has_calls(sub)) return true;
+    }
+    return false;
+}
+
+// A copy of fn's graph with every call inlined. Inline() inlines one level of
+// the unoptimised graphs we keep, so repeat it (TorchScript refuses
+// recursion: the depth is bounded by the number of functions). Call it with
+// the optimiser off (RunGuards), as every graph here was compiled.
+std::shared_ptr<torch::jit::Graph> inlined_graph(torch::jit::Function *fn) {
+    std::shared_ptr<torch::jit::Graph> g = torch::jit::toGraphFunction(*fn).graph()->copy();
+    for (int depth = 0; depth < 1000 && has_calls(g->block()); depth++)
+        torch::jit::Inline(*g);
+    return g;
+}
+
 struct OpWalker {
     const SourceMap &sm;
 
@@ -1370,23 +1391,341 @@ struct OpWalker {
         }
     }
 
-    static bool has_calls(torch::jit::Block *b) {
-        for (Node *n : b->nodes()) {
-            if (n->kind() == c10::prim::CallFunction) return true;
-            for (torch::jit::Block *sub : n->blocks())
-                if (has_calls(sub)) return true;
+    // Walks a copy of fn's graph with every call inlined.
+    void walk_function(torch::jit::Function *fn) const {
+        walk(inlined_graph(fn)->block());
+    }
+};
+
+/* ------------------------------------------------------------------------ */
+/* compile facts: host syncs and data-dependent control flow                */
+/* ------------------------------------------------------------------------ */
+
+// An op that reads tensor values on the host: into a Python number, list,
+// bool or string, or into the shape of its result.
+struct SyncOp {
+    const char *kind;
+    const char *name; // as the candidate wrote it
+    const char *what;
+};
+
+// clang-format off
+const SyncOp k_sync_ops[] = {
+    {"aten::item", ".item()", "moves a tensor value to the host"},
+    {"aten::tolist", ".tolist()", "moves tensor values to the host"},
+    {"prim::tolist", ".tolist()", "moves tensor values to the host"},
+    {"aten::Int", "int(tensor)", "moves a tensor value to the host"},
+    {"aten::IntImplicit", "a tensor used as an int", "moves its value to the host"},
+    {"aten::Float", "float(tensor)", "moves a tensor value to the host"},
+    {"aten::FloatImplicit", "a tensor used as a float", "moves its value to the host"},
+    {"aten::Complex", "complex(tensor)", "moves a tensor value to the host"},
+    {"aten::ComplexImplicit", "a tensor used as a complex", "moves its value to the host"},
+    {"aten::Bool", "a tensor used as a bool", "moves its value to the host"},
+    {"aten::ScalarImplicit", "a tensor used as a number", "moves its value to the host"},
+    {"prim::ImplicitTensorToNum", "a tensor used as a number", "moves its value to the host"},
+    {"aten::is_nonzero", "is_nonzero()", "moves a tensor value to the host"},
+    {"aten::equal", "torch.equal", "computes a Python bool from tensor values on the host"},
+    {"aten::allclose", "torch.allclose", "computes a Python bool from tensor values on the host"},
+    {"aten::format", "formatting a tensor", "reads its values on the host"},
+    {"aten::str", "str(tensor)", "reads its values on the host"},
+    {"aten::percentFormat", "formatting a tensor", "reads its values on the host"},
+    {"aten::nonzero", "nonzero", "has a shape that depends on tensor values (a host sync)"},
+    {"aten::nonzero_numpy", "nonzero", "has a shape that depends on tensor values (a host sync)"},
+    {"aten::argwhere", "argwhere", "has a shape that depends on tensor values (a host sync)"},
+    {"aten::masked_select", "masked_select", "has a shape that depends on tensor values (a host sync)"},
+    {"aten::unique_consecutive", "unique_consecutive", "has a shape that depends on tensor values (a host sync)"},
+    {"aten::unique_dim_consecutive", "unique_consecutive", "has a shape that depends on tensor values (a host sync)"},
+    {"aten::_unique", "unique", "has a shape that depends on tensor values (a host sync)"},
+    {"aten::_unique2", "unique", "has a shape that depends on tensor values (a host sync)"},
+    {"aten::unique_dim", "unique", "has a shape that depends on tensor values (a host sync)"},
+    {"aten::bincount", "bincount", "has a length that depends on tensor values (a host sync)"},
+};
+// clang-format on
+
+bool is_tensorish(torch::jit::Value *v) {
+    return type_has_tensor(v->type());
+}
+
+// Whether v is certainly a bool tensor: a comparison, a logical op, or a
+// cast to torch.bool.
+bool is_bool_mask(torch::jit::Value *v) {
+    static const std::unordered_set<std::string> k_bool = {
+        "aten::eq",          "aten::ne",         "aten::lt",
+        "aten::le",          "aten::gt",         "aten::ge",
+        "aten::logical_and", "aten::logical_or", "aten::logical_not",
+        "aten::logical_xor", "aten::isnan",      "aten::isinf",
+        "aten::isfinite",    "aten::isposinf",   "aten::isneginf",
+        "aten::greater",     "aten::less",       "aten::greater_equal",
+        "aten::less_equal",  "aten::not_equal",
+    };
+    Node *n = v->node();
+    while (n->kind() == c10::prim::unchecked_cast || n->kind() == c10::Symbol::aten("contiguous"))
+        n = n->input(0)->node();
+    const std::string k = n->kind().toQualString();
+    if (k_bool.count(k))
+        return n->outputs().size() == 1 && n->output()->type()->kind() == c10::TypeKind::TensorType;
+    if (k == "aten::to" || k == "aten::type") {
+        for (size_t i = 1; i < n->inputs().size(); i++) {
+            c10::optional<c10::IValue> iv = torch::jit::toIValue(n->input(i));
+            if (iv && iv->isInt() && iv->toInt() == (int64_t)at::kBool) return true;
         }
-        return false;
+    }
+    return false;
+}
+
+// Whether n is a host sync; *name and *what then describe it.
+bool sync_op(Node *n, std::string *name, std::string *what) {
+    const std::string k = n->kind().toQualString();
+    bool tensor_in = false;
+    for (torch::jit::Value *v : n->inputs())
+        tensor_in |= is_tensorish(v);
+    if (!tensor_in) return false; // int(3.5), bool(n > 1): plain numbers
+    for (const SyncOp &s : k_sync_ops)
+        if (k == s.kind) {
+            *name = s.name;
+            *what = s.what;
+            return true;
+        }
+    const c10::FunctionSchema *schema = n->maybeSchema();
+    const std::string overload = schema ? schema->overload_name() : "";
+    const char *shape = "has a shape that depends on tensor values (a host sync)";
+    if (k == "aten::repeat_interleave" && (overload == "Tensor" || overload == "self_Tensor")) {
+        *name = "repeat_interleave with tensor repeats";
+        *what = shape;
+        return true;
+    }
+    if (k == "aten::where" && n->inputs().size() == 1) {
+        *name = "torch.where(condition)";
+        *what = shape;
+        return true;
+    }
+    if (k == "aten::tensor_split" && overload == "tensor_indices_or_sections") {
+        *name = "tensor_split with tensor indices";
+        *what = "reads them on the host";
+        return true;
+    }
+    if ((k == "aten::index" || k == "aten::index_put") && n->inputs().size() >= 2) {
+        Node *list = n->input(1)->node();
+        if (list->kind() == c10::prim::ListConstruct)
+            for (torch::jit::Value *ix : list->inputs())
+                if (is_bool_mask(ix)) {
+                    *name = "indexing with a boolean mask";
+                    *what = k == "aten::index" ? shape : "finds the mask's positions on the host";
+                    return true;
+                }
+    }
+    return false;
+}
+
+// Ops whose result is a tensor's metadata: its shape, dims, element count.
+bool shape_metadata(Node *n) {
+    static const std::unordered_set<std::string> k = {
+        "aten::size",          "aten::sym_size", "aten::dim",    "aten::numel",
+        "aten::sym_numel",     "aten::len",      "aten::stride", "aten::sym_stride",
+        "aten::is_contiguous", "prim::shape",
+    };
+    return k.count(n->kind().toQualString()) > 0;
+}
+
+// Finds the host syncs of an inlined graph, and the If/Loop nodes whose
+// condition or trip count depends on tensor values. A value depends on
+// tensor values when it reaches one through a sync: data dependence is
+// propagated forward to a fixpoint (loops carry values around), through
+// non-tensor values (ints, bools, lists), If/Loop outputs, containers
+// mutated in place, and the shapes of tensors that a sync shaped (nonzero,
+// masked_select): x.shape[0] is fine, x.nonzero().shape[0] is not.
+// Metadata (size, dim, dtype, device) of an ordinary tensor never depends
+// on its values.
+struct FactsWalker {
+    const SourceMap &sm;
+    explicit FactsWalker(const SourceMap &s) : sm(s) {}
+    // value → the sync it comes from. A non-tensor value: computed from tensor
+    // values; a tensor: its shape depends on tensor values.
+    std::unordered_map<torch::jit::Value *, Node *> dep;
+    std::vector<Node *> syncs; // in graph order
+    struct Flow {
+        Node *n;
+        const char *what; // "if condition", "loop condition", "loop trip count"
+        Node *src;
+    };
+    std::vector<Flow> flows;
+    std::unordered_set<Node *> flagged;
+    // One per place in the candidate's code: a while condition is emitted
+    // twice, a helper is inlined at every call.
+    std::unordered_set<std::string> places;
+    bool changed = false;
+    bool first_pass = true;
+
+    Node *src(torch::jit::Value *v) const {
+        auto it = dep.find(v);
+        return it == dep.end() ? nullptr : it->second;
+    }
+    void mark(torch::jit::Value *v, Node *s) {
+        if (s && !dep.count(v)) {
+            dep[v] = s;
+            changed = true;
+        }
+    }
+    void flag(Node *n, const char *what, Node *s) {
+        if (flagged.insert(n).second && new_place(n)) flows.push_back({n, what, s});
+    }
+    bool new_place(Node *n) {
+        std::stringstream key;
+        key << n->kind().toQualString() << "@" << line_of(n);
+        if (sm.ours(n->sourceRange()))
+            key << ":" << sm.loc_of(n->sourceRange()).col;
+        else
+            key << "#" << (const void *)n; // no column to tell two apart
+        return places.insert(key.str()).second;
     }
 
-    // Walks a copy of fn's graph with every call inlined. Inline() inlines
-    // one level of the unoptimised graphs we keep, so repeat it (TorchScript
-    // refuses recursion: the depth is bounded by the number of functions).
-    void walk_function(torch::jit::Function *fn) const {
-        std::shared_ptr<torch::jit::Graph> g = torch::jit::toGraphFunction(*fn).graph()->copy();
-        for (int depth = 0; depth < 1000 && has_calls(g->block()); depth++)
-            torch::jit::Inline(*g);
-        walk(g->block());
+    void node(Node *n, Node *ctrl) {
+        using torch::jit::Value;
+        if (n->kind() == c10::prim::If) {
+            Node *c = src(n->input(0));
+            if (c) flag(n, "if condition", c);
+            torch::jit::Block *b0 = n->blocks().at(0), *b1 = n->blocks().at(1);
+            for (size_t i = 0; i < n->outputs().size(); i++) {
+                Node *s = c ? c : src(b0->outputs()[i]);
+                mark(n->output(i), s ? s : src(b1->outputs()[i]));
+            }
+            block(b0, c ? c : ctrl);
+            block(b1, c ? c : ctrl);
+            return;
+        }
+        if (n->kind() == c10::prim::Loop) {
+            torch::jit::Block *body = n->blocks().at(0);
+            Node *ct = src(n->input(0));
+            Node *cc = src(n->input(1));
+            if (!cc) cc = src(body->outputs()[0]);
+            if (ct)
+                flag(n, "loop trip count", ct);
+            else if (cc)
+                flag(n, "loop condition", cc);
+            mark(body->inputs()[0], ct);
+            for (size_t j = 0; j < n->outputs().size(); j++) {
+                Node *s = src(n->input(j + 2));
+                if (!s) s = src(body->outputs()[j + 1]);
+                mark(body->inputs()[j + 1], s);
+                if (!s) s = ct ? ct : cc;
+                mark(n->output(j), s);
+            }
+            Node *c = ct ? ct : cc;
+            block(body, c ? c : ctrl);
+            return;
+        }
+        std::string name, what;
+        if (sync_op(n, &name, &what)) {
+            if (first_pass && new_place(n)) syncs.push_back(n);
+            for (Value *o : n->outputs())
+                mark(o, n);
+            return;
+        }
+        for (torch::jit::Block *b : n->blocks())
+            block(b, ctrl);
+        Node *s_val = nullptr, *s_shape = nullptr;
+        for (Value *v : n->inputs()) {
+            Node *s = src(v);
+            if (!s) continue;
+            if (is_tensorish(v)) {
+                if (!s_shape) s_shape = s;
+            } else if (!s_val) {
+                s_val = s;
+            }
+        }
+        bool meta = shape_metadata(n);
+        for (Value *o : n->outputs()) {
+            if (is_tensorish(o))
+                mark(o, s_shape ? s_shape : s_val);
+            else
+                mark(o, s_val ? s_val : (meta ? s_shape : nullptr));
+        }
+        // A list or dict changed in place takes on what is written into it,
+        // and the condition it is written under.
+        if (const c10::FunctionSchema *schema = n->maybeSchema()) {
+            const auto &args = schema->arguments();
+            for (size_t i = 0; i < args.size() && i < n->inputs().size(); i++) {
+                const c10::AliasInfo *ai = args[i].alias_info();
+                if (!ai || !ai->isWrite() || is_tensorish(n->input(i))) continue;
+                Node *s = s_val ? s_val : (s_shape ? s_shape : ctrl);
+                mark(n->input(i), s);
+            }
+        }
+    }
+
+    void block(torch::jit::Block *b, Node *ctrl) {
+        for (Node *n : b->nodes())
+            node(n, ctrl);
+    }
+
+    void run(torch::jit::Graph &g) {
+        do {
+            changed = false;
+            block(g.block(), nullptr);
+            first_pass = false;
+        } while (changed);
+    }
+
+    long own_line(Node *n) const {
+        return sm.ours(n->sourceRange()) ? sm.loc_of(n->sourceRange()).line : 0;
+    }
+
+    // The candidate's line of n. TorchScript emits a few nodes without a
+    // source range (prim::tolist): those take the line between their located
+    // neighbours that spells the op, else the line of the node before.
+    long line_of(Node *n) const {
+        long l = own_line(n);
+        if (l > 0) return l;
+        long lo = 0, hi = 0;
+        Node *end = n->owningBlock()->return_node(); // the block's nodes are a ring through it
+        for (Node *m = n->prev(); m != end && !lo; m = m->prev())
+            lo = own_line(m);
+        for (Node *m = n->next(); m != end && !hi; m = m->next())
+            hi = own_line(m);
+        if (!lo && n->owningBlock()->owningNode()) lo = own_line(n->owningBlock()->owningNode());
+        static const c10::Symbol k_tolist = c10::Symbol::fromQualString("prim::tolist");
+        const char *spelled = n->kind() == k_tolist ? ".tolist(" : nullptr;
+        if (spelled && lo > 0 && hi >= lo)
+            for (long k = lo; k <= hi && k <= (long)sm.lines.size(); k++)
+                if (sm.lines[k - 1].find(spelled) != std::string::npos) return k;
+        return lo > 0 ? lo : OpWalker{sm}.node_loc(n).line;
+    }
+
+    std::string at(long line) const {
+        return line > 0 ? "line " + std::to_string(line) : "(line unknown)";
+    }
+
+    std::string describe(Node *sync) const {
+        std::string name, what;
+        sync_op(sync, &name, &what);
+        return name + " " + what;
+    }
+
+    // The problem on the earliest line; on one line, control flow first.
+    void first_problem(fmx_program_facts *out) const {
+        auto rank = [](long l) { return l > 0 ? l : LONG_MAX; };
+        long best = 0;
+        bool any = false;
+        std::string msg;
+        for (const Flow &f : flows) {
+            long l = line_of(f.n);
+            if (any && rank(l) >= rank(best)) continue;
+            any = true;
+            best = l;
+            std::string name, what;
+            sync_op(f.src, &name, &what);
+            msg = at(l) + ": " + f.what + " depends on tensor values (" + name + " at " +
+                  at(line_of(f.src)) + ")";
+        }
+        for (Node *n : syncs) {
+            long l = line_of(n);
+            if (any && rank(l) >= rank(best)) continue;
+            any = true;
+            best = l;
+            msg = at(l) + ": " + describe(n);
+        }
+        out->first_line = best > 0 ? (int)best : 0;
+        set_err(out->first_problem, sizeof out->first_problem, msg);
     }
 };
 
@@ -1950,6 +2289,29 @@ extern "C" int fmx_program_params(const fmx_program *p, const char *fn, fmx_para
     }
 }
 
+extern "C" int fmx_program_facts_get(fmx_program *p, const char *fn, fmx_program_facts *out,
+                                     char *err, size_t errsz) {
+    if (out) memset(out, 0, sizeof *out);
+    return guarded(err, errsz, FMX_EINTERNAL, [&] {
+        if (!p || !fn || !out) fail(FMX_EINVAL, "NULL program, function or out");
+        torch::jit::Function *f = nullptr;
+        for (const std::string &n : p->functions)
+            if (n == fn) f = p->cu->find_function(c10::QualifiedName(n));
+        if (!f) fail(FMX_ENOTFOUND, std::string("no function '") + fn + "' in " + p->sm.filename);
+        std::shared_ptr<torch::jit::Graph> g;
+        {
+            RunGuards guards;
+            g = inlined_graph(f);
+        }
+        FactsWalker w(p->sm);
+        w.run(*g);
+        out->host_syncs = (int)w.syncs.size();
+        out->data_dependent_flow = (int)w.flows.size();
+        w.first_problem(out);
+        return FMX_OK;
+    });
+}
+
 /* ------------------------------------------------------------------------ */
 /* extern "C": arguments                                                    */
 /* ------------------------------------------------------------------------ */
@@ -2069,29 +2431,33 @@ bool returns_tensors(const c10::TypePtr &t) {
     return false;
 }
 
-std::unique_ptr<fmx_run> run(fmx_program *p, const char *fn_name, const fmx_args *a) {
+// The entry fn_name of p, with its def line for errors about the function as
+// a whole; fails when it does not exist or does not return Tensors.
+torch::jit::Function *entry(fmx_program *p, const char *fn_name, Loc *def_loc) {
     torch::jit::Function *fn = nullptr;
     for (const std::string &n : p->functions)
         if (n == fn_name) fn = p->cu->find_function(c10::QualifiedName(n));
     const SourceMap &sm = p->sm;
     if (!fn) fail(FMX_ENOTFOUND, std::string("no function '") + fn_name + "' in " + sm.filename);
-    const c10::FunctionSchema &schema = fn->getSchema();
-    const at::Device dev = current_device();
-    Loc def_loc; // the def line, for errors about the function as a whole
-    def_loc.line = p->def_at.at(fn_name).first;
-    def_loc.col = p->def_at.at(fn_name).second;
-
-    const c10::TypePtr &ret = schema.returns().at(0).type();
+    def_loc->line = p->def_at.at(fn_name).first;
+    def_loc->col = p->def_at.at(fn_name).second;
+    const c10::TypePtr &ret = fn->getSchema().returns().at(0).type();
     if (!returns_tensors(ret))
         fail(FMX_ERUNTIME,
-             sm.format(def_loc, std::string(fn_name) + "() returns " + ret->annotation_str() +
-                                    "; the entry must return a Tensor or a tuple "
-                                    "of Tensors"));
+             sm.format(*def_loc, std::string(fn_name) + "() returns " + ret->annotation_str() +
+                                     "; the entry must return a Tensor or a tuple "
+                                     "of Tensors"));
+    return fn;
+}
 
-    // Positional stack from keyword arguments, defaults for the rest.
-    std::unordered_set<const c10::StorageImpl *> borrowed;
+// The positional stack of a keyword call: arguments by name, defaults for
+// the rest, a fresh weights dict every time. Records the storages of
+// borrowed (caller-owned) cpu tensors in *borrowed.
+torch::jit::Stack bind_stack(const c10::FunctionSchema &schema, const char *fn_name,
+                             const fmx_args *a, const at::Device &dev,
+                             std::unordered_set<const c10::StorageImpl *> *borrowed) {
     auto note = [&](const at::Tensor &t, bool b) {
-        if (b && t.defined() && t.is_cpu()) borrowed.insert(t.storage().unsafeGetStorageImpl());
+        if (b && t.defined() && t.is_cpu()) borrowed->insert(t.storage().unsafeGetStorageImpl());
     };
     torch::jit::Stack stack;
     std::vector<bool> used(a ? a->items.size() : 0, false);
@@ -2139,11 +2505,14 @@ std::unique_ptr<fmx_run> run(fmx_program *p, const char *fn_name, const fmx_args
     } catch (const c10::Error &e) {
         fail(FMX_EINVAL, c10_text(e));
     }
+    return stack;
+}
 
-    auto out = std::make_unique<fmx_run>();
-    std::vector<std::pair<std::string, at::Tensor>> taps;
+// Runs f on stack with taps recorded into *taps; returns the wall time in
+// ms. Guards (optimisation off or on) are the caller's.
+double exec(torch::jit::Function &f, torch::jit::Stack &stack, const SourceMap &sm,
+            const at::Device &dev, std::vector<std::pair<std::string, at::Tensor>> *taps) {
     try {
-        RunGuards g;
         struct TapScope {
             explicit TapScope(std::vector<std::pair<std::string, at::Tensor>> *t) {
                 tl_taps = t;
@@ -2151,20 +2520,29 @@ std::unique_ptr<fmx_run> run(fmx_program *p, const char *fn_name, const fmx_args
             ~TapScope() {
                 tl_taps = nullptr;
             }
-        } scope(&taps);
+        } scope(taps);
         sync_device(dev);
         auto t0 = std::chrono::steady_clock::now();
-        fn->run(stack);
+        f.run(stack);
         sync_device(dev);
-        out->ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
-                      .count();
+        return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+            .count();
     } catch (const c10::Error &e) {
         fail(FMX_ERUNTIME, runtime_message(sm, c10_text(e), ""));
     } catch (const std::exception &e) {
         fail(FMX_ERUNTIME, runtime_message(sm, e.what(), ""));
     }
+}
 
-    // Outputs and taps own their memory: a copy where they alias caller memory.
+// The run's outputs and taps; they own their memory (a copy where they alias
+// caller memory).
+std::unique_ptr<fmx_run> collect(const SourceMap &sm, const Loc &def_loc,
+                                 const torch::jit::Stack &stack,
+                                 std::vector<std::pair<std::string, at::Tensor>> &taps,
+                                 const std::unordered_set<const c10::StorageImpl *> &borrowed,
+                                 double ms) {
+    auto out = std::make_unique<fmx_run>();
+    out->ms = ms;
     auto keep = [&](const at::Tensor &t) {
         auto r = std::make_unique<fmx_tensor>();
         bool alias =
@@ -2197,6 +2575,132 @@ std::unique_ptr<fmx_run> run(fmx_program *p, const char *fn_name, const fmx_args
     return out;
 }
 
+std::unique_ptr<fmx_run> run(fmx_program *p, const char *fn_name, const fmx_args *a) {
+    Loc def_loc;
+    torch::jit::Function *fn = entry(p, fn_name, &def_loc);
+    const at::Device dev = current_device();
+    std::unordered_set<const c10::StorageImpl *> borrowed;
+    torch::jit::Stack stack = bind_stack(fn->getSchema(), fn_name, a, dev, &borrowed);
+    std::vector<std::pair<std::string, at::Tensor>> taps;
+    double ms;
+    {
+        RunGuards g;
+        ms = exec(*fn, stack, p->sm, dev, &taps);
+    }
+    return collect(p->sm, def_loc, stack, taps, borrowed, ms);
+}
+
+/* ------------------------------------------------------------------------ */
+/* surviving optimisation                                                   */
+/* ------------------------------------------------------------------------ */
+
+// As RunGuards, but with the graph executor's optimisations on: the
+// profiling executor, its specialisations and whatever fusers this build
+// enables by default (none are switched on or off here).
+struct OptimizedRunGuards {
+    c10::InferenceMode inference;
+    at::NoGradGuard no_grad;
+    torch::jit::GraphOptimizerEnabledGuard opt{true};
+    WarningGuard quiet{&g_quiet};
+};
+
+// Why two outputs of the same call are not the same, or "" when they are.
+// Floating point: |got - ref| <= atol·rms(ref) + rtol·|ref| element-wise,
+// NaN matching NaN and ±inf matching itself; other dtypes: equal.
+std::string differs(const at::Tensor &got_in, const at::Tensor &ref_in) {
+    std::stringstream ss;
+    if (!got_in.sizes().equals(ref_in.sizes())) {
+        ss << "shape " << got_in.sizes() << ", unoptimized " << ref_in.sizes();
+        return ss.str();
+    }
+    if (got_in.scalar_type() != ref_in.scalar_type()) {
+        ss << "dtype " << c10::toString(got_in.scalar_type()) << ", unoptimized "
+           << c10::toString(ref_in.scalar_type());
+        return ss.str();
+    }
+    if (ref_in.numel() == 0) return "";
+    at::Tensor got = got_in.to(ref_in.device());
+    if (!at::isFloatingType(ref_in.scalar_type())) {
+        if (got.equal(ref_in)) return "";
+        int64_t n = got.ne(ref_in).sum().item<int64_t>();
+        ss << n << " of " << ref_in.numel() << " elements differ";
+        return ss.str();
+    }
+    double atol = 1e-5, rtol = 0;
+    if (ref_in.scalar_type() == at::kHalf) atol = rtol = 16 * std::ldexp(1.0, -10);
+    if (ref_in.scalar_type() == at::kBFloat16) atol = rtol = 16 * std::ldexp(1.0, -7);
+    at::Tensor g = got.to(at::kDouble).reshape({-1});
+    at::Tensor r = ref_in.to(at::kDouble).reshape({-1});
+    at::Tensor fin = r.isfinite();
+    int64_t nfin = fin.sum().item<int64_t>();
+    double ss2 = at::where(fin, r * r, at::zeros_like(r)).sum().item<double>();
+    double rms = nfin ? std::sqrt(ss2 / (double)nfin) : 0.0;
+    at::Tensor diff = (g - r).abs();
+    at::Tensor ok = fin.logical_and(g.isfinite()).logical_and(diff.le(atol * rms + rtol * r.abs()));
+    ok = ok.logical_or(r.isnan().logical_and(g.isnan()));
+    ok = ok.logical_or(fin.logical_not().logical_and(r.isnan().logical_not()).logical_and(g.eq(r)));
+    int64_t bad = ok.logical_not().sum().item<int64_t>();
+    if (bad == 0) return "";
+    at::Tensor d = at::where(ok, at::zeros_like(diff),
+                             at::where(diff.isnan(), at::full_like(diff, INFINITY), diff));
+    int64_t at_i = d.argmax().item<int64_t>();
+    ss << bad << " of " << r.numel() << " elements differ beyond " << atol << "·rms";
+    if (rtol > 0) ss << " + " << rtol << "·|x|";
+    ss << " (rms " << rms << "); worst: flat index " << at_i << ", optimized "
+       << g[at_i].item<double>() << ", unoptimized " << r[at_i].item<double>();
+    return ss.str();
+}
+
+// Runs fn optimised, as many times as the profiling executor needs to use
+// its optimised plan (profiled runs + 1), comparing each run's outputs with
+// ref. *why: "" when every run matched, else the first difference or the
+// error of the optimised run.
+void check_optimized(fmx_program *p, const char *fn_name, const fmx_args *a, const fmx_run &ref,
+                     std::string *why) {
+    Loc def_loc;
+    torch::jit::Function *fn = entry(p, fn_name, &def_loc);
+    const at::Device dev = current_device();
+    std::shared_ptr<torch::jit::Graph> g;
+    {
+        RunGuards guards; // inline the unoptimised graphs, as compiled
+        g = inlined_graph(fn);
+    }
+    // A function of its own: a fresh graph executor, so the candidate's own
+    // functions never see an optimised plan (a GraphFunction keeps its plan).
+    GraphFunction opt(c10::QualifiedName("__fmx_optimized", fn_name), g, nullptr);
+    opt.setSchema(fn->getSchema());
+    size_t runs = std::max<size_t>(torch::jit::getNumProfiledRuns().load(), 1) + 1;
+    for (size_t k = 0; k < runs; k++) {
+        std::unordered_set<const c10::StorageImpl *> borrowed;
+        torch::jit::Stack stack = bind_stack(fn->getSchema(), fn_name, a, dev, &borrowed);
+        std::vector<std::pair<std::string, at::Tensor>> taps;
+        double ms;
+        try {
+            OptimizedRunGuards og;
+            ms = exec(opt, stack, p->sm, dev, &taps);
+        } catch (const FmxError &e) {
+            if (e.status != FMX_ERUNTIME) throw;
+            *why = "the optimized graph fails (run " + std::to_string(k + 1) + "): " + e.msg;
+            return;
+        }
+        std::unique_ptr<fmx_run> got = collect(p->sm, def_loc, stack, taps, borrowed, ms);
+        if (got->outputs.size() != ref.outputs.size()) {
+            *why = "the optimized graph returns " + std::to_string(got->outputs.size()) +
+                   " outputs, unoptimized " + std::to_string(ref.outputs.size());
+            return;
+        }
+        for (size_t i = 0; i < got->outputs.size(); i++) {
+            std::string d = differs(got->outputs[i]->t, ref.outputs[i]->t);
+            if (!d.empty()) {
+                *why = "output " + std::to_string(i) + " (optimized run " + std::to_string(k + 1) +
+                       "): " + d;
+                return;
+            }
+        }
+    }
+    why->clear();
+}
+
 } // namespace
 
 extern "C" int fmx_program_run(fmx_program *p, const char *fn, const fmx_args *a, fmx_run **out,
@@ -2205,6 +2709,22 @@ extern "C" int fmx_program_run(fmx_program *p, const char *fn, const fmx_args *a
     return guarded(err, errsz, FMX_ERUNTIME, [&] {
         if (!p || !fn || !out) fail(FMX_EINVAL, "NULL program, function or out");
         *out = run(p, fn, a).release();
+        return FMX_OK;
+    });
+}
+
+extern "C" int fmx_program_check_optimized(fmx_program *p, const char *fn, const fmx_args *a,
+                                           const fmx_run *reference, int *same, char *err,
+                                           size_t errsz) {
+    if (same) *same = 0;
+    set_err(err, errsz, "");
+    return guarded(err, errsz, FMX_ERUNTIME, [&] {
+        if (!p || !fn || !reference || !same)
+            fail(FMX_EINVAL, "NULL program, function, reference or same");
+        std::string why;
+        check_optimized(p, fn, a, *reference, &why);
+        *same = why.empty();
+        set_err(err, errsz, why);
         return FMX_OK;
     });
 }

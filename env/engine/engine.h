@@ -117,6 +117,39 @@ typedef struct {
  * FMX_ENOTFOUND when fn does not exist. */
 int fmx_program_params(const fmx_program *p, const char *fn, fmx_param *out, int cap);
 
+/* ---- compile facts ---- */
+
+/* What the graph of a function says about compiling it further (torch.compile,
+ * CUDA graphs, export): code that never leaves the device and whose control
+ * flow depends only on shapes, ints and constants. */
+typedef struct {
+    /* Ops that read tensor values on the host, counted once per place in
+     * the candidate's code (one in a loop or a helper called twice counts
+     * once; a while condition, emitted twice, once): .item(), .tolist(),
+     * int/float/bool/complex(tensor) and a tensor used as a number or as a
+     * condition, is_nonzero, torch.equal/allclose, formatting a tensor, and
+     * ops whose result shape depends on tensor values (nonzero, argwhere,
+     * masked_select, unique*, bincount, one-argument torch.where,
+     * repeat_interleave with tensor repeats, boolean-mask indexing). */
+    int host_syncs;
+    /* prim::If / prim::Loop nodes (once per place, as above) whose condition or trip count depends
+     * on tensor values: traced back through the inlined graph (loop-carried values, If outputs,
+     * lists changed in place, and the shape of a tensor a sync shaped) to a host sync. `for i in
+     * range(N)`, `if x.shape[0] > 1` and conditions on dtype, device, ints and constants do not
+     * count. */
+    int data_dependent_flow;
+    int first_line;          /* the candidate's line of first_problem; 0 if none or unknown */
+    char first_problem[256]; /* "line 12: .item() moves a tensor value to the host"; "" if none */
+} fmx_program_facts;
+
+/* Host syncs and data-dependent control flow of function fn (its graph with
+ * every call inlined, sub-blocks included). first_problem is the problem on
+ * the earliest line (on one line, control flow before the sync it comes
+ * from). Needs no arguments and runs nothing. FMX_ENOTFOUND when fn does not
+ * exist. */
+int fmx_program_facts_get(fmx_program *p, const char *fn, fmx_program_facts *out, char *err,
+                          size_t errsz);
+
 /* ---- calls ---- */
 
 fmx_args *fmx_args_create(void); /* caller frees with fmx_args_destroy */
@@ -147,6 +180,37 @@ const fmx_tensor *fmx_run_output(const fmx_run *r, int i);
 int fmx_run_ntaps(const fmx_run *r);
 const char *fmx_run_tap_name(const fmx_run *r, int i);       /* borrowed */
 const fmx_tensor *fmx_run_tap(const fmx_run *r, int i);      /* borrowed */
+
+/* Whether fn computes the same outputs with the graph executor's
+ * optimisations on (the profiling executor, its specialisations and the
+ * fusers this libtorch enables by default) as in reference, a run of
+ * fmx_program_run (optimisations off) with the same arguments a. fn's graph,
+ * every call inlined, gets a graph executor of its own (the candidate's
+ * functions never see an optimised plan), and runs until it uses its
+ * optimised plan (profiled runs + 1: 2 runs by default); every run's outputs
+ * are compared with reference's. Same when, for every output, shapes and
+ * dtypes match and
+ *   floating point: |opt - ref| <= atol·rms(ref) + rtol·|ref| element-wise,
+ *     NaN matching NaN and ±inf itself; (atol, rtol) = (1e-5, 0) for float32
+ *     and float64, (16·eps, 16·eps) for float16 and bfloat16 (eps 2^-10,
+ *     2^-7: 2^-6 and 2^-3);
+ *   other dtypes: equal.
+ * Fusion and reassociation legitimately move float32 results by a few ulps
+ * per op; 1e-5·rms (about 80 float32 ulps at the output's typical magnitude)
+ * is far below any grading tolerance, while a change of meaning (a
+ * different branch, a wrong specialisation) moves outputs by O(rms). The
+ * scale is the output's RMS, not each element, so elements that cancel to
+ * near zero do not fail on rounding. Fused half-precision kernels keep
+ * float32 intermediates and round once instead of after every op: on an H200
+ * (libtorch 2.11, CUDA) a 3-layer bfloat16 chain moved by 0.08·RMS, so
+ * bfloat16 gets 2^-3, the allowance packs give a bfloat16 output on another
+ * build (docs/pack-format.md, Tolerances).
+ * Returns FMX_OK with *same = 1, or *same = 0 and the reason in err (the
+ * first differing output, or the optimised run's error: a graph whose
+ * optimised run throws does not survive). A negative status (and *same = 0)
+ * for misuse: NULL pointers, unknown fn, arguments that do not bind. */
+int fmx_program_check_optimized(fmx_program *p, const char *fn, const fmx_args *a,
+                                const fmx_run *reference, int *same, char *err, size_t errsz);
 
 /* ---- comparison ---- */
 
