@@ -5,6 +5,9 @@
  *   fmx verify PACK FILE ...  grade a candidate file against a pack
  *   fmx mutate PACK SOLUTION  how strong a pack's probes are: mutants of a solution
  *   fmx info PACK             what a pack holds: modules, probes, sizes
+ *   fmx serve --tasks DIR     the RL environment server (env/server.c)
+ *   fmx run --policy NAME     play a built-in policy on every task (policies/run.c)
+ *   fmx leaderboard --db DB   how policies scored, from the episode log
  *   fmx version
  *
  * Exit codes: 0 ok/match, 1 mismatch, 2 error (bad input, compile or run
@@ -23,6 +26,8 @@
 #include "mutate.h"
 #include "pack.h"
 #include "pyexec.h"
+#include "episodes/leaderboard.h"
+#include "policies/run.h"
 #include "server.h"
 #include "status.h"
 #include "verify.h"
@@ -49,6 +54,11 @@ static const char *usage_text =
     "  info PACK [--json]             modules, classes, probes and sizes of a pack\n"
     "      --tensor KEY               one stored tensor (weight or capture) as JSON + hex\n"
     "  serve --tasks DIR [options]    run the RL environment server (see fmx serve --help)\n"
+    "  run --policy oracle|null [options]\n"
+    "                                 play a built-in policy on every task (starting a server\n"
+    "                                 unless --connect ADDR) and print the leaderboard (see\n"
+    "                                 fmx run --help)\n"
+    "  leaderboard --db FILE          policy x task: episodes, pass rate, reward, LOC, steps\n"
     "  version                        fmx and libtorch versions\n"
     "\n"
     "exit status: 0 match/ok, 1 mismatch, 2 error\n";
@@ -324,6 +334,8 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "mutate") == 0) return fmx_mutate_main(argc - 1, argv + 1);
     if (strcmp(cmd, "info") == 0) return cmd_info(argc - 1, argv + 1);
     if (strcmp(cmd, "serve") == 0) return fmx_serve_main(argc - 1, argv + 1);
+    if (strcmp(cmd, "run") == 0) return fmx_run_main(argc - 1, argv + 1);
+    if (strcmp(cmd, "leaderboard") == 0) return fmx_leaderboard_main(argc - 1, argv + 1);
     if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
         printf("fmx %s (%s)\n", FMX_VERSION, fmx_engine_version());
         return 0;

@@ -1,44 +1,73 @@
 #!/usr/bin/env bash
-# demo.sh — fmx's main job on the embedded examples: set up (install + build),
-# export the Qwen2-style and GPT-2-style example packs, then verify each
-# reference solution against its pack: the whole model on every probe with
-# layer taps, then every component class on its first instance.
+# demo.sh — fmx's main job on the embedded examples: set up (install +
+# build), export the Qwen2-style and GPT-2-style example packs, start the
+# environment server on them, play the oracle policy (reads every tool,
+# verifies the reference solution, submits it) and the null policy (submits
+# nothing useful) on every task, print the leaderboard from the SQLite
+# episode log, stop the server. Then the probe strength of each pack.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 fmx=${FMX_BUILD_DIR:-build}/fmx
+db=packs/fmx.db
 mkdir -p packs
 
 for ex in qwen2 gpt2; do
-  echo
   echo "== export examples/models/$ex.py -> packs/$ex"
-  "$fmx" export "examples/models/$ex.py:build" -o "packs/$ex" --force
+  equivalent=()
+  [ -f "examples/solutions/$ex.equivalent.json" ] &&
+    equivalent=(--equivalent "examples/solutions/$ex.equivalent.json")
+  "$fmx" export "examples/models/$ex.py:build" -o "packs/$ex" --force --quiet "${equivalent[@]}"
 done
 
+# A fresh log for this run; the server on a private ipc socket, stopped on exit.
+rm -f "$db" "$db-wal" "$db-shm"
+tmp=$(mktemp -d)
+addr="ipc://$tmp/fmx.sock"
+"$fmx" serve --tasks packs --db "$db" --bind "$addr" 2>"$tmp/serve.log" &
+server=$!
+stop_server() {
+  if kill -0 "$server" 2>/dev/null; then
+    kill -TERM "$server"
+    wait "$server" || { echo "fmx serve did not stop cleanly:" >&2; cat "$tmp/serve.log" >&2; }
+  fi
+  rm -rf "$tmp"
+}
+trap stop_server EXIT
+
+echo
+echo "== fmx serve --tasks packs --db $db --bind $addr"
+PYTHONPATH=python /usr/bin/python3 - "$addr" <<'EOF'
+import sys
+from fmx import Client
+
+with Client(sys.argv[1], timeout=60) as env:  # waits for the server to come up
+    hello = env.hello()
+    tasks = env.list_tasks()
+print(f"{hello['server']} ({hello['engine']}): {len(tasks)} tasks:",
+      ", ".join(t["id"] for t in tasks))
+EOF
+
+echo
+echo "== fmx run --policy oracle,null: one episode of each policy on every task"
 status=0
+"$fmx" run --connect "$addr" --policy oracle,null --tasks packs --db "$db" || status=$?
+stop_server
+trap - EXIT
+
+echo
+echo "== probe strength: mutants of each reference solution, verified on every probe"
 for ex in qwen2 gpt2; do
-  echo
-  echo "== verify examples/solutions/$ex.py against packs/$ex (whole model, all probes)"
-  "$fmx" verify "packs/$ex" "examples/solutions/$ex.py" --probes all || status=1
+  # every mutant that is not listed as equivalent must be killed (exit 1 = survivors)
+  if out=$("$fmx" mutate "packs/$ex" "examples/solutions/$ex.py"); then :; else status=1; fi
+  printf '%-6s %s\n' "$ex" "$(tail -1 <<<"$out")"
+  sed -n '/^survivors/,/^$/p' <<<"$out"
 done
 
 echo
-echo "== components (first instance of every module class, all probes)"
-printf '%-6s %-36s %-26s %-14s %s\n' pack component class entry result
-for ex in qwen2 gpt2; do
-  # class -> entry pairs, then the first module path of each class.
-  while read -r cls entry; do
-    path=$("$fmx" info "packs/$ex" --json | /usr/bin/python3 -c '
-import json, sys
-cls = sys.argv[1]
-print(next((m["path"] for m in json.load(sys.stdin)["modules"] if m["class"] == cls), "?"))' "$cls")
-    if out=$("$fmx" verify "packs/$ex" "examples/solutions/$ex.py" --component "$path" \
-          --entry "$entry" --probes all 2>&1 | tail -1); then :; else status=1; fi
-    printf '%-6s %-36s %-26s %-14s %s\n' "$ex" "${path:-(root)}" "$cls" "$entry" "$out"
-  done < <(/usr/bin/python3 -c '
-import json, sys
-for c, e in json.load(open(sys.argv[1])).items(): print(c, e)' "examples/solutions/$ex.entries.json")
-done
-echo
-[ $status -eq 0 ] && echo "all reference solutions match their packs" || echo "some verifications FAILED"
+if [ $status -eq 0 ]; then
+  echo "the oracle passes every task, the null policy scores 0; episodes in $db"
+else
+  echo "demo FAILED (see above)"
+fi
 exit $status

@@ -1,0 +1,235 @@
+"""bench/server.py — throughput and latency of `fmx serve`, measured from the
+client side with the Python client (fmx.client), as a trainer sees them.
+
+    /usr/bin/python3 bench/server.py [--fmx build/fmx] [--seconds 3] [--window 8]
+
+It exports the two example packs to a temporary folder (or uses --packs),
+starts `fmx serve` on an ipc:// socket with its own SQLite log and a step
+budget large enough that cheap steps never truncate, then measures:
+
+  1. cheap steps (read_module_source and get_weight_info in turn; --tools) with
+     1, 4 and 16 concurrent clients, each a process keeping --window episodes
+     with one step in flight each: steps/s over all clients, and the latency
+     of each step from send to reply (p50, p99);
+  2. verify_component latency (the reference solution of a decoder layer), alone
+     and while 4 clients run cheap steps;
+  3. oracle episodes/s (reset, four reads, verify_component, submit) with 1 and
+     4 clients.
+
+Every step is committed to the log before its reply, so the numbers include
+SQLite. Prints a table; nothing is asserted. Not a test.
+"""
+import argparse
+import json
+import multiprocessing as mp
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Sequence, Tuple
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "python"))
+
+from fmx import Client  # noqa: E402
+
+CHEAP_TOOLS = "read_module_source,get_weight_info"
+CHEAP_TASK = "qwen2/Qwen2DecoderLayer"
+VERIFY_TASK = "qwen2/Qwen2DecoderLayer"
+READS = [("read_module_source", {}), ("get_weight_info", {}), ("trace_ops", {}),
+         ("capture_intermediate", {"probe": 0})]
+
+
+def reference(task: Dict) -> Tuple[str, str]:
+    solutions = ROOT / "examples" / "solutions"
+    entries = json.loads((solutions / f"{task['pack']}.entries.json").read_text())
+    return (solutions / f"{task['pack']}.py").read_text(), entries[task["class"]]
+
+
+def wait_until(t: float) -> None:
+    while time.time() < t:
+        time.sleep(min(0.01, max(0.0, t - time.time())))
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+# ---- workers (each in its own process) ----
+
+def cheap_worker(addr: str, tools: str, window: int, start: float, seconds: float
+                 ) -> Tuple[int, List[float]]:
+    """Keeps `window` episodes with one cheap step in flight each until start + seconds,
+    cycling through `tools` (comma-separated)."""
+    actions = [{"tool": t, "args": {}} for t in tools.split(",")]
+    with Client(addr, timeout=60) as c:
+        episodes = [ep for ep, _, _ in c.reset_many([CHEAP_TASK] * window, policy="bench")]
+        wait_until(start)
+        end = start + seconds
+        sent: Dict[int, float] = {}
+        k = 0
+        for ep in episodes:
+            sent[ep] = time.perf_counter()
+            c.send([actions[k % len(actions)]], [ep])
+            k += 1
+        lat: List[float] = []
+        while True:
+            for ep, result in c.recv():
+                now = time.perf_counter()
+                if isinstance(result, Exception):
+                    raise result
+                lat.append(now - sent.pop(ep))
+                if time.time() < end:
+                    sent[ep] = time.perf_counter()
+                    c.send([actions[k % len(actions)]], [ep])
+                    k += 1
+            if not c.pending:
+                break
+        for ep in episodes:
+            c.close(ep)
+    return len(lat), lat
+
+
+def verify_worker(addr: str, start: float, seconds: float) -> List[float]:
+    """verify_component of the reference solution, back to back, until start + seconds."""
+    with Client(addr, timeout=120) as c:
+        task = next(t for t in c.list_tasks() if t["id"] == VERIFY_TASK)
+        code, entry = reference(task)
+        c.reset(task=VERIFY_TASK, policy="bench-verify")
+        action = {"tool": "verify_component", "args": {"code": code, "entry": entry}}
+        wait_until(start)
+        lat = []
+        while time.time() < start + seconds:
+            t0 = time.perf_counter()
+            obs = c.step(action)[0]
+            lat.append(time.perf_counter() - t0)
+            assert obs["data"]["status"] == "match", obs["text"]
+        c.close()
+    return lat
+
+
+def oracle_worker(addr: str, offset: int, start: float, seconds: float) -> int:
+    """Oracle episodes over every task, round robin, until start + seconds."""
+    with Client(addr, timeout=120) as c:
+        tasks = c.list_tasks()
+        refs = {t["id"]: reference(t) for t in tasks}
+        wait_until(start)
+        n = offset
+        done = 0
+        while time.time() < start + seconds:
+            task = tasks[n % len(tasks)]
+            n += 1
+            code, entry = refs[task["id"]]
+            c.reset(task=task["id"], policy="bench-oracle")
+            for tool, args in READS:
+                c.step({"tool": tool, "args": args})
+            c.step({"tool": "verify_component", "args": {"code": code, "entry": entry}})
+            obs, reward, terminated, truncated, info = c.step(
+                {"tool": "submit", "args": {"code": code, "entry": entry}})
+            assert terminated and info["grade"]["correctness"] == 1.0, obs["text"]
+            done += 1
+    return done
+
+
+# ---- the measurements ----
+
+def run_cheap(pool_ctx, addr: str, tools: str, clients: int, window: int, seconds: float
+              ) -> Dict:
+    start = time.time() + 1.0 + 0.05 * clients
+    with pool_ctx.Pool(clients) as pool:
+        res = pool.starmap(cheap_worker, [(addr, tools, window, start, seconds)] * clients)
+    lat = [x for _, ls in res for x in ls]
+    return {"steps_s": sum(n for n, _ in res) / seconds, "p50": percentile(lat, 0.5),
+            "p99": percentile(lat, 0.99), "n": len(lat)}
+
+
+def run_verify(pool_ctx, addr: str, tools: str, load_clients: int, window: int, seconds: float
+               ) -> Dict:
+    start = time.time() + 1.0 + 0.05 * load_clients
+    with pool_ctx.Pool(load_clients + 1) as pool:
+        load = [pool.apply_async(cheap_worker, (addr, tools, window, start, seconds))
+                for _ in range(load_clients)]
+        lat = pool.apply(verify_worker, (addr, start, seconds))
+        cheap = [r.get() for r in load]
+    out = {"p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99), "n": len(lat)}
+    if load_clients:
+        out["cheap_steps_s"] = sum(n for n, _ in cheap) / seconds
+    return out
+
+
+def run_oracle(pool_ctx, addr: str, clients: int, seconds: float) -> float:
+    start = time.time() + 1.0
+    with pool_ctx.Pool(clients) as pool:
+        done = pool.starmap(oracle_worker, [(addr, 7 * i, start, seconds) for i in range(clients)])
+    return sum(done) / seconds
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--fmx", default=os.environ.get("FMX_BIN", str(ROOT / "build" / "fmx")))
+    ap.add_argument("--packs", help="a folder of packs (default: export the examples)")
+    ap.add_argument("--seconds", type=float, default=3.0, help="length of each measurement")
+    ap.add_argument("--window", type=int, default=8,
+                    help="episodes per client, each with one step in flight")
+    ap.add_argument("--tools", default=CHEAP_TOOLS,
+                    help="the cheap tools, comma-separated, called in turn with default args")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="server worker threads")
+    args = ap.parse_args()
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="fmx-bench-"))
+    server = None
+    try:
+        packs = pathlib.Path(args.packs) if args.packs else tmp / "packs"
+        if not args.packs:
+            for ex in ("qwen2", "gpt2"):
+                subprocess.run([args.fmx, "export", f"examples/models/{ex}.py:build", "-o",
+                                packs / ex, "--quiet"], cwd=ROOT, check=True)
+        addr = f"ipc://{tmp}/s.sock"
+        server = subprocess.Popen([args.fmx, "serve", "--tasks", packs, "--db", tmp / "bench.db",
+                                   "--bind", addr, "--max-steps", "1000000", "--threads",
+                                   str(args.threads)], stderr=subprocess.DEVNULL)
+        with Client(addr, timeout=60) as c:
+            hello = c.hello()
+        ctx = mp.get_context("fork")
+        print(f"fmx serve: {hello['server']}, {hello['engine']}, {os.cpu_count()} CPUs, "
+              f"{args.threads} worker threads; {args.seconds:g} s per measurement, "
+              f"{args.window} episodes in flight per client; cheap steps: "
+              f"{', '.join(args.tools.split(','))} in turn")
+        print()
+        print(f"{'measurement':44s} {'clients':>7s} {'rate':>12s} {'p50 ms':>8s} {'p99 ms':>8s}")
+
+        def row(name: str, clients: int, rate: str, p50: float, p99: float) -> None:
+            print(f"{name:44s} {clients:7d} {rate:>12s} {p50 * 1e3:8.3f} {p99 * 1e3:8.3f}",
+                  flush=True)
+
+        for n in (1, 4, 16):
+            r = run_cheap(ctx, addr, args.tools, n, args.window, args.seconds)
+            row("cheap steps", n, f"{r['steps_s']:,.0f}/s",
+                r["p50"], r["p99"])
+        for load in (0, 4):
+            r = run_verify(ctx, addr, args.tools, load, args.window, args.seconds)
+            name = "verify_component " + ("alone" if not load else
+                                          f"+ 4 cheap clients ({r['cheap_steps_s']:,.0f}/s)")
+            row(name, 1, f"{r['n'] / args.seconds:,.1f}/s", r["p50"], r["p99"])
+        for n in (1, 4):
+            rate = run_oracle(ctx, addr, n, args.seconds)
+            print(f"{'oracle episodes (6 steps, verify + submit)':44s} {n:7d} "
+                  f"{f'{rate:,.1f}/s':>12s}", flush=True)
+    finally:
+        if server is not None and server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

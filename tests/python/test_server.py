@@ -1,0 +1,512 @@
+"""`fmx serve` as a trainer drives it: black-box, through the Python client
+(fmx.client) and raw ZeroMQ sockets, on a real server over an ipc:// socket
+with its own SQLite log.
+
+Covered: a full oracle episode on every task (reward = 0.6 + 0.25·loc +
+0.15·compile with correctness 1), the null policy scoring 0, truncation at
+the step budget (graded as the last verified code), every class of malformed
+message answered with a structured error while the server keeps serving, 16
+concurrent clients with no lost or duplicated reply, the episode log checked
+with sqlite3, `fmx run` / `fmx leaderboard`, and SIGTERM with episodes open.
+"""
+import contextlib
+import json
+import os
+import pathlib
+import signal
+import sqlite3
+import subprocess
+import tempfile
+import threading
+
+import msgpack
+import pytest
+import zmq
+
+from fmx import (BadRequest, Client, EpisodeOver, FmxError, NotYourEpisode, Timeout,
+                 UnknownEpisode, UnknownOp, UnknownTask)
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FMX = os.environ.get("FMX_BIN", str(ROOT / "build" / "fmx"))
+SOLUTIONS = ROOT / "examples" / "solutions"
+NULL_CODE = "def forward() -> int:\n    return 0\n"
+READS = [("read_module_source", {}), ("get_weight_info", {}), ("trace_ops", {}),
+         ("capture_intermediate", {"probe": 0})]
+
+
+def fmx(*args, **kw):
+    return subprocess.run([FMX, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120, **kw)
+
+
+@pytest.fixture(scope="session")
+def packs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("server-packs")
+    for ex in ("qwen2", "gpt2"):
+        res = fmx("export", f"examples/models/{ex}.py:build", "-o", out / ex, "--quiet")
+        assert res.returncode == 0, res.stderr
+    return out
+
+
+class Server:
+    """`fmx serve` on an ipc socket in a fresh directory, with its own log."""
+
+    def __init__(self, packs, *extra):
+        # ipc paths are limited to ~100 bytes: keep the socket under /tmp
+        self.dir = pathlib.Path(tempfile.mkdtemp(prefix="fmx-test-"))
+        self.addr = f"ipc://{self.dir}/s.sock"
+        self.db = self.dir / "fmx.db"
+        self.proc = subprocess.Popen([FMX, "serve", "--tasks", packs, "--db", self.db,
+                                      "--bind", self.addr, "--threads", "2", *map(str, extra)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        with Client(self.addr, timeout=60) as c:
+            assert c.hello()["protocol"] == 1
+
+    def client(self, timeout=60.0):
+        return Client(self.addr, timeout=timeout)
+
+    def stop(self):
+        """SIGTERM; returns (exit status, stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=40)
+        return self.proc.returncode, err
+
+    def sql(self, query, *params):
+        with contextlib.closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)) as conn:
+            return conn.execute(query, params).fetchall()
+
+
+@pytest.fixture(scope="module")
+def server(packs):
+    srv = Server(packs)
+    yield srv
+    code, err = srv.stop()
+    assert code == 0, err
+
+
+def reference(task):
+    """The example's reference solution and the entry function for the task's class."""
+    pack = task["pack"]
+    entries = json.loads((SOLUTIONS / f"{pack}.entries.json").read_text())
+    return (SOLUTIONS / f"{pack}.py").read_text(), entries[task["class"]]
+
+
+def play_oracle(c, task, policy="oracle"):
+    """The oracle: read each tool once, verify the reference, submit it. Returns
+    (episode, [(action, step result)])."""
+    code, entry = reference(task)
+    obs, info = c.reset(task=task["id"], policy=policy)
+    assert info["task"] == task and obs["tool"] == "reset"
+    steps = []
+    for tool, args in READS + [("verify_component", {"code": code, "entry": entry}),
+                               ("submit", {"code": code, "entry": entry})]:
+        action = {"tool": tool, "args": args}
+        steps.append((action, c.step(action)))
+    return info["episode"], steps
+
+
+def same(a, b):
+    """Equal, floats within 2 ulp: the log's JSON may print a float's shortest
+    near-round-trip form (cJSON)."""
+    if isinstance(a, float) or isinstance(b, float):
+        return a == pytest.approx(b, rel=5e-16, abs=0)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+# ---- the protocol's plain ops ----
+
+def test_hello_spec_and_tasks(server):
+    with server.client() as c:
+        hello = c.hello()
+        assert hello["server"].startswith("fmx ") and hello["device"] == "cpu"
+        spec = c.spec()
+        names = [t["function"]["name"] for t in spec["tools"]]
+        assert names == ["read_module_source", "get_weight_info", "capture_intermediate",
+                         "trace_ops", "verify_component", "submit"]
+        assert spec["budget"] == {"max_steps": 40, "max_code_bytes": 65536}
+        # the step record's fields are the log's columns, in order
+        cols = [row[1] for row in server.sql("PRAGMA table_info(steps)")]
+        assert [f["name"] for f in c.step_fields()] == cols
+        tasks = c.list_tasks()
+        ids = [t["id"] for t in tasks]
+        assert "qwen2" in ids and "gpt2" in ids and "qwen2/Qwen2MLP" in ids
+        assert len(ids) == len(set(ids)) == 21
+        health = c.health()
+        assert health["tasks"] == 21 and health["db"] == str(server.db)
+
+
+# ---- whole episodes ----
+
+def test_oracle_episode_on_every_task(server):
+    with server.client() as c:
+        for task in c.list_tasks():
+            episode, steps = play_oracle(c, task)
+            for action, (obs, reward, terminated, truncated, info) in steps[:-1]:
+                assert not terminated and not truncated and reward == 0.0
+                assert "error" not in obs, (task["id"], action["tool"], obs.get("text"))
+            verify_obs = steps[-2][1][0]
+            assert verify_obs["data"]["status"] == "match", (task["id"], verify_obs["text"])
+            obs, reward, terminated, truncated, info = steps[-1][1]
+            assert terminated and not truncated and info["status"] == "submitted"
+            grade = info["grade"]
+            assert grade["correctness"] == 1.0, (task["id"], obs["text"])
+            assert grade["probes_passed"] == grade["probes_graded"] > 0
+            assert any(not p["visible"] for p in grade["probes"])  # hidden probes graded too
+            expected = 0.6 + 0.25 * grade["loc_score"] + 0.15 * grade["compile_score"]
+            assert reward == pytest.approx(expected, abs=1e-9)
+            assert reward == pytest.approx(grade["breakdown"]["reward"], abs=1e-9)
+            with pytest.raises(EpisodeOver):
+                c.step({"tool": "trace_ops", "args": {}}, episode=episode)
+        # the log holds what the client saw, decoded with spec.step_fields
+        logged = c.steps(episode)
+        assert [s["idx"] for s in logged] == list(range(len(steps)))
+        assert [s["tool"] for s in logged] == [a["tool"] for a, _ in steps]
+        assert same([s["observation"] for s in logged], [r[0] for _, r in steps])
+        assert logged[-1]["terminated"] == 1 and logged[-1]["reward"] == steps[-1][1][1]
+
+
+def test_null_policy_scores_zero(server):
+    with server.client() as c:
+        for task in c.list_tasks():
+            c.reset(task=task["id"], policy="null")
+            obs, reward, terminated, truncated, info = c.step(
+                {"tool": "submit", "args": {"code": NULL_CODE}})
+            assert terminated and not truncated
+            assert reward == 0.0 and info["grade"]["correctness"] == 0.0, obs["text"]
+
+
+def test_close_and_refusals_that_do_not_end_an_episode(server):
+    with server.client() as c:
+        obs, info = c.reset(task="qwen2/Qwen2MLP", seed=7, policy="checks")
+        assert info["seed"] == 7 and info["policy"] == "checks"
+        obs, reward, terminated, truncated, info = c.step({"tool": "no_such_tool", "args": {}})
+        assert obs["error"] == "unknown_tool" and not terminated and info["step"] == 1
+        obs, *_ = c.step({"tool": "capture_intermediate", "args": {"probe": "p3"}})
+        assert obs["error"] == "hidden_probe"
+        obs, *_ = c.step({"tool": "get_weight_info", "args": {"path": "model.layers.0.mpl"}})
+        assert obs["error"] == "unknown_path" and obs["data"]["nearest"]
+        episode = c.episode
+        assert c.close()["closed"] is True
+        with pytest.raises(UnknownEpisode):
+            c.step({"tool": "trace_ops", "args": {}}, episode=episode)
+        assert server.sql("SELECT status, steps FROM episodes WHERE id = ?", episode) == [
+            ("aborted", 3)]
+        with pytest.raises(UnknownTask):
+            c.reset(task="no/such/task")
+
+
+def test_truncation_grades_the_last_verified_code(packs):
+    srv = Server(packs, "--max-steps", "3")
+    try:
+        with srv.client() as c:
+            task = next(t for t in c.list_tasks() if t["id"] == "qwen2/Qwen2MLP")
+            code, entry = reference(task)
+            # verified correct code, then two reads: the last step truncates and grades it
+            c.reset(task=task["id"])
+            c.step({"tool": "verify_component", "args": {"code": code, "entry": entry}})
+            c.step({"tool": "get_weight_info", "args": {}})
+            obs, reward, terminated, truncated, info = c.step({"tool": "trace_ops", "args": {}})
+            assert truncated and not terminated and info["status"] == "truncated"
+            assert info["steps_left"] == 0 and "Budget exhausted" in obs["text"]
+            assert info["grade"]["correctness"] == 1.0 and reward == info["grade"]["reward"] > 0.6
+            good = c.episode
+            with pytest.raises(EpisodeOver):
+                c.step({"tool": "trace_ops", "args": {}})
+            # the LAST code verify_component compiled counts, even when it is wrong
+            wrong = code.replace("F.silu(", "F.gelu(")
+            assert wrong != code
+            c.reset(task=task["id"])
+            c.step({"tool": "verify_component", "args": {"code": code, "entry": entry}})
+            c.step({"tool": "verify_component", "args": {"code": wrong, "entry": entry}})
+            obs, reward, terminated, truncated, info = c.step({"tool": "trace_ops", "args": {}})
+            assert truncated and info["grade"]["correctness"] < 1.0 and reward < 0.6
+            # nothing verified: reward 0, nothing graded
+            c.reset(task=task["id"])
+            for tool, args in READS[:3]:
+                obs, reward, terminated, truncated, info = c.step({"tool": tool, "args": args})
+            assert truncated and reward == 0.0 and "grade" not in info
+            none = c.episode
+        subs = srv.sql("SELECT episode, truncated, correctness FROM submissions ORDER BY id")
+        assert subs[0] == (good, 1, 1.0) and len(subs) == 2
+        assert srv.sql("SELECT status, reward FROM episodes WHERE id = ?", none) == [
+            ("truncated", 0.0)]
+    finally:
+        code, err = srv.stop()
+    assert code == 0, err
+
+
+# ---- malformed messages ----
+
+def raw_socket(addr):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 20000)
+    sock.connect(addr)
+    return sock
+
+
+def raw(sock, *frames):
+    sock.send_multipart(list(frames))
+    return msgpack.unpackb(sock.recv(), raw=False)
+
+
+def nested(depth):
+    """A hello request nested `depth` levels deep (the request map is level 1)."""
+    value = 1
+    for _ in range(depth - 1):
+        value = [value]
+    return {"op": "hello", "req": 1, "x": value}
+
+
+BAD_MESSAGES = {
+    "not msgpack": b"\xc1\x00garbage",
+    "truncated msgpack": msgpack.packb({"op": "hello", "req": 1})[:-2],
+    "not a map": msgpack.packb(["hello", 1]),
+    "a bare string": msgpack.packb("hello"),
+    "non-string map key": msgpack.packb({1: "hello"}),
+    "bin value": msgpack.packb({"op": "hello", "x": b"\x00\x01"}, use_bin_type=True),
+    "ext value": msgpack.packb({"op": "hello", "x": msgpack.ExtType(1, b"x")}),
+    "NUL in a string": msgpack.packb({"op": "hel\x00lo"}),
+    "lying array32 header": b"\x82\xa2op\xa5hello\xa1x\xdd\xff\xff\xff\xff",
+    "lying str32 header": b"\x81\xa2op\xdb\xff\xff\xff\xf0ab",
+    "lying map32 header": b"\x81\xa1x\xdf\x7f\xff\xff\xff",
+    "too deep nesting": msgpack.packb(nested(17)),
+    "oversized message": msgpack.packb({"op": "hello", "x": "a" * (9 << 20)}),
+    "trailing bytes": msgpack.packb({"op": "hello"}) + b"\x00",
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_MESSAGES))
+def test_malformed_message_gets_bad_message_and_server_keeps_serving(server, what):
+    sock = raw_socket(server.addr)
+    try:
+        reply = raw(sock, BAD_MESSAGES[what])
+        assert reply["ok"] is False and reply["error"]["code"] == "bad_message", reply
+        assert reply["error"]["message"] and "req" not in reply
+        assert raw(sock, msgpack.packb({"op": "hello", "req": 9}))["req"] == 9
+    finally:
+        sock.close()
+
+
+def test_malformed_requests_get_structured_errors(server):
+    sock = raw_socket(server.addr)
+    other = server.client()
+    try:
+        assert raw(sock, msgpack.packb(nested(16)))["ok"] is True  # the deepest allowed
+        reply = raw(sock, b"frame one", b"frame two")
+        assert reply["error"]["code"] == "bad_message"
+        cases = [({"op": 5}, "bad_request"), ({"no_op": 1}, "bad_request"),
+                 ({"op": "reset", "seed": "x"}, "bad_request"),
+                 ({"op": "reset", "task": 3}, "bad_request"),
+                 ({"op": "reset", "policy": "p" * 300}, "bad_request"),
+                 ({"op": "step", "episode": "1"}, "bad_request"),
+                 ({"op": "step"}, "bad_request"), ({"op": "close", "episode": 1.5}, "bad_request"),
+                 ({"op": "launch_missiles"}, "unknown_op"),
+                 ({"op": "step", "episode": 10 ** 12, "action": {"tool": "trace_ops"}},
+                  "unknown_episode"),
+                 ({"op": "reset", "task": "nope"}, "unknown_task")]
+        for i, (body, code) in enumerate(cases):
+            reply = raw(sock, msgpack.packb({**body, "req": 100 + i}))
+            assert reply["req"] == 100 + i, body  # decodable requests echo req
+            assert reply["ok"] is False and reply["error"]["code"] == code, (body, reply)
+            assert isinstance(reply["error"]["message"], str) and reply["error"]["message"]
+        # steps with a bad action, and another connection's episode
+        opened = raw(sock, msgpack.packb({"op": "reset", "req": 1, "task": "gpt2/GPT2MLP"}))
+        ep = opened["episode"]
+        for action in ("read", {"args": {}}, {"tool": 7}):
+            reply = raw(sock, msgpack.packb({"op": "step", "req": 2, "episode": ep,
+                                             "action": action}))
+            assert reply["error"]["code"] == "bad_request", action
+        with pytest.raises(NotYourEpisode):
+            other.step({"tool": "trace_ops", "args": {}}, episode=ep)
+        with pytest.raises(NotYourEpisode):
+            other.close(episode=ep)
+        with pytest.raises(UnknownOp):
+            other.request("launch_missiles")
+        with pytest.raises(BadRequest):
+            other.request("reset", seed=1.5)
+        reply = raw(sock, msgpack.packb({"op": "step", "req": 3, "episode": ep,
+                                         "action": {"tool": "trace_ops", "args": {}}}))
+        assert reply["ok"] is True and reply["info"]["step"] == 1  # bad requests took no step
+        assert other.hello()["protocol"] == 1
+    finally:
+        sock.close()
+        other.disconnect()
+
+
+def test_frame_over_zmq_limit_drops_only_that_connection(server):
+    sock = raw_socket(server.addr)
+    sock.setsockopt(zmq.RCVTIMEO, 500)
+    try:
+        sock.send(msgpack.packb({"op": "hello", "x": "a" * (17 << 20)}))
+        with pytest.raises(zmq.Again):
+            sock.recv()
+    finally:
+        sock.close()
+    with server.client() as c:
+        assert c.hello()["protocol"] == 1
+
+
+def test_client_timeout(server):
+    with Client("ipc:///nonexistent/fmx.sock", timeout=0.2) as c:
+        with pytest.raises(Timeout) as e:
+            c.hello()
+        assert isinstance(e.value, FmxError) and e.value.code == "timeout"
+
+
+# ---- many clients at once ----
+
+def test_16_concurrent_clients_lose_and_duplicate_nothing(server):
+    with server.client() as c:
+        tasks = c.list_tasks()
+    errors, episodes = [], []
+    per_episode = 24
+    lock = threading.Lock()
+
+    def player(i):
+        try:
+            with server.client() as c:
+                mine = [tasks[i % len(tasks)], tasks[(i + 16) % len(tasks)]]
+                opened = c.reset_many([t["id"] for t in mine], policy=f"thread-{i}")
+                ids = [ep for ep, _, _ in opened]
+                actions, targets = [], []
+                for k in range(per_episode):  # interleaved over both episodes
+                    for ep in ids:
+                        tool, args = READS[k % len(READS)]
+                        actions.append({"tool": tool, "args": args})
+                        targets.append(ep)
+                reqs = c.send(actions, targets)
+                assert len(set(reqs)) == len(reqs)
+                seen = {ep: [] for ep in ids}
+                while c.pending:
+                    for ep, result in c.recv(timeout=30):
+                        assert not isinstance(result, FmxError), result
+                        seen[ep].append(result[4]["step"])
+                for ep in ids:  # each episode's steps answered once, in order
+                    assert seen[ep] == list(range(1, per_episode + 1)), seen[ep]
+                for ep, task in zip(ids, mine):
+                    code, entry = reference(task)
+                    obs, reward, terminated, *_ , info = c.step(
+                        {"tool": "submit", "args": {"code": code, "entry": entry}}, episode=ep)
+                    assert terminated and info["grade"]["correctness"] == 1.0, obs["text"]
+                assert c.hello()["protocol"] == 1
+                assert c.stray_replies == 0
+                with lock:
+                    episodes.extend(ids)
+        except Exception as e:  # noqa: BLE001 — reported by the main thread
+            errors.append(f"client {i}: {e!r}")
+
+    threads = [threading.Thread(target=player, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert len(set(episodes)) == 32
+    rows = server.sql(f"SELECT status, steps FROM episodes WHERE id IN ({','.join('?' * 32)})",
+                      *episodes)
+    assert rows == [("submitted", per_episode + 1)] * 32
+
+
+# ---- the log ----
+
+def test_episode_log_holds_every_step_in_order(server):
+    with server.client() as c:  # at least one finished episode, whatever ran before
+        play_oracle(c, c.list_tasks()[0])
+    episodes = server.sql("SELECT id, status, steps FROM episodes")
+    assert len(episodes) > 1
+    by_episode = {}
+    for ep, idx in server.sql("SELECT episode, idx FROM steps ORDER BY episode, idx"):
+        by_episode.setdefault(ep, []).append(idx)
+    subs = {ep: n for ep, n in server.sql(
+        "SELECT episode, count(*) FROM submissions GROUP BY episode")}
+    for ep, status, steps in episodes:
+        assert by_episode.get(ep, []) == list(range(steps)), ep
+        if status == "submitted":
+            assert subs.get(ep) == 1, ep
+        else:
+            assert ep not in subs
+    ended = server.sql("SELECT count(*) FROM steps WHERE terminated = 1 OR truncated = 1")[0][0]
+    assert ended == sum(1 for _, status, _ in episodes if status in ("submitted", "truncated"))
+    rewards = server.sql("SELECT e.reward, s.reward, s.reward_version, s.breakdown "
+                         "FROM episodes e JOIN submissions s ON s.episode = e.id")
+    for episode_reward, sub_reward, version, breakdown in rewards:
+        assert episode_reward == sub_reward and version == "v1-default"
+        assert json.loads(breakdown)["reward"] == pytest.approx(sub_reward)
+
+
+# ---- fmx run and fmx leaderboard ----
+
+def test_fmx_run_plays_oracle_and_null_and_prints_the_leaderboard(packs, tmp_path):
+    db = tmp_path / "run.db"
+    res = fmx("run", "--policy", "oracle,null", "--tasks", packs, "--db", db, "--jobs", "2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"episode log (SQLite): {db}" in res.stdout
+    lines = res.stdout.splitlines()
+    rank = next(i for i, l in enumerate(lines) if l.startswith("rank"))
+    assert lines[rank + 1].split()[:3] == ["1", "oracle", "21"]
+    assert lines[rank + 2].split()[:5] == ["2", "null", "21", "0%", "0.000"]
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        rows = conn.execute(
+            "SELECT p.name, count(*), min(s.correctness), max(s.correctness), max(e.reward) "
+            "FROM episodes e JOIN policies p ON p.id = e.policy_id "
+            "JOIN submissions s ON s.episode = e.id GROUP BY p.name ORDER BY p.name").fetchall()
+        assert rows[0][:4] == ("null", 21, 0.0, 0.0) and rows[0][4] == 0.0
+        assert rows[1][:4] == ("oracle", 21, 1.0, 1.0)
+        # the oracle reads each tool once, verifies, then submits
+        tools = conn.execute(
+            "SELECT group_concat(tool, ' ') FROM (SELECT s.tool FROM steps s JOIN episodes e "
+            "ON e.id = s.episode JOIN policies p ON p.id = e.policy_id WHERE p.name = 'oracle' "
+            "AND e.task_id = 'qwen2' ORDER BY s.idx)").fetchone()[0]
+        assert tools == ("read_module_source get_weight_info trace_ops capture_intermediate "
+                         "verify_component submit")
+        assert conn.execute("SELECT count(*) FROM episodes WHERE status != 'submitted'"
+                            ).fetchone()[0] == 0
+        # the oracle submits the reference trimmed to what the task's entry reaches
+        loc = dict(conn.execute(
+            "SELECT e.task_id, s.loc FROM submissions s JOIN episodes e ON e.id = s.episode "
+            "JOIN policies p ON p.id = e.policy_id WHERE p.name = 'oracle'").fetchall())
+        assert loc["qwen2/Qwen2MLP"] * 4 < loc["qwen2"] and loc["gpt2/Linear"] <= 3
+    board = fmx("leaderboard", "--db", db)
+    assert board.returncode == 0 and board.stdout.count("oracle") == 22  # total + 21 tasks
+    only = fmx("leaderboard", "--db", db, "--policy", "null")
+    assert "oracle" not in only.stdout and only.stdout.count("null") == 22
+    missing = fmx("leaderboard", "--db", tmp_path / "none.db")
+    assert missing.returncode == 2 and "none.db" in missing.stderr
+
+
+def test_fmx_run_connects_to_a_running_server(server):
+    res = fmx("run", "--connect", server.addr, "--policy", "oracle", "--task", "gpt2/GPT2MLP",
+              "--episodes", "2", "--jobs", "1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "oracle   2 episodes on 1 tasks" in res.stdout
+    assert f"episode log (SQLite): {server.db}" in res.stdout
+    bad = fmx("run", "--connect", server.addr, "--policy", "oracle", "--task", "nope")
+    assert bad.returncode == 2 and "no task 'nope'" in bad.stderr
+
+
+# ---- shutdown ----
+
+def test_sigterm_stops_cleanly_and_aborts_open_episodes(packs):
+    srv = Server(packs)
+    with srv.client() as c:
+        opened = [ep for ep, _, _ in c.reset_many(["qwen2", "gpt2/GPT2Block", "qwen2/SiLU"])]
+        c.step({"tool": "trace_ops", "args": {}}, episode=opened[0])
+        code, entry = reference({"pack": "qwen2", "class": "Qwen2ForCausalLM"})
+        c.send([{"tool": "verify_component", "args": {"code": code, "entry": entry}}],
+               [opened[0]])
+        c.health()  # answered after the server has read the verify: it is running or done
+        status, err = srv.stop()
+        assert status == 0, err
+        # a step running on a worker finishes and is answered before the server exits
+        (ep, result), = c.recv(timeout=5)
+        assert ep == opened[0] and result[0]["data"]["status"] == "match"
+    assert "stopped" in err
+    rows = srv.sql("SELECT id, status, ended_at IS NOT NULL FROM episodes ORDER BY id")
+    assert rows == [(ep, "aborted", 1) for ep in opened]
