@@ -1642,10 +1642,116 @@ static void fmx__submit(const fmx_tool_ctx *ctx, const fmx__args *a, fmx_tool_re
     cJSON_AddItemToObject(data, "grade", cJSON_Duplicate(out->grade.summary, 1));
 }
 
+/* ---- cache of cheap observations ----
+ * Cheap tools are pure functions of (task, tool, arguments), and policies ask
+ * the same questions over and over (every episode of a task starts by reading
+ * the same sources): their observations are kept, keyed by task id, tool and
+ * the arguments' JSON text, and handed out as copies. Bounded: when full it
+ * starts over. */
+
+#define FMX__CACHE_SLOTS 4096 /* power of two */
+#define FMX__CACHE_MAX 2048   /* entries before it starts over */
+
+typedef struct {
+    char *key;
+    uint64_t hash;
+    cJSON *observation;
+} fmx__cache_entry;
+
+static fmx__cache_entry fmx__cache[FMX__CACHE_SLOTS];
+static int fmx__cache_n;
+static pthread_mutex_t fmx__cache_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static uint64_t fmx__fnv1a(const char *s, size_t n) {
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (unsigned char)s[i]) * 1099511628211ull;
+    return h;
+}
+
+/* "task\ntool\nargs-json"; caller frees. */
+static char *fmx__cache_key(const fmx_tool_ctx *ctx, const char *tool, const cJSON *args) {
+    char *a = args ? cJSON_PrintUnformatted(args) : NULL;
+    char *key = NULL;
+    if (asprintf(&key, "%s\n%s\n%s", ctx->task->id, tool, a ? a : "{}") < 0) key = NULL;
+    free(a);
+    return key;
+}
+
+/* Index of key's slot (found or empty), under the lock. */
+static size_t fmx__cache_slot(const char *key, uint64_t h) {
+    size_t i = (size_t)h & (FMX__CACHE_SLOTS - 1);
+    while (fmx__cache[i].key && (fmx__cache[i].hash != h || strcmp(fmx__cache[i].key, key) != 0))
+        i = (i + 1) & (FMX__CACHE_SLOTS - 1);
+    return i;
+}
+
+/* A copy of the cached observation for key, or NULL. */
+static cJSON *fmx__cache_get(const char *key) {
+    uint64_t h = fmx__fnv1a(key, strlen(key));
+    pthread_mutex_lock(&fmx__cache_lock);
+    size_t i = fmx__cache_slot(key, h);
+    cJSON *copy = fmx__cache[i].key ? cJSON_Duplicate(fmx__cache[i].observation, 1) : NULL;
+    pthread_mutex_unlock(&fmx__cache_lock);
+    return copy;
+}
+
+/* Keeps a copy of obs under key (takes key). */
+static void fmx__cache_put(char *key, const cJSON *obs) {
+    cJSON *copy = cJSON_Duplicate(obs, 1);
+    if (!copy) {
+        free(key);
+        return;
+    }
+    uint64_t h = fmx__fnv1a(key, strlen(key));
+    pthread_mutex_lock(&fmx__cache_lock);
+    if (fmx__cache_n >= FMX__CACHE_MAX) {
+        for (size_t i = 0; i < FMX__CACHE_SLOTS; i++) {
+            free(fmx__cache[i].key);
+            cJSON_Delete(fmx__cache[i].observation);
+        }
+        memset(fmx__cache, 0, sizeof fmx__cache);
+        fmx__cache_n = 0;
+    }
+    size_t i = fmx__cache_slot(key, h);
+    if (fmx__cache[i].key) { /* another thread got here first */
+        free(key);
+        cJSON_Delete(copy);
+    } else {
+        fmx__cache[i] = (fmx__cache_entry){key, h, copy};
+        fmx__cache_n++;
+    }
+    pthread_mutex_unlock(&fmx__cache_lock);
+}
+
 /* ---- dispatch ---- */
+
+static int fmx__tools_run(const fmx_tool_ctx *ctx, const char *tool, const cJSON *args,
+                          fmx_tool_result *out);
 
 int fmx_tools_run(const fmx_tool_ctx *ctx, const char *tool, const cJSON *args,
                   fmx_tool_result *out) {
+    if (!tool || !fmx_tools_exists(tool) || fmx_tools_is_heavy(tool) || !ctx->task->id)
+        return fmx__tools_run(ctx, tool, args, out);
+    char *key = fmx__cache_key(ctx, tool, args);
+    cJSON *hit = key ? fmx__cache_get(key) : NULL;
+    if (hit) {
+        free(key);
+        memset(out, 0, sizeof *out);
+        out->observation = hit;
+        out->error = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(hit, "error"));
+        return FMX_OK;
+    }
+    int rc = fmx__tools_run(ctx, tool, args, out);
+    if (rc == FMX_OK && key)
+        fmx__cache_put(key, out->observation);
+    else
+        free(key);
+    return rc;
+}
+
+static int fmx__tools_run(const fmx_tool_ctx *ctx, const char *tool, const cJSON *args,
+                          fmx_tool_result *out) {
     memset(out, 0, sizeof *out);
     cJSON *obs = cJSON_CreateObject();
     if (!obs) return FMX_ENOMEM;
