@@ -1,14 +1,16 @@
 /*
  * server.c — `fmx serve` (server.h): the poll loop, request dispatch, the
- * episode table with per-episode request queues, the worker pool and group
- * commit. Only the main thread touches episodes, the log and the ROUTER
- * socket; workers see a job (plan in, outcome out) and nothing else.
+ * episode table with per-episode request queues, group commit, the bind
+ * rule and CURVE keys. The server is one thread that touches episodes, the
+ * log and the ROUTER socket; evaluations go to worker processes
+ * (env/worker.h), which see a job (plan in, outcome out) and nothing else.
  */
 #define _GNU_SOURCE
 #include "server.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
 #include <signal.h>
@@ -17,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 #include <zmq.h>
@@ -26,6 +29,7 @@
 #include "status.h"
 #include "tasks.h"
 #include "tools.h"
+#include "worker.h"
 
 #ifndef FMX_VERSION
 #define FMX_VERSION "0.1.0"
@@ -82,6 +86,7 @@ typedef struct fmx__job {
     fmx_step_plan plan;
     fmx_step_outcome outcome;
     int rc;
+    int phase; /* 0: the step; 1: grading the last verified code after a failed last step */
 } fmx__job;
 
 typedef struct {
@@ -115,15 +120,12 @@ typedef struct {
     fmx_reward_config reward;
     fmx_tasks *tasks;
     fmx_log *log;
-    void *zctx, *router, *done;
-    /* worker pool */
-    pthread_t *threads;
-    int nthreads;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    fmx__job *jhead, *jtail;
-    int stop_workers;
-    int inflight;
+    void *zctx, *router;
+    /* worker processes */
+    fmx_pool *pool;
+    zmq_pollitem_t *items; /* the ROUTER, then the workers' channels */
+    int *fds;
+    int inflight; /* jobs given to the pool and not yet done */
     /* episodes */
     fmx__slot **buckets;
     size_t nbuckets, nslots;
@@ -340,49 +342,11 @@ static void fmx__flush(fmx__server *s) {
 
 /* ---- workers ---- */
 
-typedef struct {
-    fmx__server *s;
-} fmx__worker_arg;
-
-static void *fmx__worker(void *arg) {
-    fmx__server *s = arg;
-    void *push = zmq_socket(s->zctx, ZMQ_PUSH);
-    int hwm = 0; /* unlimited: a finished job is never dropped */
-    zmq_setsockopt(push, ZMQ_SNDHWM, &hwm, sizeof hwm);
-    zmq_connect(push, "inproc://fmx-done");
-    for (;;) {
-        pthread_mutex_lock(&s->mu);
-        while (!s->jhead && !s->stop_workers)
-            pthread_cond_wait(&s->cv, &s->mu);
-        if (!s->jhead) {
-            pthread_mutex_unlock(&s->mu);
-            break;
-        }
-        fmx__job *job = s->jhead;
-        s->jhead = job->next;
-        if (!s->jhead) s->jtail = NULL;
-        pthread_mutex_unlock(&s->mu);
-        job->rc = fmx_episode_execute(&job->plan, &job->outcome);
-        while (zmq_send(push, &job, sizeof job, 0) < 0 && errno == EINTR) {
-        }
-    }
-    int linger = 0;
-    zmq_setsockopt(push, ZMQ_LINGER, &linger, sizeof linger);
-    zmq_close(push);
-    return NULL;
-}
-
-static void fmx__submit_job(fmx__server *s, fmx__job *job) {
-    job->next = NULL;
-    pthread_mutex_lock(&s->mu);
-    if (s->jtail)
-        s->jtail->next = job;
-    else
-        s->jhead = job;
-    s->jtail = job;
-    pthread_cond_signal(&s->cv);
-    pthread_mutex_unlock(&s->mu);
-    s->inflight++;
+/* Hands a heavy step to the worker processes. */
+static int fmx__submit_job(fmx__server *s, fmx__job *job) {
+    int rc = fmx_pool_submit(s->pool, fmx_worker_step_request(&job->plan), job);
+    if (rc == FMX_OK) s->inflight++;
+    return rc;
 }
 
 /* ---- ops ---- */
@@ -429,6 +393,17 @@ static void fmx__op_health(fmx__server *s, fmx__request *rq) {
     cJSON_AddNumberToObject(b, "steps", (double)s->steps);
     cJSON_AddNumberToObject(b, "requests", (double)s->requests);
     cJSON_AddNumberToObject(b, "jobs_in_flight", s->inflight);
+    fmx_pool_stats ps = fmx_pool_stats_get(s->pool);
+    cJSON *w = cJSON_AddObjectToObject(b, "workers");
+    cJSON_AddNumberToObject(w, "configured", ps.workers);
+    cJSON_AddNumberToObject(w, "ready", ps.ready);
+    cJSON_AddNumberToObject(w, "busy", ps.busy);
+    cJSON_AddNumberToObject(w, "queued", ps.queued);
+    cJSON_AddNumberToObject(w, "jobs", (double)ps.jobs);
+    cJSON_AddNumberToObject(w, "timeouts", (double)ps.timeouts);
+    cJSON_AddNumberToObject(w, "ooms", (double)ps.ooms);
+    cJSON_AddNumberToObject(w, "crashes", (double)ps.crashes);
+    cJSON_AddNumberToObject(w, "restarts", (double)ps.restarts);
     cJSON_AddNumberToObject(b, "tasks", fmx_tasks_count(s->tasks));
     cJSON_AddStringToObject(b, "db", s->cfg->db_path);
     cJSON_AddBoolToObject(b, "shutting_down", s->shutting_down);
@@ -627,11 +602,12 @@ static int fmx__run_step(fmx__server *s, fmx__slot *slot, fmx__request *rq) {
     job->rq = rq;
     job->episode = slot->id;
     if (job->plan.heavy && !s->shutting_down) {
-        slot->busy = 1;
-        fmx__submit_job(s, job);
-        return 0;
-    }
-    if (job->plan.heavy) { /* no new heavy work once shutting down */
+        if (fmx__submit_job(s, job) == FMX_OK) {
+            slot->busy = 1;
+            return 0;
+        }
+        fmx__reply_error(s, rq, "internal", "out of memory");
+    } else if (job->plan.heavy) { /* no new heavy work once shutting down */
         fmx__reply_error(s, rq, "shutting_down", "the server is shutting down");
     } else if (fmx_episode_execute(&job->plan, &job->outcome) != FMX_OK) {
         fmx__reply_error(s, rq, "internal", "out of memory");
@@ -768,7 +744,7 @@ static int fmx__handle(fmx__server *s, fmx__request *rq) {
     return fmx__request_free(rq);
 }
 
-/* A job came back from a worker. */
+/* A job is over (its outcome made from the worker's reply or failure). */
 static void fmx__job_done(fmx__server *s, fmx__job *job) {
     s->inflight--;
     fmx__slot *slot = fmx__find(s, job->episode);
@@ -786,6 +762,31 @@ static void fmx__job_done(fmx__server *s, fmx__job *job) {
     fmx__request_free(job->rq);
     free(job);
     if (slot) fmx__drain_queue(s, slot);
+}
+
+/* The pool finished a job: a step (phase 0), or the grade of the last
+ * verified code after the budget's last step failed (phase 1). */
+static void fmx__on_pool_done(void *ctx, void *ptr, fmx_pool_result *res) {
+    fmx__server *s = ctx;
+    fmx__job *job = ptr;
+    if (res->fate != FMX_FATE_OK)
+        fprintf(stderr, "fmx serve: episode %lld, %s: %s (%s)\n", (long long)job->episode,
+                job->phase ? "grading the last verified code" : job->plan.tool,
+                fmx_fate_name(res->fate), res->why);
+    if (job->phase == 0) {
+        job->rc = fmx_pool_outcome(s->pool, &job->plan, res, &job->outcome);
+        if (job->rc == FMX_OK && fmx_pool_needs_fallback(&job->plan, res)) {
+            job->phase = 1;
+            if (fmx_pool_submit(s->pool,
+                                fmx_worker_grade_request(&job->plan, job->plan.fallback_code,
+                                                         job->plan.fallback_entry),
+                                job) == FMX_OK)
+                return; /* still in flight */
+        }
+    } else if (fmx_pool_fallback(&job->plan, res, &job->outcome) != FMX_OK) {
+        job->rc = FMX_ENOMEM;
+    }
+    fmx__job_done(s, job);
 }
 
 /* ---- receiving ---- */
@@ -856,8 +857,9 @@ static cJSON *fmx__build_spec(const fmx_serve_config *cfg) {
         spec, "observation",
         "A map {tool, text, data, error?}: text is what the policy reads, data the same content "
         "structured, error a short code when the action was refused (unknown_tool, bad_args, "
-        "unknown_path, hidden_probe, out_of_range, code_too_long); a refused action still counts "
-        "as a step but does not end the episode.");
+        "unknown_path, hidden_probe, out_of_range, code_too_long) or an evaluation did not "
+        "finish (timeout, oom, crashed); such a step still counts but does not end the episode, "
+        "except a submit whose evaluation did not finish: it scores 0 and ends it.");
     cJSON_AddStringToObject(
         spec, "action",
         "A map {tool: STR, args: MAP}: one call of one of the tools, with arguments as in the "
@@ -875,7 +877,13 @@ fmx_serve_config fmx_serve_config_default(void) {
     return (fmx_serve_config){.tasks_dir = NULL,
                               .db_path = "fmx.db",
                               .bind = "tcp://127.0.0.1:5555",
-                              .threads = n > 0 ? (int)n : 1,
+                              .workers = n > 0 ? (int)n : 1,
+                              .worker_threads = 1,
+                              .worker_mem_mb = 4096,
+                              .eval_timeout_s = 30,
+                              .worker_exec = 0,
+                              .curve_secret_key = NULL,
+                              .insecure = 0,
                               .budget = fmx_budget_default(),
                               .reward_path = NULL,
                               .device = "cpu",
@@ -883,24 +891,17 @@ fmx_serve_config fmx_serve_config_default(void) {
 }
 
 static void fmx__teardown(fmx__server *s) {
-    if (s->threads) {
-        pthread_mutex_lock(&s->mu);
-        s->stop_workers = 1;
-        pthread_cond_broadcast(&s->cv);
-        pthread_mutex_unlock(&s->mu);
-        /* Workers still running a job past the shutdown wait are left to the
-         * process exit; the others are joined. */
-        if (s->inflight == 0)
-            for (int i = 0; i < s->nthreads; i++)
-                pthread_join(s->threads[i], NULL);
-        free(s->threads);
-    }
-    for (fmx__job *j = s->jhead, *next; j; j = next) {
-        next = j->next;
+    /* Jobs still queued or running past the shutdown wait: their workers
+     * are killed with the rest. */
+    for (fmx__job *j; s->pool && (j = fmx_pool_take(s->pool));) {
+        fmx_step_outcome_clear(&j->outcome);
         fmx_step_plan_clear(&j->plan);
         fmx__request_free(j->rq);
         free(j);
     }
+    fmx_pool_destroy(s->pool);
+    free(s->items);
+    free(s->fds);
     for (size_t i = 0; s->buckets && i < s->nbuckets; i++)
         for (fmx__slot *e = s->buckets[i], *next; e; e = next) {
             next = e->hnext;
@@ -921,15 +922,10 @@ static void fmx__teardown(fmx__server *s) {
     cJSON_Delete(s->spec);
     cJSON_Delete(s->task_list);
     free(s->replies);
-    if (s->done) zmq_close(s->done);
     if (s->router) zmq_close(s->router);
-    if (s->zctx && s->inflight == 0) zmq_ctx_term(s->zctx);
+    if (s->zctx) zmq_ctx_term(s->zctx);
     fmx_log_close(s->log);
     fmx_tasks_close(s->tasks);
-    if (s->inflight == 0) {
-        pthread_mutex_destroy(&s->mu);
-        pthread_cond_destroy(&s->cv);
-    }
 }
 
 /* Marks every open episode aborted in the log and answers queued requests. */
@@ -952,12 +948,135 @@ static void fmx__abort_all(fmx__server *s) {
         }
 }
 
+/* ---- the bind rule and CURVE keys ---- */
+
+int fmx_serve_is_loopback(const char *addr) {
+    if (strncmp(addr, "ipc://", 6) == 0 || strncmp(addr, "inproc://", 9) == 0) return 1;
+    if (strncmp(addr, "tcp://", 6) != 0 || strchr(addr, ';')) return 0;
+    const char *h = addr + 6, *colon = strrchr(h, ':');
+    if (!colon) return 0;
+    size_t n = (size_t)(colon - h);
+    if ((n == 5 && strncmp(h, "[::1]", 5) == 0) || (n == 9 && strncmp(h, "localhost", 9) == 0) ||
+        (n == 2 && strncmp(h, "lo", 2) == 0))
+        return 1;
+    /* 127.a.b.c: the whole 127/8 block is loopback */
+    if (n < 7 || strncmp(h, "127.", 4) != 0) return 0;
+    int dots = 0;
+    for (const char *c = h + 3; c < colon; c++) {
+        if (*c == '.') {
+            if (c + 1 == colon || c[1] == '.') return 0;
+            dots++;
+        } else if (*c < '0' || *c > '9') {
+            return 0;
+        }
+    }
+    return dots == 3;
+}
+
+/* Reads a CURVE secret key (Z85, 40 characters): a `secret-key = KEY`
+ * line of `fmx keygen`'s file, or the bare key. */
+static int fmx__read_secret_key(const char *path, unsigned char key[32], char *err, size_t errsz) {
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        snprintf(err, errsz, "%s: %s", path, strerror(errno));
+        return FMX_EIO;
+    }
+    struct stat st;
+    if (fstat(fileno(f), &st) == 0 && (st.st_mode & 077))
+        fprintf(stderr, "fmx serve: warning: %s is readable by other users (chmod 600 it)\n", path);
+    char line[512], z85[41] = "";
+    while (fgets(line, sizeof line, f)) {
+        char *v = line;
+        if (strncmp(v, "secret-key", 10) == 0) {
+            v += 10;
+            while (*v == ' ' || *v == '\t' || *v == '=')
+                v++;
+        } else if (line[0] == '#' || strncmp(line, "public-key", 10) == 0) {
+            continue;
+        }
+        size_t k = strcspn(v, " \t\r\n");
+        if (k == 40) {
+            memcpy(z85, v, 40);
+            z85[40] = 0;
+            break;
+        }
+    }
+    fclose(f);
+    if (!z85[0] || !zmq_z85_decode(key, z85)) {
+        snprintf(err, errsz,
+                 "%s: no CURVE secret key (a `secret-key = KEY` line with a 40-character Z85 "
+                 "key, as `fmx keygen` writes)",
+                 path);
+        return FMX_EFORMAT;
+    }
+    return FMX_OK;
+}
+
+int fmx_serve_keygen_main(int argc, char **argv) {
+    const char *out = NULL;
+    for (int i = 1; i < argc; i++) {
+        if ((strcmp(argv[i], "-o") == 0 || strcmp(argv[i], "--output") == 0) && i + 1 < argc) {
+            out = argv[++i];
+        } else {
+            fprintf(stderr, "usage: fmx keygen [-o FILE]   a CURVE key pair for fmx serve "
+                            "--curve-secret-key FILE\n");
+            return strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0 ? 0 : 2;
+        }
+    }
+    char pub[41], sec[41];
+    if (!zmq_has("curve") || zmq_curve_keypair(pub, sec) != 0) {
+        fprintf(stderr, "fmx keygen: this libzmq has no CURVE support\n");
+        return 2;
+    }
+    char text[256];
+    snprintf(text, sizeof text,
+             "# fmx CURVE key pair (ZeroMQ, Z85). The secret key is for fmx serve "
+             "--curve-secret-key; clients need only the public key.\n"
+             "public-key = %s\nsecret-key = %s\n",
+             pub, sec);
+    if (!out) {
+        fputs(text, stdout);
+        return 0;
+    }
+    int fd = open(out, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
+    if (!f || fputs(text, f) < 0 || fclose(f) != 0) {
+        fprintf(stderr, "fmx keygen: %s: %s\n", out, strerror(errno));
+        if (fd >= 0 && !f) close(fd);
+        return 2;
+    }
+    printf("public-key = %s\n", pub);
+    return 0;
+}
+
 int fmx_serve(const fmx_serve_config *cfg) {
     fmx__server srv = {0}, *s = &srv;
     s->cfg = cfg;
     s->started = fmx__mono();
     char err[2048];
     int status = 2;
+
+    /* The bind rule: anything but loopback needs CURVE or --insecure. */
+    unsigned char curve_key[32];
+    if (cfg->curve_secret_key &&
+        fmx__read_secret_key(cfg->curve_secret_key, curve_key, err, sizeof err) != FMX_OK) {
+        fprintf(stderr, "fmx serve: --curve-secret-key %s\n", err);
+        return 2;
+    }
+    if (cfg->curve_secret_key && !zmq_has("curve")) {
+        fprintf(stderr, "fmx serve: --curve-secret-key: this libzmq has no CURVE support\n");
+        return 2;
+    }
+    if (!fmx_serve_is_loopback(cfg->bind) && !cfg->curve_secret_key && !cfg->insecure) {
+        fprintf(stderr,
+                "fmx serve: refusing to bind %s: it is not a loopback address, and anyone who "
+                "can reach it could run episodes (and candidate code) on this machine. Use "
+                "--curve-secret-key FILE (encryption and server authentication; `fmx keygen -o "
+                "FILE` makes a key pair, clients set the public key as their CURVE server key) "
+                "or, on a network you trust, --insecure.\n",
+                cfg->bind);
+        return 2;
+    }
 
     s->reward = fmx_reward_config_default();
     if (cfg->reward_path &&
@@ -973,8 +1092,27 @@ int fmx_serve(const fmx_serve_config *cfg) {
         fprintf(stderr, "fmx serve: %s\n", err);
         return 2;
     }
-    pthread_mutex_init(&s->mu, NULL);
-    pthread_cond_init(&s->cv, NULL);
+    /* The workers fork now: after the packs (shared copy-on-write), before
+     * the log and ZeroMQ exist (they are closed in replacements too). */
+    fmx_pool_config pc = fmx_pool_config_default();
+    pc.workers = cfg->workers > 0 ? cfg->workers : 1;
+    pc.threads = cfg->worker_threads > 0 ? cfg->worker_threads : 1;
+    pc.mem_mb = cfg->worker_mem_mb;
+    pc.eval_timeout_s = cfg->eval_timeout_s > 0 ? cfg->eval_timeout_s : 30;
+    pc.exec = cfg->worker_exec;
+    pc.tasks_dir = cfg->tasks_dir;
+    pc.device = cfg->device;
+    pc.reward_path = cfg->reward_path;
+    if (fmx_pool_create(&pc, s->tasks, &s->reward, &s->pool, err, sizeof err) != FMX_OK) {
+        fprintf(stderr, "fmx serve: %s\n", err);
+        goto out;
+    }
+    s->items = calloc((size_t)pc.workers + 1, sizeof *s->items);
+    s->fds = calloc((size_t)pc.workers, sizeof *s->fds);
+    if (!s->items || !s->fds) {
+        fprintf(stderr, "fmx serve: out of memory\n");
+        goto out;
+    }
     if (fmx_log_open(cfg->db_path, &s->log, err, sizeof err) != FMX_OK) {
         fprintf(stderr, "fmx serve: --db %s: %s\n", cfg->db_path, err);
         goto out;
@@ -1004,8 +1142,8 @@ int fmx_serve(const fmx_serve_config *cfg) {
         goto out;
     }
 
-    /* Signals go to this thread only: block them before any thread starts
-     * (ZeroMQ's and the workers inherit the mask), then unblock here. */
+    /* Signals go to this thread only: block them before ZeroMQ's threads
+     * start (they inherit the mask), then unblock here. */
     sigset_t sigs, old;
     sigemptyset(&sigs);
     sigaddset(&sigs, SIGINT);
@@ -1020,41 +1158,37 @@ int fmx_serve(const fmx_serve_config *cfg) {
 
     s->zctx = zmq_ctx_new();
     s->router = s->zctx ? zmq_socket(s->zctx, ZMQ_ROUTER) : NULL;
-    s->done = s->zctx ? zmq_socket(s->zctx, ZMQ_PULL) : NULL;
-    if (!s->router || !s->done) {
+    if (!s->router) {
         fprintf(stderr, "fmx serve: zeromq: %s\n", zmq_strerror(errno));
         pthread_sigmask(SIG_SETMASK, &old, NULL);
         goto out;
     }
-    int one = 1, linger = 1000, hwm = 100000, zero = 0;
+    int one = 1, linger = 1000, hwm = 100000;
     int64_t maxmsg = FMX__ZMQ_MAXMSG;
     zmq_setsockopt(s->router, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
     zmq_setsockopt(s->router, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
     zmq_setsockopt(s->router, ZMQ_LINGER, &linger, sizeof linger);
     zmq_setsockopt(s->router, ZMQ_SNDHWM, &hwm, sizeof hwm);
     zmq_setsockopt(s->router, ZMQ_RCVHWM, &hwm, sizeof hwm);
-    zmq_setsockopt(s->done, ZMQ_RCVHWM, &zero, sizeof zero);
-    if (zmq_bind(s->done, "inproc://fmx-done") != 0 || zmq_bind(s->router, cfg->bind) != 0) {
+    if (cfg->curve_secret_key &&
+        (zmq_setsockopt(s->router, ZMQ_CURVE_SERVER, &one, sizeof one) != 0 ||
+         zmq_setsockopt(s->router, ZMQ_CURVE_SECRETKEY, curve_key, sizeof curve_key) != 0)) {
+        fprintf(stderr, "fmx serve: CURVE: %s\n", zmq_strerror(errno));
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        goto out;
+    }
+    memset(curve_key, 0, sizeof curve_key);
+    if (zmq_bind(s->router, cfg->bind) != 0) {
         fprintf(stderr, "fmx serve: cannot bind %s: %s\n", cfg->bind, zmq_strerror(errno));
         pthread_sigmask(SIG_SETMASK, &old, NULL);
         goto out;
     }
-    s->nthreads = cfg->threads > 0 ? cfg->threads : 1;
-    s->threads = calloc((size_t)s->nthreads, sizeof *s->threads);
-    for (int i = 0; s->threads && i < s->nthreads; i++)
-        if (pthread_create(&s->threads[i], NULL, fmx__worker, s) != 0) {
-            s->nthreads = i;
-            break;
-        }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (!s->threads || s->nthreads == 0) {
-        fprintf(stderr, "fmx serve: cannot start worker threads\n");
-        goto out;
-    }
     fprintf(stderr,
-            "fmx serve: %d tasks from %d packs; listening on %s (%d worker threads, log %s, "
-            "%s)\n",
-            fmx_tasks_count(s->tasks), fmx_tasks_npacks(s->tasks), cfg->bind, s->nthreads,
+            "fmx serve: %d tasks from %d packs; listening on %s%s (%d worker processes, "
+            "%g s/%ld MiB per evaluation, log %s, %s)\n",
+            fmx_tasks_count(s->tasks), fmx_tasks_npacks(s->tasks), cfg->bind,
+            cfg->curve_secret_key ? " with CURVE" : "", pc.workers, pc.eval_timeout_s, pc.mem_mb,
             cfg->db_path, fmx_engine_version());
     fflush(stderr);
 
@@ -1067,18 +1201,22 @@ int fmx_serve(const fmx_serve_config *cfg) {
                     (int)fmx__signal, s->inflight);
         }
         if (s->shutting_down && (s->inflight == 0 || fmx__mono() > deadline)) break;
-        zmq_pollitem_t items[2] = {{s->router, 0, ZMQ_POLLIN, 0}, {s->done, 0, ZMQ_POLLIN, 0}};
-        int n = zmq_poll(items, 2, s->shutting_down ? 100 : 1000);
+        s->items[0] = (zmq_pollitem_t){s->router, 0, ZMQ_POLLIN, 0};
+        int nfd = fmx_pool_fds(s->pool, s->fds, pc.workers);
+        for (int i = 0; i < nfd; i++)
+            s->items[1 + i] = (zmq_pollitem_t){NULL, s->fds[i], ZMQ_POLLIN, 0};
+        int n =
+            zmq_poll(s->items, 1 + nfd, fmx_pool_wait_ms(s->pool, s->shutting_down ? 100 : 1000));
         if (n < 0 && errno != EINTR) {
             fprintf(stderr, "fmx serve: poll: %s\n", zmq_strerror(errno));
             break;
         }
         /* Finished jobs first: they free episodes whose requests wait. */
-        fmx__job *job;
-        while (zmq_recv(s->done, &job, sizeof job, ZMQ_DONTWAIT) == (int)sizeof job)
-            fmx__job_done(s, job);
+        fmx_pool_service(s->pool, fmx__on_pool_done, s);
         for (int i = 0; i < FMX__TURN_MAX && fmx__recv(s); i++) {
         }
+        /* Jobs the requests just queued go out now, not after the next poll. */
+        fmx_pool_service(s->pool, fmx__on_pool_done, s);
         fmx__flush(s);
     }
     if (s->inflight)
@@ -1099,8 +1237,17 @@ static const char fmx__usage[] =
     "usage: fmx serve --tasks DIR [options]\n"
     "  --tasks DIR           directory of packs (subdirectories with task.json)\n"
     "  --db FILE             episode log, SQLite (default fmx.db)\n"
-    "  --bind ADDR           ZeroMQ address (default tcp://127.0.0.1:5555; ipc://PATH works)\n"
-    "  --threads N           worker threads for verify_component/submit (default: CPU cores)\n"
+    "  --bind ADDR           ZeroMQ address (default tcp://127.0.0.1:5555; ipc://PATH works);\n"
+    "                        anything but loopback needs --curve-secret-key or --insecure\n"
+    "  --curve-secret-key FILE  CURVE encryption + server authentication (fmx keygen -o FILE)\n"
+    "  --insecure            allow a non-loopback --bind without CURVE\n"
+    "  --workers N           worker processes for verify_component/submit (default: CPU cores;\n"
+    "                        --threads N is the old name)\n"
+    "  --worker-threads N    intra-op threads of each worker (default 1)\n"
+    "  --worker-mem MB       memory one evaluation may allocate (RLIMIT_AS; default 4096, 0: "
+    "none)\n"
+    "  --eval-timeout S      wall-clock limit of one evaluation, seconds (default 30)\n"
+    "  --worker-exec         start workers with fork+exec (the default on cuda)\n"
     "  --max-steps N         steps per episode (default 40)\n"
     "  --max-code-bytes N    largest candidate file (default 65536)\n"
     "  --reward FILE         reward config (key = value lines; default: built in)\n"
@@ -1115,6 +1262,15 @@ static int fmx__posint(const char *s, long max, long *out) {
     return 1;
 }
 
+static int fmx__seconds(const char *s, double *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !(v > 0) || v > 86400) return 0;
+    *out = v;
+    return 1;
+}
+
 int fmx_serve_main(int argc, char **argv) {
     fmx_serve_config cfg = fmx_serve_config_default();
     for (int i = 1; i < argc; i++) {
@@ -1122,6 +1278,14 @@ int fmx_serve_main(int argc, char **argv) {
         if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
             fputs(fmx__usage, stdout);
             return 0;
+        }
+        if (strcmp(a, "--insecure") == 0) {
+            cfg.insecure = 1;
+            continue;
+        }
+        if (strcmp(a, "--worker-exec") == 0) {
+            cfg.worker_exec = 1;
+            continue;
         }
         if (i + 1 >= argc || a[0] != '-') {
             fprintf(stderr, "fmx serve: %s '%s'\n\n%s",
@@ -1140,8 +1304,18 @@ int fmx_serve_main(int argc, char **argv) {
             cfg.reward_path = v;
         else if (strcmp(a, "--device") == 0)
             cfg.device = v;
-        else if (strcmp(a, "--threads") == 0 && fmx__posint(v, 1024, &n))
-            cfg.threads = (int)n;
+        else if ((strcmp(a, "--workers") == 0 || strcmp(a, "--threads") == 0) &&
+                 fmx__posint(v, 1024, &n))
+            cfg.workers = (int)n;
+        else if (strcmp(a, "--worker-threads") == 0 && fmx__posint(v, 1024, &n))
+            cfg.worker_threads = (int)n;
+        else if (strcmp(a, "--worker-mem") == 0 &&
+                 (strcmp(v, "0") == 0 || fmx__posint(v, 1L << 30, &n)))
+            cfg.worker_mem_mb = strcmp(v, "0") == 0 ? 0 : n;
+        else if (strcmp(a, "--eval-timeout") == 0 && fmx__seconds(v, &cfg.eval_timeout_s))
+            ;
+        else if (strcmp(a, "--curve-secret-key") == 0)
+            cfg.curve_secret_key = v;
         else if (strcmp(a, "--max-steps") == 0 && fmx__posint(v, 1000000, &n))
             cfg.budget.max_steps = (int)n;
         else if (strcmp(a, "--max-code-bytes") == 0 && fmx__posint(v, 4 << 20, &n))

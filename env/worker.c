@@ -1,0 +1,2076 @@
+/*
+ * worker.c — worker processes for the server's evaluations (worker.h): the
+ * pool the server's main thread drives (spawn, dispatch, deadlines, reaping,
+ * replacement), the sandbox a worker puts itself in, the worker's serve
+ * loop, the channel's framing and the self-tests. It is not: the server loop
+ * (env/server.c) or what a job computes (env/episode.c, env/tools.c).
+ */
+#define _GNU_SOURCE
+#include "worker.h"
+
+#include <cjson/cJSON.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <seccomp.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "engine/engine.h"
+#include "proto.h"
+#include "status.h"
+#include "tools.h"
+
+#define FMX__EXIT_OOM 86             /* a worker's exit status: an allocation failed */
+#define FMX__EXIT_SETUP 87           /* ... it could not sandbox itself */
+#define FMX__MAX_MSG (256u << 20)    /* largest message on a channel */
+#define FMX__SEND_WAIT_S 10.0        /* how long a request write may block */
+#define FMX__CHANNEL_FD 3            /* a worker's end of the channel */
+#define FMX__RESTART_MAX_DELAY_S 5.0 /* back-off cap for workers that die starting */
+#define FMX__START_FAILURES_MAX 5    /* then jobs fail instead of waiting for a worker */
+#define FMX__TREE_MAX_DEPTH 64
+
+static double fmx__mono(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* ---- the channel: framing and a lossless cJSON tree encoding ----
+ *
+ * JSON text would lose NaN/Inf (cJSON prints null) and the float flag of
+ * whole numbers (fmx_proto_float: a reward of 1.0 goes out as a float), so
+ * a tree travels as: 'n' null, 'f' false, 't' true, 'd' flags:u32 value:f64,
+ * 's' len:u32 bytes, 'a' n:u32 items, 'o' n:u32 (len:u32 key item)*. */
+
+typedef struct {
+    char *s;
+    size_t len, cap;
+    int oom;
+} fmx__buf;
+
+static void fmx__put(fmx__buf *b, const void *p, size_t n) {
+    if (b->oom) return;
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        while (cap < b->len + n)
+            cap *= 2;
+        char *s = realloc(b->s, cap);
+        if (!s) {
+            b->oom = 1;
+            return;
+        }
+        b->s = s;
+        b->cap = cap;
+    }
+    memcpy(b->s + b->len, p, n);
+    b->len += n;
+}
+
+static void fmx__put_u32(fmx__buf *b, uint32_t v) {
+    unsigned char x[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16),
+                          (unsigned char)(v >> 24)};
+    fmx__put(b, x, 4);
+}
+
+static void fmx__put_str(fmx__buf *b, const char *s) {
+    size_t n = s ? strlen(s) : 0;
+    fmx__put_u32(b, (uint32_t)n);
+    fmx__put(b, s ? s : "", n);
+}
+
+static void fmx__tree_put(fmx__buf *b, const cJSON *j) {
+    switch (j->type & 0xff) {
+    case cJSON_False:
+        fmx__put(b, "f", 1);
+        break;
+    case cJSON_True:
+        fmx__put(b, "t", 1);
+        break;
+    case cJSON_Number: {
+        fmx__put(b, "d", 1);
+        fmx__put_u32(b, (uint32_t)(j->type & ~(0xff | cJSON_IsReference | cJSON_StringIsConst)));
+        fmx__put(b, &j->valuedouble, 8);
+        break;
+    }
+    case cJSON_String:
+    case cJSON_Raw:
+        fmx__put(b, "s", 1);
+        fmx__put_str(b, j->valuestring);
+        break;
+    case cJSON_Array:
+    case cJSON_Object: {
+        int obj = (j->type & 0xff) == cJSON_Object;
+        fmx__put(b, obj ? "o" : "a", 1);
+        fmx__put_u32(b, (uint32_t)cJSON_GetArraySize(j));
+        for (const cJSON *c = j->child; c; c = c->next) {
+            if (obj) fmx__put_str(b, c->string);
+            fmx__tree_put(b, c);
+        }
+        break;
+    }
+    default:
+        fmx__put(b, "n", 1);
+    }
+}
+
+typedef struct {
+    const unsigned char *p;
+    size_t n, at;
+} fmx__rd;
+
+static int fmx__get_u32(fmx__rd *r, uint32_t *v) {
+    if (r->n - r->at < 4) return 0;
+    const unsigned char *x = r->p + r->at;
+    *v = (uint32_t)x[0] | (uint32_t)x[1] << 8 | (uint32_t)x[2] << 16 | (uint32_t)x[3] << 24;
+    r->at += 4;
+    return 1;
+}
+
+/* A string of the stream as a NUL-terminated copy; NULL when malformed (or
+ * holding a NUL byte) or out of memory. */
+static char *fmx__get_str(fmx__rd *r) {
+    uint32_t n;
+    if (!fmx__get_u32(r, &n) || r->n - r->at < n || memchr(r->p + r->at, 0, n)) return NULL;
+    char *s = malloc((size_t)n + 1);
+    if (!s) return NULL;
+    memcpy(s, r->p + r->at, n);
+    s[n] = 0;
+    r->at += n;
+    return s;
+}
+
+static cJSON *fmx__tree_get(fmx__rd *r, int depth) {
+    if (depth > FMX__TREE_MAX_DEPTH || r->at >= r->n) return NULL;
+    char t = (char)r->p[r->at++];
+    switch (t) {
+    case 'n':
+        return cJSON_CreateNull();
+    case 'f':
+        return cJSON_CreateFalse();
+    case 't':
+        return cJSON_CreateTrue();
+    case 'd': {
+        uint32_t flags;
+        double v;
+        if (!fmx__get_u32(r, &flags) || r->n - r->at < 8) return NULL;
+        memcpy(&v, r->p + r->at, 8);
+        r->at += 8;
+        cJSON *j = cJSON_CreateNumber(v);
+        if (j) j->type |= (int)(flags & ~(0xffu | cJSON_IsReference | cJSON_StringIsConst));
+        return j;
+    }
+    case 's': {
+        char *s = fmx__get_str(r);
+        cJSON *j = s ? cJSON_CreateString(s) : NULL;
+        free(s);
+        return j;
+    }
+    case 'a':
+    case 'o': {
+        uint32_t n;
+        /* every entry takes at least one byte: a count can never outrun the data */
+        if (!fmx__get_u32(r, &n) || n > r->n - r->at) return NULL;
+        cJSON *j = t == 'o' ? cJSON_CreateObject() : cJSON_CreateArray();
+        for (uint32_t i = 0; j && i < n; i++) {
+            char *key = t == 'o' ? fmx__get_str(r) : NULL;
+            cJSON *c = (t == 'a' || key) ? fmx__tree_get(r, depth + 1) : NULL;
+            if (!c) {
+                free(key);
+                cJSON_Delete(j);
+                return NULL;
+            }
+            if (key)
+                cJSON_AddItemToObject(j, key, c);
+            else
+                cJSON_AddItemToArray(j, c);
+            free(key);
+        }
+        return j;
+    }
+    default:
+        return NULL;
+    }
+}
+
+/* Encodes a message: length prefix, then the tree. Caller frees *out. */
+static int fmx__encode(const cJSON *j, char **out, size_t *len) {
+    fmx__buf b = {0};
+    fmx__put_u32(&b, 0);
+    fmx__tree_put(&b, j);
+    if (b.oom || b.len - 4 > FMX__MAX_MSG) {
+        free(b.s);
+        return FMX_ENOMEM;
+    }
+    uint32_t n = (uint32_t)(b.len - 4);
+    unsigned char x[4] = {(unsigned char)n, (unsigned char)(n >> 8), (unsigned char)(n >> 16),
+                          (unsigned char)(n >> 24)};
+    memcpy(b.s, x, 4);
+    *out = b.s;
+    *len = b.len;
+    return FMX_OK;
+}
+
+static cJSON *fmx__decode(const char *s, size_t n) {
+    fmx__rd r = {(const unsigned char *)s, n, 0};
+    cJSON *j = fmx__tree_get(&r, 0);
+    if (j && r.at != n) {
+        cJSON_Delete(j);
+        return NULL;
+    }
+    return j;
+}
+
+/* Blocking write of a whole buffer (the worker's side). */
+static int fmx__write_all(int fd, const char *p, size_t n) {
+    while (n) {
+        ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) return -1;
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+/* Blocking read of one message (the worker's side). Returns 1 with *out
+ * (caller frees), 0 at end of stream, -1 on error. */
+static int fmx__read_msg(int fd, char **out, size_t *len) {
+    unsigned char h[4];
+    size_t got = 0;
+    while (got < 4) {
+        ssize_t k = recv(fd, h + got, 4 - got, 0);
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) return got == 0 && k == 0 ? 0 : -1;
+        got += (size_t)k;
+    }
+    uint32_t n = (uint32_t)h[0] | (uint32_t)h[1] << 8 | (uint32_t)h[2] << 16 | (uint32_t)h[3] << 24;
+    if (n > FMX__MAX_MSG) return -1;
+    char *b = malloc((size_t)n + 1);
+    if (!b) return -1;
+    for (got = 0; got < n;) {
+        ssize_t k = recv(fd, b + got, n - got, 0);
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) {
+            free(b);
+            return -1;
+        }
+        got += (size_t)k;
+    }
+    *out = b;
+    *len = n;
+    return 1;
+}
+
+/* ---- grades and outcomes as trees ---- */
+
+static cJSON *fmx__grade_json(const fmx_grade *g) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "graded_probes", g->graded_probes);
+    cJSON_AddNumberToObject(o, "passed_probes", g->passed_probes);
+    cJSON *f = cJSON_AddObjectToObject(o, "facts");
+    cJSON_AddNumberToObject(f, "correctness", g->facts.correctness);
+    cJSON_AddNumberToObject(f, "loc", (double)g->facts.loc);
+    cJSON_AddNumberToObject(f, "target_loc", (double)g->facts.target_loc);
+    cJSON_AddNumberToObject(f, "compiled", g->facts.compiled);
+    cJSON_AddNumberToObject(f, "host_syncs", g->facts.host_syncs);
+    cJSON_AddNumberToObject(f, "data_dependent_flow", g->facts.data_dependent_flow);
+    cJSON_AddNumberToObject(f, "survives_optimization", g->facts.survives_optimization);
+    cJSON_AddNumberToObject(f, "runs_all_shapes", g->facts.runs_all_shapes);
+    cJSON *s = cJSON_AddObjectToObject(o, "score");
+    cJSON_AddNumberToObject(s, "correctness", g->score.correctness);
+    cJSON_AddNumberToObject(s, "loc_score", g->score.loc_score);
+    cJSON_AddNumberToObject(s, "compile_score", g->score.compile_score);
+    cJSON_AddNumberToObject(s, "reward", g->score.reward);
+    cJSON_AddStringToObject(o, "breakdown", g->breakdown);
+    if (g->summary) cJSON_AddItemToObject(o, "summary", cJSON_Duplicate(g->summary, 1));
+    if (g->text) cJSON_AddStringToObject(o, "text", g->text);
+    return o;
+}
+
+static double fmx__num(const cJSON *o, const char *k) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+    return cJSON_IsNumber(v) ? v->valuedouble : 0;
+}
+
+static int fmx__flag(const cJSON *o, const char *k) {
+    return cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, k));
+}
+
+/* Fills g from a tree of fmx__grade_json. Returns FMX_OK, FMX_EFORMAT or FMX_ENOMEM. */
+static int fmx__grade_from(const cJSON *o, fmx_grade *g) {
+    memset(g, 0, sizeof *g);
+    if (!cJSON_IsObject(o)) return FMX_EFORMAT;
+    const cJSON *f = cJSON_GetObjectItemCaseSensitive(o, "facts");
+    const cJSON *s = cJSON_GetObjectItemCaseSensitive(o, "score");
+    const char *bd = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(o, "breakdown"));
+    const char *text = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(o, "text"));
+    const cJSON *sum = cJSON_GetObjectItemCaseSensitive(o, "summary");
+    if (!cJSON_IsObject(f) || !cJSON_IsObject(s) || !bd || !text || !cJSON_IsObject(sum))
+        return FMX_EFORMAT;
+    g->graded_probes = (int)fmx__num(o, "graded_probes");
+    g->passed_probes = (int)fmx__num(o, "passed_probes");
+    g->facts.correctness = fmx__num(f, "correctness");
+    g->facts.loc = (long)fmx__num(f, "loc");
+    g->facts.target_loc = (long)fmx__num(f, "target_loc");
+    g->facts.compiled = (int)fmx__num(f, "compiled");
+    g->facts.host_syncs = (int)fmx__num(f, "host_syncs");
+    g->facts.data_dependent_flow = (int)fmx__num(f, "data_dependent_flow");
+    g->facts.survives_optimization = (int)fmx__num(f, "survives_optimization");
+    g->facts.runs_all_shapes = (int)fmx__num(f, "runs_all_shapes");
+    g->score.correctness = fmx__num(s, "correctness");
+    g->score.loc_score = fmx__num(s, "loc_score");
+    g->score.compile_score = fmx__num(s, "compile_score");
+    g->score.reward = fmx__num(s, "reward");
+    snprintf(g->breakdown, sizeof g->breakdown, "%s", bd);
+    g->summary = cJSON_Duplicate(sum, 1);
+    g->text = strdup(text);
+    if (!g->summary || !g->text) {
+        fmx_grade_clear(g);
+        return FMX_ENOMEM;
+    }
+    return FMX_OK;
+}
+
+/* The outcome as a reply; takes the observation out of it. NULL when out of memory. */
+static cJSON *fmx__outcome_json(fmx_step_outcome *out) {
+    cJSON *o = cJSON_CreateObject();
+    if (!o) return NULL;
+    cJSON *t = cJSON_AddObjectToObject(o, "tool");
+    if (out->tool.observation) {
+        cJSON_AddItemToObject(t, "observation", out->tool.observation);
+        out->tool.observation = NULL;
+        out->tool.error = NULL;
+    }
+    cJSON_AddBoolToObject(t, "verified_task_code", out->tool.verified_task_code);
+    cJSON_AddBoolToObject(t, "submitted", out->tool.submitted);
+    if (out->tool.submitted) cJSON_AddItemToObject(t, "grade", fmx__grade_json(&out->tool.grade));
+    cJSON_AddBoolToObject(o, "truncated", out->truncated);
+    cJSON_AddBoolToObject(o, "trunc_graded", out->trunc_graded);
+    if (out->trunc_graded)
+        cJSON_AddItemToObject(o, "trunc_grade", fmx__grade_json(&out->trunc_grade));
+    if (out->graded_code) cJSON_AddStringToObject(o, "graded_code", out->graded_code);
+    if (out->graded_entry) cJSON_AddStringToObject(o, "graded_entry", out->graded_entry);
+    cJSON_AddNumberToObject(o, "ms", out->ms);
+    return o;
+}
+
+/* Fills out from a reply of fmx__outcome_json (taking its observation). */
+static int fmx__outcome_from(cJSON *o, fmx_step_outcome *out) {
+    memset(out, 0, sizeof *out);
+    cJSON *t = cJSON_GetObjectItemCaseSensitive(o, "tool");
+    cJSON *obs = cJSON_GetObjectItemCaseSensitive(t, "observation");
+    if (!cJSON_IsObject(t) || !cJSON_IsObject(obs)) return FMX_EFORMAT;
+    int rc = FMX_OK;
+    out->tool.verified_task_code = fmx__flag(t, "verified_task_code");
+    out->tool.submitted = fmx__flag(t, "submitted");
+    if (out->tool.submitted)
+        rc = fmx__grade_from(cJSON_GetObjectItemCaseSensitive(t, "grade"), &out->tool.grade);
+    out->truncated = fmx__flag(o, "truncated");
+    out->trunc_graded = fmx__flag(o, "trunc_graded");
+    if (rc == FMX_OK && out->trunc_graded)
+        rc = fmx__grade_from(cJSON_GetObjectItemCaseSensitive(o, "trunc_grade"), &out->trunc_grade);
+    const char *code = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(o, "graded_code"));
+    const char *entry = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(o, "graded_entry"));
+    if (rc == FMX_OK && out->trunc_graded && (!code || !entry)) rc = FMX_EFORMAT;
+    if (rc == FMX_OK && code && !(out->graded_code = strdup(code))) rc = FMX_ENOMEM;
+    if (rc == FMX_OK && entry && !(out->graded_entry = strdup(entry))) rc = FMX_ENOMEM;
+    out->ms = fmx__num(o, "ms");
+    if (rc != FMX_OK) {
+        fmx_step_outcome_clear(out);
+        return rc;
+    }
+    out->tool.observation = cJSON_DetachItemViaPointer(t, obs);
+    const cJSON *err = cJSON_GetObjectItemCaseSensitive(out->tool.observation, "error");
+    out->tool.error = cJSON_IsString(err) ? err->valuestring : NULL;
+    return FMX_OK;
+}
+
+/* ---- requests ---- */
+
+static cJSON *fmx__request(const char *kind, const fmx_step_plan *plan) {
+    cJSON *r = cJSON_CreateObject();
+    cJSON_AddStringToObject(r, "kind", kind);
+    if (plan) {
+        cJSON_AddStringToObject(r, "task", plan->ctx.task->id);
+        cJSON_AddNumberToObject(r, "max_code_bytes", (double)plan->ctx.max_code_bytes);
+    }
+    return r;
+}
+
+cJSON *fmx_worker_step_request(const fmx_step_plan *plan) {
+    cJSON *r = fmx__request("step", plan);
+    cJSON_AddStringToObject(r, "tool", plan->tool ? plan->tool : "");
+    cJSON_AddItemToObject(r, "args",
+                          plan->args ? cJSON_Duplicate(plan->args, 1) : cJSON_CreateNull());
+    cJSON_AddBoolToObject(r, "final", plan->final);
+    if (plan->fallback_code) cJSON_AddStringToObject(r, "fallback_code", plan->fallback_code);
+    if (plan->fallback_entry) cJSON_AddStringToObject(r, "fallback_entry", plan->fallback_entry);
+    return r;
+}
+
+cJSON *fmx_worker_grade_request(const fmx_step_plan *plan, const char *code, const char *entry) {
+    cJSON *r = fmx__request("grade", plan);
+    cJSON_AddStringToObject(r, "code", code ? code : "");
+    cJSON_AddStringToObject(r, "entry", entry ? entry : "forward");
+    return r;
+}
+
+cJSON *fmx_worker_selftest_request(const char *what) {
+    cJSON *r = fmx__request("selftest", NULL);
+    cJSON_AddStringToObject(r, "what", what ? what : "");
+    return r;
+}
+
+/* ---- warming libtorch up ---- */
+
+/* Touches the kernels candidates use, in float32 and bfloat16, with the
+ * graph executor's optimisations too, so that lazy initialisations (which
+ * may open files) happen before the sandbox closes. */
+static const char fmx__warm_src[] =
+    "import torch\n"
+    "import torch.nn.functional as F\n"
+    "from torch import Tensor\n"
+    "from typing import Dict, Tuple\n"
+    "\n"
+    "def forward(x: Tensor, weights: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:\n"
+    "    h = F.layer_norm(x, [x.shape[-1]])\n"
+    "    q = F.linear(h, weights['w'], weights['b'])\n"
+    "    a = torch.softmax(q @ q.transpose(-1, -2) / 8.0, dim=-1)\n"
+    "    m = torch.triu(torch.ones(x.shape[1], x.shape[1]), 1).to(torch.bool)\n"
+    "    y = a.masked_fill(m, 0.0) @ h\n"
+    "    y = F.silu(y) + F.gelu(y) + F.gelu(y, approximate='tanh') + torch.tanh(y) + torch.erf(y)\n"
+    "    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)\n"
+    "    e = F.embedding(torch.arange(x.shape[1]).unsqueeze(0), weights['w'])\n"
+    "    p = torch.cat((y.cos(), y.sin()), dim=-1).float()\n"
+    "    s = F.scaled_dot_product_attention(h.unsqueeze(1), h.unsqueeze(1), h.unsqueeze(1), "
+    "is_causal=True)\n"
+    "    z = y.to(torch.bfloat16) @ weights['w'].to(torch.bfloat16).t()\n"
+    "    c = F.conv1d(h.transpose(1, 2), weights['w'].unsqueeze(-1))\n"
+    "    out = y + e + torch.where(y > 0, y, -y) + torch.clamp(y, -1.0, 1.0)\n"
+    "    return out, p.sum() + s.sum() + z.float().sum() + c.sum() + torch.cumsum(y, 1).amax()\n";
+
+/* Runs the warm-up program (and, with tasks, grades a trivial candidate on
+ * every pack's first task). Returns FMX_OK or the first failure (err). */
+static int fmx__warmup(const fmx_tasks *tasks, const fmx_reward_config *reward, char *err,
+                       size_t errsz) {
+    fmx_program *prog = NULL;
+    fmx_args *a = fmx_args_create();
+    fmx_run *run = NULL;
+    fmx_tensor *x = NULL, *w = NULL, *b = NULL, *x16 = NULL, *w16 = NULL, *b16 = NULL;
+    static float xs[2 * 8 * 16], ws[16 * 16], bs[16];
+    for (int i = 0; i < 2 * 8 * 16; i++)
+        xs[i] = (float)((i * 37) % 101) / 101.0f - 0.5f;
+    for (int i = 0; i < 16 * 16; i++)
+        ws[i] = (float)((i * 53) % 97) / 97.0f - 0.5f;
+    for (int i = 0; i < 16; i++)
+        bs[i] = 0.01f * (float)i;
+    int64_t xshape[3] = {2, 8, 16}, wshape[2] = {16, 16}, bshape[1] = {16};
+    int rc = a ? FMX_OK : FMX_ENOMEM;
+    if (rc == FMX_OK) rc = fmx_tensor_wrap(xs, FMX_DT_F32, xshape, 3, &x, err, errsz);
+    if (rc == FMX_OK) rc = fmx_tensor_wrap(ws, FMX_DT_F32, wshape, 2, &w, err, errsz);
+    if (rc == FMX_OK) rc = fmx_tensor_wrap(bs, FMX_DT_F32, bshape, 1, &b, err, errsz);
+    if (rc == FMX_OK)
+        rc = fmx_program_compile(fmx__warm_src, sizeof fmx__warm_src - 1, "warmup.py", &prog, err,
+                                 errsz);
+    const char *keys[2] = {"w", "b"};
+    const fmx_tensor *vals[2] = {w, b};
+    if (rc == FMX_OK) rc = fmx_args_tensor(a, "x", x);
+    if (rc == FMX_OK) rc = fmx_args_weights(a, "weights", keys, vals, 2);
+    if (rc == FMX_OK) rc = fmx_program_run(prog, "forward", a, &run, err, errsz);
+    if (rc == FMX_OK) {
+        int same = 0;
+        fmx_compare_result cr;
+        fmx_tolerance tol = {1e-5, 1e-5};
+        rc = fmx_program_check_optimized(prog, "forward", a, run, &same, err, errsz);
+        if (rc == FMX_OK)
+            rc = fmx_compare(fmx_run_output(run, 0), fmx_run_output(run, 0), NULL, tol, &cr, err,
+                             errsz);
+        if (rc == FMX_OK) rc = fmx_tensor_cast(x, FMX_DT_BF16, &x16, err, errsz);
+        if (rc == FMX_OK) rc = fmx_tensor_cast(w, FMX_DT_BF16, &w16, err, errsz);
+        if (rc == FMX_OK) rc = fmx_tensor_cast(b, FMX_DT_BF16, &b16, err, errsz);
+    }
+    /* bfloat16 inputs through the same program */
+    fmx_run *run16 = NULL;
+    if (rc == FMX_OK) {
+        fmx_args_clear(a);
+        const fmx_tensor *vals16[2] = {w16, b16};
+        rc = fmx_args_tensor(a, "x", x16);
+        if (rc == FMX_OK) rc = fmx_args_weights(a, "weights", keys, vals16, 2);
+        if (rc == FMX_OK) rc = fmx_program_run(prog, "forward", a, &run16, err, errsz);
+    }
+    fmx_run_destroy(run16);
+    fmx_run_destroy(run);
+    fmx_program_destroy(prog);
+    fmx_args_destroy(a);
+    fmx_tensor_destroy(x);
+    fmx_tensor_destroy(x16);
+    fmx_tensor_destroy(w16);
+    fmx_tensor_destroy(b16);
+    fmx_tensor_destroy(w);
+    fmx_tensor_destroy(b);
+    /* The grading path (verify, masks, tolerances, the optimised re-run) on
+     * every pack's first task with a candidate that runs and fails. */
+    static const char trivial[] = "import torch\nfrom torch import Tensor\n\n"
+                                  "def forward() -> Tensor:\n    return torch.zeros(1)\n";
+    const fmx_pack *last = NULL;
+    for (int i = 0; rc == FMX_OK && tasks && i < fmx_tasks_count(tasks); i++) {
+        const fmx_task *t = fmx_tasks_get(tasks, i);
+        if (t->pack == last) continue;
+        last = t->pack;
+        fmx_tool_ctx ctx = {.task = t, .reward = reward, .max_code_bytes = sizeof trivial};
+        fmx_grade g;
+        rc = fmx_tools_grade(&ctx, trivial, sizeof trivial - 1, "forward", &g);
+        fmx_grade_clear(&g);
+        if (rc != FMX_OK) snprintf(err, errsz, "grading a trivial candidate: %s", fmx_strerror(rc));
+    }
+    return rc;
+}
+
+/* ---- inside a worker: the sandbox ---- */
+
+typedef struct {
+    const fmx_tasks *tasks;
+    const fmx_reward_config *reward;
+    int threads;
+    long mem_mb;
+    double cpu_s;
+    int cpu_device;  /* 1 on cpu: RLIMIT_AS and the open() filter apply */
+    int full_warmup; /* exec mode: nothing was warmed up before */
+} fmx__wctx;
+
+static size_t fmx__oom_probe; /* bytes the fatal-signal handler tries to reserve */
+
+/* On a fatal signal: if the address space is (nearly) used up, the worker
+ * died of memory — exit with FMX__EXIT_OOM; else die of the signal. */
+static void fmx__on_fatal(int sig) {
+    if (fmx__oom_probe) {
+        void *p = mmap(NULL, fmx__oom_probe, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                       -1, 0);
+        if (p == MAP_FAILED) _exit(FMX__EXIT_OOM);
+    }
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+/* VmSize in bytes, from /proc/self/statm; 0 if unknown. */
+static size_t fmx__vm_size(void) {
+    FILE *f = fopen("/proc/self/statm", "r");
+    unsigned long pages = 0;
+    if (f) {
+        if (fscanf(f, "%lu", &pages) != 1) pages = 0;
+        fclose(f);
+    }
+    return (size_t)pages * (size_t)sysconf(_SC_PAGESIZE);
+}
+
+/* Sets libtorch's intra-op threads: at::set_num_threads (C++, found by its
+ * mangled name: nothing outside env/engine includes libtorch), else
+ * OpenMP's. A forked worker so never uses the thread pools of the server. */
+static void fmx__set_threads(int n) {
+    void (*at_set)(int) = (void (*)(int))dlsym(RTLD_DEFAULT, "_ZN2at15set_num_threadsEi");
+    void (*omp_set)(int) = (void (*)(int))dlsym(RTLD_DEFAULT, "omp_set_num_threads");
+    if (at_set)
+        at_set(n);
+    else if (omp_set)
+        omp_set(n);
+}
+
+static void fmx__close_fds(int keep) {
+    if (keep != FMX__CHANNEL_FD) {
+        dup2(keep, FMX__CHANNEL_FD); /* clears close-on-exec on the copy */
+        close(keep);
+    } else {
+        fcntl(keep, F_SETFD, 0);
+    }
+    if (close_range(FMX__CHANNEL_FD + 1, ~0U, 0) != 0) {
+        long max = sysconf(_SC_OPEN_MAX);
+        for (long fd = FMX__CHANNEL_FD + 1; fd < (max > 0 ? max : 65536); fd++)
+            close((int)fd);
+    }
+    int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (null >= 0 && null != 0) {
+        dup2(null, 0);
+        close(null);
+    }
+}
+
+/* Process-level set-up right after fork: no signals inherited from the
+ * server, a process group of its own, death with the parent (the server: a
+ * worker made by the spawner waits until the server, a child subreaper,
+ * has adopted it). */
+static int fmx__child_basics(pid_t parent) {
+    struct sigaction dfl = {0};
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    for (int sig = 1; sig < NSIG; sig++)
+        if (sig != SIGKILL && sig != SIGSTOP) sigaction(sig, &dfl, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    setpgid(0, 0);
+    for (int i = 0; getppid() != parent && i < 20000; i++)
+        usleep(100); /* the spawner's middle process is exiting */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) return -1;
+    if (getppid() != parent) return -1; /* the server died before we could notice */
+    return 0;
+}
+
+static int fmx__shared_left = -1; /* shared mappings after fmx__unmap_shared; -1: not run */
+static int fmx__shared_unmapped;  /* ... and how many it unmapped */
+
+/* Unmaps every MAP_SHARED mapping a forked worker inherited (SQLite's WAL
+ * index of the server's log, above all: writable and shared with the
+ * server); counts what is left. Not in exec mode: CUDA maps device memory
+ * shared. */
+static void fmx__unmap_shared(void) {
+    for (int pass = 0; pass < 2; pass++) {
+        FILE *f = fopen("/proc/self/maps", "r");
+        if (!f) return;
+        unsigned long lo[256], hi[256];
+        int n = 0;
+        char line[1024];
+        while (fgets(line, sizeof line, f)) {
+            unsigned long a, b;
+            char perms[8];
+            if (sscanf(line, "%lx-%lx %7s", &a, &b, perms) == 3 && perms[3] == 's' && n < 256) {
+                lo[n] = a;
+                hi[n++] = b;
+            }
+        }
+        fclose(f);
+        if (pass == 1) {
+            fmx__shared_left = n;
+            return;
+        }
+        for (int i = 0; i < n; i++)
+            fmx__shared_unmapped += munmap((void *)lo[i], hi[i] - lo[i]) == 0;
+    }
+}
+
+/* The seccomp filter of worker.h. Returns 0 or a negative errno. */
+static int fmx__seccomp(int deny_open) {
+    scmp_filter_ctx f = seccomp_init(SCMP_ACT_ALLOW);
+    if (!f) return -ENOMEM;
+    const uint32_t eperm = SCMP_ACT_ERRNO(EPERM);
+    int rc = 0;
+#define FMX__DENY(name)                                                                            \
+    do {                                                                                           \
+        int r_ = seccomp_rule_add(f, eperm, SCMP_SYS(name), 0);                                    \
+        if (r_ != 0 && r_ != -EDOM && !rc) rc = r_; /* -EDOM: not on this arch */                  \
+    } while (0)
+    /* network (no socket of any family: the channel is pre-opened) */
+    FMX__DENY(socket);
+    FMX__DENY(socketpair);
+    FMX__DENY(bind);
+    FMX__DENY(connect);
+    FMX__DENY(listen);
+    FMX__DENY(accept);
+    FMX__DENY(accept4);
+    /* processes */
+    FMX__DENY(fork);
+    FMX__DENY(vfork);
+    FMX__DENY(execve);
+    FMX__DENY(execveat);
+    FMX__DENY(ptrace);
+    FMX__DENY(process_vm_readv);
+    FMX__DENY(process_vm_writev);
+    FMX__DENY(bpf);
+    FMX__DENY(perf_event_open);
+    FMX__DENY(userfaultfd);
+    FMX__DENY(kexec_load);
+    FMX__DENY(mount);
+    FMX__DENY(umount2);
+    FMX__DENY(pivot_root);
+    FMX__DENY(chroot);
+    FMX__DENY(setns);
+    FMX__DENY(unshare);
+    FMX__DENY(io_uring_setup);
+    FMX__DENY(io_uring_enter);
+    FMX__DENY(io_uring_register);
+    /* files */
+    if (deny_open) {
+        FMX__DENY(open);
+        FMX__DENY(openat);
+        FMX__DENY(openat2);
+        FMX__DENY(creat);
+        FMX__DENY(open_by_handle_at);
+        FMX__DENY(name_to_handle_at);
+    }
+    FMX__DENY(unlink);
+    FMX__DENY(unlinkat);
+    FMX__DENY(rename);
+    FMX__DENY(renameat);
+    FMX__DENY(renameat2);
+    FMX__DENY(mkdir);
+    FMX__DENY(mkdirat);
+    FMX__DENY(rmdir);
+    FMX__DENY(link);
+    FMX__DENY(linkat);
+    FMX__DENY(symlink);
+    FMX__DENY(symlinkat);
+    FMX__DENY(chmod);
+    FMX__DENY(fchmodat);
+    FMX__DENY(chown);
+    FMX__DENY(lchown);
+    FMX__DENY(fchownat);
+    FMX__DENY(truncate);
+    FMX__DENY(mknod);
+    FMX__DENY(mknodat);
+#undef FMX__DENY
+    /* clone: threads only (CLONE_THREAD set); clone3's flags are out of
+     * reach in memory, so it says ENOSYS and glibc falls back to clone */
+    int r = seccomp_rule_add(f, eperm, SCMP_SYS(clone), 1,
+                             SCMP_A0(SCMP_CMP_MASKED_EQ, CLONE_THREAD, 0));
+    if (r && !rc) rc = r;
+    r = seccomp_rule_add(f, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(clone3), 0);
+    if (r && r != -EDOM && !rc) rc = r;
+    /* signals to itself only (abort() and raise() use tgkill) */
+    pid_t me = getpid();
+    r = seccomp_rule_add(f, eperm, SCMP_SYS(kill), 1, SCMP_A0(SCMP_CMP_NE, (scmp_datum_t)me));
+    if (r && !rc) rc = r;
+    r = seccomp_rule_add(f, eperm, SCMP_SYS(tgkill), 1, SCMP_A0(SCMP_CMP_NE, (scmp_datum_t)me));
+    if (r && !rc) rc = r;
+    r = seccomp_rule_add(f, eperm, SCMP_SYS(tkill), 0);
+    if (r && r != -EDOM && !rc) rc = r;
+    if (!rc) rc = seccomp_load(f); /* sets no_new_privs itself (SCMP_FLTATR_CTL_NNP) */
+    seccomp_release(f);
+    return rc;
+}
+
+/* Locks the worker down (worker.h). Returns 0, or -1 with err set. */
+static int fmx__sandbox(const fmx__wctx *w, char *err, size_t errsz, size_t *vm, size_t *limit) {
+    /* (after exec too: execve makes a process dumpable again) */
+    prctl(PR_SET_DUMPABLE, 0);
+    prctl(PR_SET_NAME, "fmx-worker");
+    struct rlimit core = {0, 0};
+    setrlimit(RLIMIT_CORE, &core);
+    fmx__set_threads(w->threads > 0 ? w->threads : 1);
+    char werr[1024] = "";
+    if (fmx__warmup(w->full_warmup ? w->tasks : NULL, w->reward, werr, sizeof werr) != FMX_OK)
+        fprintf(stderr, "fmx worker %d: warm-up: %s\n", (int)getpid(), werr);
+    *vm = fmx__vm_size();
+    *limit = 0;
+    if (w->cpu_device && w->mem_mb > 0) {
+        struct rlimit as;
+        as.rlim_cur = as.rlim_max = (rlim_t)(*vm + (size_t)w->mem_mb * (1u << 20));
+        if (setrlimit(RLIMIT_AS, &as) != 0) {
+            snprintf(err, errsz, "setrlimit(RLIMIT_AS): %s", strerror(errno));
+            return -1;
+        }
+        *limit = (size_t)as.rlim_cur;
+        size_t probe = (size_t)w->mem_mb * (1u << 20) / 4;
+        fmx__oom_probe = probe < ((size_t)256 << 20) ? probe : ((size_t)256 << 20);
+    }
+    /* fatal signals: the out-of-memory probe, on a stack of their own */
+    static char altstack[1 << 16];
+    stack_t ss = {.ss_sp = altstack, .ss_size = sizeof altstack, .ss_flags = 0};
+    sigaltstack(&ss, NULL);
+    struct sigaction sa = {0};
+    sa.sa_handler = fmx__on_fatal;
+    sa.sa_flags = SA_ONSTACK | SA_RESETHAND;
+    sigemptyset(&sa.sa_mask);
+    int fatal[] = {SIGSEGV, SIGBUS, SIGABRT, SIGILL, SIGFPE};
+    for (size_t i = 0; i < sizeof fatal / sizeof *fatal; i++)
+        sigaction(fatal[i], &sa, NULL);
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) {
+        snprintf(err, errsz, "prctl(PR_SET_NO_NEW_PRIVS): %s", strerror(errno));
+        return -1;
+    }
+    int rc = fmx__seccomp(w->cpu_device);
+    if (rc != 0) {
+        snprintf(err, errsz, "seccomp: %s", strerror(-rc));
+        return -1;
+    }
+    return 0;
+}
+
+/* Re-arms the CPU budget for the next job: soft RLIMIT_CPU = used + cpu_s. */
+static void fmx__arm_cpu(double cpu_s) {
+    struct rusage ru;
+    if (cpu_s <= 0 || getrusage(RUSAGE_SELF, &ru) != 0) return;
+    double used = (double)ru.ru_utime.tv_sec + (double)ru.ru_stime.tv_sec +
+                  ((double)ru.ru_utime.tv_usec + (double)ru.ru_stime.tv_usec) / 1e6;
+    struct rlimit cpu;
+    if (getrlimit(RLIMIT_CPU, &cpu) != 0) return;
+    rlim_t want = (rlim_t)ceil(used + cpu_s);
+    if (cpu.rlim_max != RLIM_INFINITY && want > cpu.rlim_max) want = cpu.rlim_max;
+    cpu.rlim_cur = want;
+    setrlimit(RLIMIT_CPU, &cpu);
+}
+
+/* ---- inside a worker: jobs ---- */
+
+static cJSON *fmx__reply_error(const char *fmt, const char *a) {
+    char msg[512];
+    snprintf(msg, sizeof msg, fmt, a);
+    cJSON *r = cJSON_CreateObject();
+    cJSON_AddStringToObject(r, "error", msg);
+    return r;
+}
+
+static char *fmx__dup_arg(const cJSON *rq, const char *k) {
+    const char *s = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(rq, k));
+    return s ? strdup(s) : NULL;
+}
+
+/* Runs one request. NULL means out of memory (the worker exits: oom). */
+static cJSON *fmx__job(const fmx__wctx *w, cJSON *rq) {
+    const char *kind = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(rq, "kind"));
+    if (!kind) return fmx__reply_error("a request without a kind%s", "");
+    if (strcmp(kind, "echo") == 0) { /* the channel's encoding, both ways */
+        cJSON *r = cJSON_CreateObject();
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(rq, "value");
+        if (r) cJSON_AddItemToObject(r, "value", v ? cJSON_Duplicate(v, 1) : cJSON_CreateNull());
+        return r;
+    }
+    if (strcmp(kind, "selftest") == 0) {
+        char detail[1024] = "";
+        const char *what = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(rq, "what"));
+        int ok = fmx_worker_selftest(what ? what : "", detail, sizeof detail);
+        if (ok == FMX_ENOMEM) return NULL;
+        cJSON *r = cJSON_CreateObject();
+        cJSON_AddBoolToObject(r, "ok", ok == 1);
+        cJSON_AddStringToObject(r, "detail", detail);
+        return r;
+    }
+    const char *tid = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(rq, "task"));
+    const fmx_task *task = tid ? fmx_tasks_find(w->tasks, tid) : NULL;
+    if (!task) return fmx__reply_error("no task '%s' in this worker", tid ? tid : "");
+    fmx_step_plan plan = {0};
+    plan.ctx = (fmx_tool_ctx){.task = task,
+                              .reward = w->reward,
+                              .max_code_bytes = (size_t)fmx__num(rq, "max_code_bytes")};
+    plan.heavy = 1;
+    if (strcmp(kind, "grade") == 0) {
+        const char *code = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(rq, "code"));
+        const char *entry = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(rq, "entry"));
+        if (!code || !entry) return fmx__reply_error("a grade request needs code and entry%s", "");
+        fmx_grade g;
+        if (fmx_tools_grade(&plan.ctx, code, strlen(code), entry, &g) != FMX_OK) return NULL;
+        cJSON *r = cJSON_CreateObject();
+        if (r) cJSON_AddItemToObject(r, "grade", fmx__grade_json(&g));
+        fmx_grade_clear(&g);
+        return r;
+    }
+    if (strcmp(kind, "step") != 0) return fmx__reply_error("unknown request kind '%s'", kind);
+    const cJSON *args = cJSON_GetObjectItemCaseSensitive(rq, "args");
+    plan.tool = fmx__dup_arg(rq, "tool");
+    plan.args = cJSON_IsObject(args) ? cJSON_Duplicate(args, 1) : NULL;
+    plan.final = fmx__flag(rq, "final");
+    plan.fallback_code = fmx__dup_arg(rq, "fallback_code");
+    plan.fallback_entry = fmx__dup_arg(rq, "fallback_entry");
+    cJSON *r = NULL;
+    fmx_step_outcome out;
+    if (plan.tool && (!cJSON_IsObject(args) || plan.args) &&
+        fmx_episode_execute(&plan, &out) == FMX_OK) {
+        r = fmx__outcome_json(&out);
+        fmx_step_outcome_clear(&out);
+    }
+    fmx_step_plan_clear(&plan);
+    return r;
+}
+
+static void fmx__send_tree(int fd, const cJSON *j) {
+    char *buf = NULL;
+    size_t len = 0;
+    if (fmx__encode(j, &buf, &len) != FMX_OK) _exit(FMX__EXIT_OOM);
+    if (fmx__write_all(fd, buf, len) != 0) _exit(0); /* the server is gone */
+    free(buf);
+}
+
+/* A worker's life after fork (or exec): sandbox, say ready, serve. */
+static void __attribute__((noreturn)) fmx__worker_run(int fd, const fmx__wctx *w) {
+    char err[1024] = "";
+    size_t vm = 0, limit = 0;
+    cJSON *hello = cJSON_CreateObject();
+    if (fmx__sandbox(w, err, sizeof err, &vm, &limit) != 0) {
+        cJSON_AddFalseToObject(hello, "ready");
+        cJSON_AddStringToObject(hello, "error", err);
+        fmx__send_tree(fd, hello);
+        _exit(FMX__EXIT_SETUP);
+    }
+    cJSON_AddTrueToObject(hello, "ready");
+    cJSON_AddNumberToObject(hello, "pid", (double)getpid());
+    cJSON_AddNumberToObject(hello, "vm_mb", (double)(vm >> 20));
+    cJSON_AddNumberToObject(hello, "limit_mb", (double)(limit >> 20));
+    fmx__send_tree(fd, hello);
+    cJSON_Delete(hello);
+    for (;;) {
+        char *msg = NULL;
+        size_t len = 0;
+        int rc = fmx__read_msg(fd, &msg, &len);
+        if (rc <= 0) _exit(0); /* the server closed the channel */
+        cJSON *rq = fmx__decode(msg, len);
+        free(msg);
+        if (!rq) _exit(FMX__EXIT_OOM); /* the server's encoding is sound: out of memory */
+        fmx__arm_cpu(w->cpu_s);
+        cJSON *reply = fmx__job(w, rq);
+        cJSON_Delete(rq);
+        if (!reply) _exit(FMX__EXIT_OOM);
+        fmx__send_tree(fd, reply);
+        cJSON_Delete(reply);
+    }
+}
+
+/* ---- the pool (server side) ---- */
+
+typedef enum { FMX__EMPTY, FMX__STARTING, FMX__IDLE, FMX__BUSY } fmx__state;
+
+typedef struct fmx__pjob {
+    struct fmx__pjob *next;
+    cJSON *request; /* owned */
+    void *user;
+    int tries; /* dispatches that failed before the worker got the request */
+} fmx__pjob;
+
+typedef struct {
+    fmx__state state;
+    pid_t pid;
+    int fd;
+    fmx__pjob *job;
+    double t0, deadline;
+    unsigned char hdr[4];
+    size_t hdr_got;
+    char *msg;
+    size_t msg_len, msg_got;
+    char start_error[512]; /* what a worker that failed to start said */
+} fmx__proc;
+
+struct fmx_pool {
+    fmx_pool_config cfg;
+    const fmx_tasks *tasks;
+    const fmx_reward_config *reward;
+    fmx__wctx wctx;
+    fmx__proc *procs;
+    int n;
+    fmx__pjob *qhead, *qtail;
+    int queued;
+    int start_failures; /* consecutive deaths while starting */
+    double next_spawn;  /* earliest time for the next spawn after a failed start */
+    char **argv;        /* exec mode */
+    pid_t spawner;      /* fork mode: the clean process workers are forked from */
+    int spawner_fd;     /* its control socket; -1: fork from this process */
+    fmx_pool_stats stats;
+    char last_start_error[512];
+};
+
+fmx_pool_config fmx_pool_config_default(void) {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return (fmx_pool_config){.workers = n > 0 ? (int)n : 1,
+                             .threads = 1,
+                             .mem_mb = 4096,
+                             .eval_timeout_s = 30,
+                             .cpu_s = 0,
+                             .exec = 0,
+                             .exe = NULL,
+                             .tasks_dir = NULL,
+                             .device = "cpu",
+                             .reward_path = NULL,
+                             .start_timeout_s = 120};
+}
+
+const char *fmx_fate_name(fmx_fate f) {
+    static const char *names[] = {"ok", "timeout", "oom", "crashed"};
+    return (unsigned)f < 4 ? names[f] : "crashed";
+}
+
+static int fmx__is_cpu(const char *device) {
+    return !device || strcmp(device, "cpu") == 0;
+}
+
+static double fmx__cpu_budget(const fmx_pool_config *c) {
+    if (c->cpu_s > 0) return c->cpu_s;
+    return c->eval_timeout_s * (c->threads > 0 ? c->threads : 1) + 1;
+}
+
+/* Builds `fmx worker ...` for exec mode. */
+static int fmx__build_argv(fmx_pool *p) {
+    const fmx_pool_config *c = &p->cfg;
+    char num[4][32];
+    snprintf(num[0], sizeof num[0], "%d", FMX__CHANNEL_FD);
+    snprintf(num[1], sizeof num[1], "%ld", c->mem_mb);
+    snprintf(num[2], sizeof num[2], "%d", c->threads > 0 ? c->threads : 1);
+    snprintf(num[3], sizeof num[3], "%.17g", fmx__cpu_budget(c));
+    const char *v[20];
+    int k = 0;
+    v[k++] = c->exe ? c->exe : "/proc/self/exe";
+    v[k++] = "worker";
+    v[k++] = "--fd";
+    v[k++] = num[0];
+    v[k++] = "--tasks";
+    v[k++] = c->tasks_dir;
+    v[k++] = "--device";
+    v[k++] = c->device ? c->device : "cpu";
+    v[k++] = "--mem";
+    v[k++] = num[1];
+    v[k++] = "--threads";
+    v[k++] = num[2];
+    v[k++] = "--cpu";
+    v[k++] = num[3];
+    if (c->reward_path) {
+        v[k++] = "--reward";
+        v[k++] = c->reward_path;
+    }
+    p->argv = calloc((size_t)k + 1, sizeof *p->argv);
+    if (!p->argv) return FMX_ENOMEM;
+    for (int i = 0; i < k; i++)
+        if (!(p->argv[i] = strdup(v[i]))) return FMX_ENOMEM;
+    return FMX_OK;
+}
+
+/* The code of a new worker process (fork mode: never returns; exec mode:
+ * only if exec fails). */
+static void __attribute__((noreturn)) fmx__worker_child(fmx_pool *p, int chan, pid_t server) {
+    if (fmx__child_basics(server) != 0) _exit(FMX__EXIT_SETUP);
+    fmx__close_fds(chan);
+    if (p->argv) {
+        execv(p->argv[0], p->argv);
+        char why[512];
+        snprintf(why, sizeof why, "cannot run %s: %s", p->argv[0], strerror(errno));
+        cJSON *hello = cJSON_CreateObject();
+        cJSON_AddFalseToObject(hello, "ready");
+        cJSON_AddStringToObject(hello, "error", why);
+        fmx__send_tree(FMX__CHANNEL_FD, hello);
+        _exit(FMX__EXIT_SETUP);
+    }
+    fmx__unmap_shared();
+    fmx__worker_run(FMX__CHANNEL_FD, &p->wctx);
+}
+
+/* ---- the spawner ----
+ *
+ * Workers forked straight from a running server would inherit its memory
+ * image (other episodes' code and observations, the log's page cache) and
+ * its log's shared WAL index. So in fork mode one process is forked at pool
+ * creation, before the server opens its log or ZeroMQ, and every worker is
+ * forked from it: it double-forks, and the worker, orphaned, is adopted by
+ * the server (PR_SET_CHILD_SUBREAPER), which reaps and kills it like any
+ * child. Protocol on its socket: the server writes one byte; the spawner
+ * answers the worker's pid (an int, -1 on failure) with the server's end of
+ * the worker's channel attached (SCM_RIGHTS). */
+
+static int fmx__send_fd(int sock, pid_t pid, int fd) {
+    char cbuf[CMSG_SPACE(sizeof(int))];
+    memset(cbuf, 0, sizeof cbuf);
+    struct iovec iov = {&pid, sizeof pid};
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (fd >= 0) {
+        m.msg_control = cbuf;
+        m.msg_controllen = sizeof cbuf;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    }
+    ssize_t k;
+    while ((k = sendmsg(sock, &m, MSG_NOSIGNAL)) < 0 && errno == EINTR) {
+    }
+    return k == (ssize_t)sizeof pid ? 0 : -1;
+}
+
+/* Receives a pid and a descriptor; waits at most 10 s. */
+static int fmx__recv_fd(int sock, pid_t *pid, int *fd) {
+    struct pollfd pf = {sock, POLLIN, 0};
+    if (poll(&pf, 1, 10000) != 1) return -1;
+    char cbuf[CMSG_SPACE(sizeof(int))];
+    struct iovec iov = {pid, sizeof *pid};
+    struct msghdr m = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof cbuf};
+    ssize_t k;
+    while ((k = recvmsg(sock, &m, MSG_CMSG_CLOEXEC)) < 0 && errno == EINTR) {
+    }
+    *fd = -1;
+    struct cmsghdr *c = k == (ssize_t)sizeof *pid ? CMSG_FIRSTHDR(&m) : NULL;
+    if (c && c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+        memcpy(fd, CMSG_DATA(c), sizeof(int));
+    if (*pid <= 0 || *fd < 0) {
+        if (*fd >= 0) close(*fd);
+        return -1;
+    }
+    return 0;
+}
+
+static void __attribute__((noreturn)) fmx__spawner_run(fmx_pool *p, int ctl, pid_t server) {
+    if (fmx__child_basics(server) != 0) _exit(FMX__EXIT_SETUP);
+    fmx__close_fds(ctl);
+    ctl = FMX__CHANNEL_FD;
+    prctl(PR_SET_NAME, "fmx-spawner");
+    for (;;) {
+        char c;
+        ssize_t k = read(ctl, &c, 1);
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) _exit(0); /* the server is gone */
+        int sv[2] = {-1, -1}, pp[2] = {-1, -1};
+        pid_t worker = -1;
+        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0 &&
+            pipe2(pp, O_CLOEXEC) == 0) {
+            pid_t mid = fork();
+            if (mid == 0) {
+                pid_t wp = fork();
+                if (wp == 0) {
+                    close(ctl);
+                    close(pp[0]);
+                    close(pp[1]);
+                    close(sv[0]);
+                    fmx__worker_child(p, sv[1], server);
+                }
+                ssize_t wr = write(pp[1], &wp, sizeof wp);
+                _exit(wr == (ssize_t)sizeof wp ? 0 : 1);
+            }
+            close(pp[1]);
+            pp[1] = -1;
+            if (mid > 0) {
+                if (read(pp[0], &worker, sizeof worker) != (ssize_t)sizeof worker) worker = -1;
+                waitpid(mid, NULL, 0);
+            }
+        }
+        if (fmx__send_fd(ctl, worker, worker > 0 ? sv[0] : -1) != 0) _exit(0);
+        for (int i = 0; i < 2; i++) {
+            if (sv[i] >= 0) close(sv[i]);
+            if (pp[i] >= 0) close(pp[i]);
+        }
+    }
+}
+
+/* Starts the spawner (fork mode). Without one, workers are forked from this
+ * process (and unmap its shared mappings). */
+static void fmx__spawner_start(fmx_pool *p) {
+    p->spawner = -1;
+    p->spawner_fd = -1;
+    int sv[2];
+    if (prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) return;
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return;
+    pid_t server = getpid();
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(sv[0]);
+        fmx__spawner_run(p, sv[1], server);
+    }
+    close(sv[1]);
+    if (pid < 0) {
+        close(sv[0]);
+        return;
+    }
+    p->spawner = pid;
+    p->spawner_fd = sv[0];
+}
+
+static void fmx__spawner_stop(fmx_pool *p) {
+    if (p->spawner_fd >= 0) close(p->spawner_fd);
+    if (p->spawner > 0) {
+        kill(p->spawner, SIGKILL);
+        while (waitpid(p->spawner, NULL, 0) < 0 && errno == EINTR) {
+        }
+    }
+    p->spawner = -1;
+    p->spawner_fd = -1;
+}
+
+/* Starts a worker in slot w. Returns 0 or -1 (fork failed; retried later). */
+static int fmx__spawn(fmx_pool *p, fmx__proc *w) {
+    pid_t pid = -1;
+    int fd = -1;
+    if (p->spawner_fd >= 0) {
+        if (write(p->spawner_fd, "s", 1) == 1 && fmx__recv_fd(p->spawner_fd, &pid, &fd) == 0) {
+            fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+            *w = (fmx__proc){.state = FMX__STARTING, .pid = pid, .fd = fd, .t0 = fmx__mono()};
+            return 0;
+        }
+        fprintf(stderr, "fmx: the worker spawner failed; forking workers from this process "
+                        "from now on\n");
+        fmx__spawner_stop(p);
+    }
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return -1;
+    pid_t parent = getpid();
+    fflush(stdout);
+    fflush(stderr);
+    pid = fork();
+    if (pid < 0) {
+        close(sv[0]);
+        close(sv[1]);
+        return -1;
+    }
+    if (pid == 0) fmx__worker_child(p, sv[1], parent);
+    close(sv[1]);
+    fcntl(sv[0], F_SETFL, fcntl(sv[0], F_GETFL) | O_NONBLOCK);
+    *w = (fmx__proc){.state = FMX__STARTING, .pid = pid, .fd = sv[0], .t0 = fmx__mono()};
+    return 0;
+}
+
+/* Classifies a dead worker's wait status. */
+static fmx_fate fmx__classify(int st, int killed, const fmx_pool *p, char *why, size_t n) {
+    if (killed) {
+        snprintf(why, n, "ran past the %g s wall-clock limit; the worker was killed",
+                 p->cfg.eval_timeout_s);
+        return FMX_FATE_TIMEOUT;
+    }
+    if (WIFSIGNALED(st)) {
+        int sig = WTERMSIG(st);
+        if (sig == SIGXCPU) {
+            snprintf(why, n, "used up its CPU-time budget (%g s)", fmx__cpu_budget(&p->cfg));
+            return FMX_FATE_TIMEOUT;
+        }
+        if (sig == SIGKILL) {
+            snprintf(why, n,
+                     "the worker was killed (SIGKILL from outside fmx: the kernel's "
+                     "out-of-memory killer, most likely)");
+            return FMX_FATE_OOM;
+        }
+        snprintf(why, n, "the worker died of signal %d (%s)", sig, strsignal(sig));
+        return FMX_FATE_CRASHED;
+    }
+    int code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    if (code == FMX__EXIT_OOM) {
+        snprintf(why, n, "the worker ran out of memory (limit: %ld MiB past its start-up size)",
+                 p->cfg.mem_mb);
+        return FMX_FATE_OOM;
+    }
+    if (code == FMX__EXIT_SETUP)
+        snprintf(why, n, "the worker could not set itself up (exit status %d)", code);
+    else
+        snprintf(why, n, "the worker exited with status %d", code);
+    return FMX_FATE_CRASHED;
+}
+
+/* Reaps a worker whose channel closed (or that we killed) and empties its
+ * slot; returns its wait status. */
+static int fmx__reap(fmx_pool *p, fmx__proc *w, int kill_it) {
+    int st = 0;
+    if (kill_it) kill(w->pid, SIGKILL);
+    /* A worker closes its channel as it dies: waiting is short. A worker
+     * that closed it but lives on is killed after 2 s; one the spawner made
+     * may not be adopted yet for a moment (ECHILD). */
+    for (int i = 0; i < 4000; i++) {
+        pid_t r = waitpid(w->pid, &st, WNOHANG);
+        if (r == w->pid) break;
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0 && errno != ECHILD) break;
+        if (i == 2000) kill(w->pid, SIGKILL);
+        usleep(500);
+    }
+    if (w->fd >= 0) close(w->fd);
+    free(w->msg);
+    if (w->state == FMX__STARTING) {
+        p->start_failures++;
+        double delay = 0.05 * (double)(1 << (p->start_failures < 7 ? p->start_failures : 7));
+        p->next_spawn =
+            fmx__mono() + (delay < FMX__RESTART_MAX_DELAY_S ? delay : FMX__RESTART_MAX_DELAY_S);
+    }
+    *w = (fmx__proc){.state = FMX__EMPTY, .fd = -1};
+    p->stats.restarts++;
+    return st;
+}
+
+/* A busy worker's job failed: report it. */
+static void fmx__fail_job(fmx_pool *p, fmx__pjob *job, fmx_fate fate, const char *why, double ms,
+                          fmx_pool_done_fn done, void *ctx) {
+    fmx_pool_result res = {.fate = fate, .ms = ms};
+    snprintf(res.why, sizeof res.why, "%s", why);
+    if (fate == FMX_FATE_TIMEOUT) p->stats.timeouts++;
+    if (fate == FMX_FATE_OOM) p->stats.ooms++;
+    if (fate == FMX_FATE_CRASHED) p->stats.crashes++;
+    cJSON_Delete(job->request);
+    void *user = job->user;
+    free(job);
+    if (done) done(ctx, user, &res);
+}
+
+/* Kills/reaps w (a death or a deadline) and reports its job if it had one. */
+static void fmx__worker_gone(fmx_pool *p, fmx__proc *w, int timed_out, const char *protocol_why,
+                             fmx_pool_done_fn done, void *ctx, int *finished) {
+    fmx__pjob *job = w->job;
+    double ms = (fmx__mono() - w->t0) * 1e3;
+    int starting = w->state == FMX__STARTING;
+    int st = fmx__reap(p, w, timed_out || protocol_why != NULL);
+    char why[256];
+    fmx_fate fate =
+        protocol_why ? FMX_FATE_CRASHED : fmx__classify(st, timed_out, p, why, sizeof why);
+    if (protocol_why) snprintf(why, sizeof why, "%s", protocol_why);
+    if (starting) {
+        if (!p->last_start_error[0])
+            snprintf(p->last_start_error, sizeof p->last_start_error,
+                     "a worker could not start: %s", why);
+        fprintf(stderr, "fmx: %s\n", p->last_start_error);
+    }
+    if (job) {
+        fmx__fail_job(p, job, fate, why, ms, done, ctx);
+        (*finished)++;
+    }
+}
+
+/* One whole message from w, if any: 1 with w->msg complete, 0 not yet, -1 EOF/error. */
+static int fmx__proc_read(fmx__proc *w) {
+    for (;;) {
+        if (w->hdr_got < 4) {
+            ssize_t k = recv(w->fd, w->hdr + w->hdr_got, 4 - w->hdr_got, MSG_DONTWAIT);
+            if (k < 0 && errno == EINTR) continue;
+            if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return 0;
+            if (k <= 0) return -1;
+            w->hdr_got += (size_t)k;
+            if (w->hdr_got < 4) continue;
+            w->msg_len = (size_t)w->hdr[0] | (size_t)w->hdr[1] << 8 | (size_t)w->hdr[2] << 16 |
+                         (size_t)w->hdr[3] << 24;
+            if (w->msg_len > FMX__MAX_MSG) return -1;
+            w->msg = malloc(w->msg_len + 1);
+            w->msg_got = 0;
+            if (!w->msg) return -1;
+        }
+        if (w->msg_got == w->msg_len) return 1;
+        ssize_t k = recv(w->fd, w->msg + w->msg_got, w->msg_len - w->msg_got, MSG_DONTWAIT);
+        if (k < 0 && errno == EINTR) continue;
+        if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return 0;
+        if (k <= 0) return -1;
+        w->msg_got += (size_t)k;
+    }
+}
+
+/* Writes a whole request to a worker that waits for one; bounded. */
+static int fmx__proc_send(fmx__proc *w, const char *buf, size_t len) {
+    double end = fmx__mono() + FMX__SEND_WAIT_S;
+    while (len) {
+        ssize_t k = send(w->fd, buf, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (k > 0) {
+            buf += k;
+            len -= (size_t)k;
+            continue;
+        }
+        if (k < 0 && errno == EINTR) continue;
+        if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && fmx__mono() < end) {
+            struct pollfd pf = {w->fd, POLLOUT, 0};
+            poll(&pf, 1, 100);
+            continue;
+        }
+        return -1;
+    }
+    return 0;
+}
+
+int fmx_pool_submit(fmx_pool *p, cJSON *request, void *job) {
+    fmx__pjob *j = calloc(1, sizeof *j);
+    if (!j || !request) {
+        free(j);
+        cJSON_Delete(request);
+        return FMX_ENOMEM;
+    }
+    j->request = request;
+    j->user = job;
+    if (p->qtail)
+        p->qtail->next = j;
+    else
+        p->qhead = j;
+    p->qtail = j;
+    p->queued++;
+    return FMX_OK;
+}
+
+static void fmx__requeue_front(fmx_pool *p, fmx__pjob *j) {
+    j->next = p->qhead;
+    p->qhead = j;
+    if (!p->qtail) p->qtail = j;
+    p->queued++;
+}
+
+/* Reaps children that are not the pool's (the pool's process is a child
+ * subreaper: anything orphaned below it ends up here). */
+static void fmx__reap_strays(const fmx_pool *p) {
+    for (;;) {
+        siginfo_t si;
+        memset(&si, 0, sizeof si);
+        if (waitid(P_ALL, 0, &si, WEXITED | WNOHANG | WNOWAIT) != 0 || si.si_pid == 0) return;
+        int ours = si.si_pid == p->spawner;
+        for (int i = 0; i < p->n && !ours; i++)
+            ours = p->procs[i].state != FMX__EMPTY && p->procs[i].pid == si.si_pid;
+        if (ours) return; /* reaped when its channel closes */
+        waitpid(si.si_pid, NULL, WNOHANG);
+    }
+}
+
+int fmx_pool_service(fmx_pool *p, fmx_pool_done_fn done, void *ctx) {
+    int finished = 0;
+    double now = fmx__mono();
+    if (p->spawner > 0) fmx__reap_strays(p);
+    /* replies, ready messages and deaths */
+    for (int i = 0; i < p->n; i++) {
+        fmx__proc *w = &p->procs[i];
+        while (w->state != FMX__EMPTY) {
+            int r = fmx__proc_read(w);
+            if (r == 0) break;
+            if (r < 0) {
+                fmx__worker_gone(p, w, 0, NULL, done, ctx, &finished);
+                break;
+            }
+            cJSON *m = fmx__decode(w->msg, w->msg_len);
+            free(w->msg);
+            w->msg = NULL;
+            w->hdr_got = 0;
+            if (!m) {
+                fmx__worker_gone(p, w, 0, "the worker's reply could not be read", done, ctx,
+                                 &finished);
+                break;
+            }
+            if (w->state == FMX__STARTING) {
+                if (fmx__flag(m, "ready")) {
+                    w->state = FMX__IDLE;
+                    p->start_failures = 0;
+                    p->last_start_error[0] = 0;
+                } else {
+                    const char *e =
+                        cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "error"));
+                    snprintf(p->last_start_error, sizeof p->last_start_error,
+                             "a worker could not start: %s", e ? e : "?");
+                }
+                cJSON_Delete(m);
+                continue;
+            }
+            if (w->state != FMX__BUSY) {
+                cJSON_Delete(m);
+                fmx__worker_gone(p, w, 0, "the worker sent a message nobody asked for", done, ctx,
+                                 &finished);
+                break;
+            }
+            fmx__pjob *job = w->job;
+            fmx_pool_result res = {.fate = FMX_FATE_OK, .ms = (now - w->t0) * 1e3, .reply = m};
+            w->job = NULL;
+            w->state = FMX__IDLE;
+            cJSON_Delete(job->request);
+            void *user = job->user;
+            free(job);
+            finished++;
+            if (done) done(ctx, user, &res);
+            cJSON_Delete(res.reply);
+        }
+    }
+    /* deadlines */
+    now = fmx__mono();
+    for (int i = 0; i < p->n; i++) {
+        fmx__proc *w = &p->procs[i];
+        if (w->state == FMX__BUSY && now >= w->deadline)
+            fmx__worker_gone(p, w, 1, NULL, done, ctx, &finished);
+    }
+    /* replacements */
+    for (int i = 0; i < p->n; i++) {
+        fmx__proc *w = &p->procs[i];
+        if (w->state == FMX__EMPTY && now >= p->next_spawn && fmx__spawn(p, w) != 0) {
+            p->next_spawn = now + 1.0; /* fork failed: try again in a second */
+            break;
+        }
+    }
+    /* No worker could start for a while and none is up: fail what waits
+     * rather than hang it. */
+    int up = 0;
+    for (int i = 0; i < p->n; i++)
+        up += p->procs[i].state == FMX__IDLE || p->procs[i].state == FMX__BUSY;
+    while (!up && p->start_failures >= FMX__START_FAILURES_MAX && p->qhead) {
+        fmx__pjob *j = p->qhead;
+        p->qhead = j->next;
+        if (!p->qhead) p->qtail = NULL;
+        p->queued--;
+        char why[600];
+        snprintf(why, sizeof why, "no worker process could start (%s)",
+                 p->last_start_error[0] ? p->last_start_error : "?");
+        fmx__fail_job(p, j, FMX_FATE_CRASHED, why, 0, done, ctx);
+        finished++;
+    }
+    /* dispatch */
+    for (int i = 0; i < p->n && p->qhead; i++) {
+        fmx__proc *w = &p->procs[i];
+        if (w->state != FMX__IDLE) continue;
+        fmx__pjob *j = p->qhead;
+        p->qhead = j->next;
+        if (!p->qhead) p->qtail = NULL;
+        p->queued--;
+        j->next = NULL;
+        char *buf = NULL;
+        size_t len = 0;
+        if (fmx__encode(j->request, &buf, &len) != FMX_OK) {
+            fmx__fail_job(p, j, FMX_FATE_OOM, "out of memory encoding the request", 0, done, ctx);
+            finished++;
+            i--;
+            continue;
+        }
+        w->t0 = fmx__mono();
+        w->deadline = w->t0 + p->cfg.eval_timeout_s;
+        int sent = fmx__proc_send(w, buf, len) == 0;
+        free(buf);
+        if (sent) {
+            w->state = FMX__BUSY;
+            w->job = j;
+            p->stats.jobs++;
+            continue;
+        }
+        /* the worker died before it got the request: another one runs it */
+        fmx__worker_gone(p, w, 0, NULL, done, ctx, &finished);
+        if (++j->tries < 3) {
+            fmx__requeue_front(p, j);
+        } else {
+            fmx__fail_job(p, j, FMX_FATE_CRASHED, "no worker could take the job", 0, done, ctx);
+            finished++;
+        }
+    }
+    return finished;
+}
+
+int fmx_pool_fds(const fmx_pool *p, int *fds, int cap) {
+    int k = 0;
+    for (int i = 0; i < p->n && k < cap; i++)
+        if (p->procs[i].state != FMX__EMPTY) fds[k++] = p->procs[i].fd;
+    return k;
+}
+
+int fmx_pool_wait_ms(const fmx_pool *p, int cap_ms) {
+    double now = fmx__mono(), next = now + cap_ms / 1e3;
+    for (int i = 0; i < p->n; i++) {
+        const fmx__proc *w = &p->procs[i];
+        if (w->state == FMX__BUSY && w->deadline < next) next = w->deadline;
+        if (w->state == FMX__EMPTY && p->next_spawn < next) next = p->next_spawn;
+        if (w->state == FMX__IDLE && p->qhead) next = now;
+    }
+    double ms = (next - now) * 1e3;
+    return ms <= 0 ? 0 : (int)ceil(ms);
+}
+
+void *fmx_pool_take(fmx_pool *p) {
+    if (p->qhead) {
+        fmx__pjob *j = p->qhead;
+        p->qhead = j->next;
+        if (!p->qhead) p->qtail = NULL;
+        p->queued--;
+        void *user = j->user;
+        cJSON_Delete(j->request);
+        free(j);
+        return user;
+    }
+    for (int i = 0; i < p->n; i++) {
+        fmx__proc *w = &p->procs[i];
+        if (w->state != FMX__BUSY) continue;
+        fmx__pjob *j = w->job;
+        w->job = NULL;
+        fmx__reap(p, w, 1);
+        void *user = j->user;
+        cJSON_Delete(j->request);
+        free(j);
+        return user;
+    }
+    return NULL;
+}
+
+fmx_pool_stats fmx_pool_stats_get(const fmx_pool *p) {
+    fmx_pool_stats s = p->stats;
+    s.workers = p->n;
+    s.ready = s.busy = 0;
+    for (int i = 0; i < p->n; i++) {
+        s.ready += p->procs[i].state == FMX__IDLE || p->procs[i].state == FMX__BUSY;
+        s.busy += p->procs[i].state == FMX__BUSY;
+    }
+    s.queued = p->queued;
+    return s;
+}
+
+int fmx_pool_create(const fmx_pool_config *cfg, const fmx_tasks *tasks,
+                    const fmx_reward_config *reward, fmx_pool **out, char *err, size_t errsz) {
+    *out = NULL;
+    fmx_pool *p = calloc(1, sizeof *p);
+    if (!p) {
+        snprintf(err, errsz, "out of memory");
+        return FMX_ENOMEM;
+    }
+    p->cfg = *cfg;
+    p->spawner = -1;
+    p->spawner_fd = -1;
+    if (p->cfg.workers < 1) p->cfg.workers = 1;
+    if (p->cfg.threads < 1) p->cfg.threads = 1;
+    if (!(p->cfg.eval_timeout_s > 0)) p->cfg.eval_timeout_s = 30;
+    if (!fmx__is_cpu(p->cfg.device)) p->cfg.exec = 1; /* CUDA does not survive fork */
+    p->tasks = tasks;
+    p->reward = reward;
+    p->wctx = (fmx__wctx){.tasks = tasks,
+                          .reward = reward,
+                          .threads = p->cfg.threads,
+                          .mem_mb = p->cfg.mem_mb,
+                          .cpu_s = fmx__cpu_budget(&p->cfg),
+                          .cpu_device = fmx__is_cpu(p->cfg.device),
+                          .full_warmup = 0};
+    p->n = p->cfg.workers;
+    p->procs = calloc((size_t)p->n, sizeof *p->procs);
+    if (!p->procs || (p->cfg.exec && (!p->cfg.tasks_dir || fmx__build_argv(p) != FMX_OK))) {
+        snprintf(err, errsz, p->procs ? "exec mode needs the tasks directory" : "out of memory");
+        fmx_pool_destroy(p);
+        return FMX_EINVAL;
+    }
+    for (int i = 0; i < p->n; i++)
+        p->procs[i] = (fmx__proc){.state = FMX__EMPTY, .fd = -1};
+    if (!p->cfg.exec) {
+        /* Warm up here: the workers inherit it (and the packs' state). */
+        char werr[1024] = "";
+        if (fmx__warmup(tasks, reward, werr, sizeof werr) != FMX_OK)
+            fprintf(stderr, "fmx serve: warm-up: %s (continuing)\n", werr);
+        fmx__spawner_start(p);
+    }
+    for (int i = 0; i < p->n; i++)
+        if (fmx__spawn(p, &p->procs[i]) != 0) {
+            snprintf(err, errsz, "cannot start worker processes: %s", strerror(errno));
+            fmx_pool_destroy(p);
+            return FMX_EINTERNAL;
+        }
+    double end = fmx__mono() + (cfg->start_timeout_s > 0 ? cfg->start_timeout_s : 120);
+    for (;;) {
+        fmx_pool_stats s = fmx_pool_stats_get(p);
+        if (s.ready == p->n) break;
+        int starting = 0;
+        for (int i = 0; i < p->n; i++)
+            starting += p->procs[i].state == FMX__STARTING;
+        if (p->start_failures > 0 || (starting == 0 && s.ready < p->n) || fmx__mono() > end) {
+            snprintf(err, errsz, "%s",
+                     p->last_start_error[0] ? p->last_start_error
+                                            : "the worker processes did not start in time");
+            fmx_pool_destroy(p);
+            return FMX_EINTERNAL;
+        }
+        struct pollfd pf[1024];
+        int k = 0;
+        for (int i = 0; i < p->n && k < 1024; i++)
+            if (p->procs[i].state == FMX__STARTING)
+                pf[k++] = (struct pollfd){p->procs[i].fd, POLLIN, 0};
+        poll(pf, (nfds_t)k, 100);
+        fmx_pool_service(p, NULL, NULL);
+    }
+    *out = p;
+    return FMX_OK;
+}
+
+void fmx_pool_destroy(fmx_pool *p) {
+    if (!p) return;
+    for (int i = 0; p->procs && i < p->n; i++) {
+        fmx__proc *w = &p->procs[i];
+        if (w->state == FMX__EMPTY) continue;
+        if (w->job) {
+            cJSON_Delete(w->job->request);
+            free(w->job);
+            w->job = NULL;
+        }
+        kill(w->pid, SIGKILL);
+    }
+    for (int i = 0; p->procs && i < p->n; i++)
+        if (p->procs[i].state != FMX__EMPTY) fmx__reap(p, &p->procs[i], 0);
+    fmx__spawner_stop(p);
+    for (fmx__pjob *j = p->qhead, *next; j; j = next) {
+        next = j->next;
+        cJSON_Delete(j->request);
+        free(j);
+    }
+    for (int i = 0; p->argv && p->argv[i]; i++)
+        free(p->argv[i]);
+    free(p->argv);
+    free(p->procs);
+    free(p);
+}
+
+/* ---- outcomes of step jobs ---- */
+
+/* A submit whose evaluation failed: graded as failing every probe (reward 0),
+ * so that the episode ends. (Were it to go on, code that hangs or crashes
+ * depending on a hidden probe's inputs would reveal them a bit per step.) */
+static int fmx__failed_grade(const fmx_step_plan *plan, fmx_fate fate, const char *why,
+                             const char *text, fmx_grade *g) {
+    memset(g, 0, sizeof *g);
+    g->score = fmx_reward_score(plan->ctx.reward, &g->facts);
+    fmx_reward_breakdown_json(plan->ctx.reward, &g->facts, &g->score, g->breakdown,
+                              sizeof g->breakdown);
+    cJSON *sum = cJSON_CreateObject();
+    fmx_proto_add_float(sum, "reward", g->score.reward);
+    fmx_proto_add_float(sum, "correctness", 0.0);
+    cJSON_AddNumberToObject(sum, "probes_passed", 0);
+    cJSON_AddNumberToObject(sum, "probes_graded", 0);
+    cJSON_AddItemToObject(sum, "probes", cJSON_CreateArray());
+    cJSON_AddBoolToObject(sum, "compiled", 0);
+    cJSON_AddBoolToObject(sum, "runs_all_shapes", 0);
+    fmx_proto_add_float(sum, "loc_score", g->score.loc_score);
+    fmx_proto_add_float(sum, "compile_score", g->score.compile_score);
+    cJSON *bd = cJSON_Parse(g->breakdown);
+    if (bd) cJSON_AddItemToObject(sum, "breakdown", bd);
+    cJSON *e = cJSON_AddObjectToObject(sum, "error");
+    cJSON_AddStringToObject(e, "stage", fmx_fate_name(fate));
+    cJSON_AddStringToObject(e, "message", why);
+    g->summary = sum;
+    g->text = strdup(text);
+    if (!g->text || !cJSON_GetObjectItemCaseSensitive(sum, "error")) {
+        fmx_grade_clear(g);
+        return FMX_ENOMEM;
+    }
+    return FMX_OK;
+}
+
+int fmx_pool_outcome(const fmx_pool *p, const fmx_step_plan *plan, fmx_pool_result *res,
+                     fmx_step_outcome *out) {
+    memset(out, 0, sizeof *out);
+    fmx_fate fate = res->fate;
+    char why[512];
+    snprintf(why, sizeof why, "%s", res->why);
+    if (fate == FMX_FATE_OK) {
+        const char *e = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(res->reply, "error"));
+        int rc = e ? FMX_EFORMAT : fmx__outcome_from(res->reply, out);
+        if (rc == FMX_OK || rc == FMX_ENOMEM) return rc;
+        fate = FMX_FATE_CRASHED;
+        snprintf(why, sizeof why, "%s", e ? e : "the worker's reply is malformed");
+    }
+    const char *tool = plan->tool ? plan->tool : "";
+    int is_submit = strcmp(tool, "submit") == 0;
+    const char *after = is_submit
+                            ? "The submission fails every probe (reward 0); the episode is over."
+                            : "Nothing was graded; the episode goes on and this step counts.";
+    char text[1536];
+    if (fate == FMX_FATE_TIMEOUT)
+        snprintf(text, sizeof text,
+                 "Evaluation stopped: %s (limits: %g s wall clock, %g s CPU). The code did not "
+                 "finish: a loop that never ends, or far too much work? %s",
+                 why, p->cfg.eval_timeout_s, fmx__cpu_budget(&p->cfg), after);
+    else if (fate == FMX_FATE_OOM)
+        snprintf(text, sizeof text,
+                 "Evaluation stopped: out of memory: %s. An evaluation may allocate at most %ld "
+                 "MiB. %s",
+                 why, p->cfg.mem_mb, after);
+    else
+        snprintf(text, sizeof text, "Evaluation failed: %s. %s", why, after);
+    cJSON *obs = cJSON_CreateObject();
+    cJSON *data = cJSON_CreateObject();
+    if (!obs || !data) {
+        cJSON_Delete(obs);
+        cJSON_Delete(data);
+        return FMX_ENOMEM;
+    }
+    cJSON_AddStringToObject(obs, "tool", tool);
+    cJSON_AddStringToObject(obs, "text", text);
+    cJSON_AddItemToObject(obs, "data", data);
+    cJSON_AddStringToObject(data, "fate", fmx_fate_name(fate));
+    cJSON_AddStringToObject(data, "detail", why);
+    if (fate == FMX_FATE_TIMEOUT) {
+        fmx_proto_add_float(data, "limit_s", p->cfg.eval_timeout_s);
+        fmx_proto_add_float(data, "cpu_limit_s", fmx__cpu_budget(&p->cfg));
+    }
+    if (fate == FMX_FATE_OOM) cJSON_AddNumberToObject(data, "limit_mb", (double)p->cfg.mem_mb);
+    cJSON *e = cJSON_AddStringToObject(obs, "error", fmx_fate_name(fate));
+    if (!e) {
+        cJSON_Delete(obs);
+        return FMX_ENOMEM;
+    }
+    out->tool.observation = obs;
+    out->tool.error = e->valuestring;
+    out->ms = res->ms;
+    if (is_submit) {
+        if (fmx__failed_grade(plan, fate, why, text, &out->tool.grade) != FMX_OK) {
+            fmx_step_outcome_clear(out);
+            return FMX_ENOMEM;
+        }
+        out->tool.submitted = 1;
+        cJSON_AddItemToObject(data, "grade", cJSON_Duplicate(out->tool.grade.summary, 1));
+        return FMX_OK;
+    }
+    out->truncated = plan->final; /* the budget's last step ends the episode all the same */
+    return FMX_OK;
+}
+
+int fmx_pool_needs_fallback(const fmx_step_plan *plan, const fmx_pool_result *res) {
+    /* verify_component (the tool ran, so its death may be the tool's); a
+     * cheap tool's job died grading the fallback itself; submit ends the
+     * episode */
+    return res->fate != FMX_FATE_OK && plan->final && plan->fallback_code && plan->tool &&
+           strcmp(plan->tool, "verify_component") == 0;
+}
+
+int fmx_pool_fallback(const fmx_step_plan *plan, fmx_pool_result *res, fmx_step_outcome *out) {
+    cJSON *obs = out->tool.observation;
+    const char *old = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(obs, "text"));
+    if (res->fate == FMX_FATE_OK &&
+        fmx__grade_from(cJSON_GetObjectItemCaseSensitive(res->reply, "grade"), &out->trunc_grade) ==
+            FMX_OK) {
+        out->graded_code = strdup(plan->fallback_code);
+        out->graded_entry = strdup(plan->fallback_entry ? plan->fallback_entry : "forward");
+        if (!out->graded_code || !out->graded_entry) {
+            fmx_grade_clear(&out->trunc_grade);
+            free(out->graded_code);
+            free(out->graded_entry);
+            out->graded_code = out->graded_entry = NULL;
+            return FMX_ENOMEM;
+        }
+        out->trunc_graded = 1;
+        return FMX_OK;
+    }
+    /* The last verified code could not be graded either: say so. */
+    char *joined = NULL;
+    if (asprintf(&joined, "%s The last verified code could not be graded either (%s: %s).",
+                 old ? old : "", fmx_fate_name(res->fate),
+                 res->fate == FMX_FATE_OK ? "a malformed grade" : res->why) < 0)
+        return FMX_ENOMEM;
+    cJSON_ReplaceItemInObjectCaseSensitive(obs, "text", cJSON_CreateString(joined));
+    free(joined);
+    return FMX_OK;
+}
+
+/* ---- self-tests (inside a worker) ---- */
+
+static void *fmx__thread_fn(void *arg) {
+    *(int *)arg = 42;
+    return NULL;
+}
+
+static int fmx__check(char *detail, size_t n, size_t *used, int ok, const char *what, int err) {
+    if (*used < n)
+        *used += (size_t)snprintf(detail + *used, n - *used, "%s%s: %s", *used ? "; " : "", what,
+                                  ok ? (err ? strerror(err) : "ok") : "ALLOWED");
+    return ok;
+}
+
+int fmx_worker_selftest(const char *what, char *detail, size_t n) {
+    size_t used = 0;
+    detail[0] = 0;
+    int ok = 1;
+    if (strcmp(what, "socket") == 0) {
+        int fams[] = {AF_INET, AF_INET6, AF_NETLINK, AF_PACKET, AF_UNIX};
+        const char *names[] = {"AF_INET", "AF_INET6", "AF_NETLINK", "AF_PACKET", "AF_UNIX"};
+        for (int i = 0; i < 5; i++) {
+            errno = 0;
+            int fd = socket(fams[i], SOCK_STREAM, 0);
+            if (fd < 0 && fams[i] == AF_PACKET) fd = socket(fams[i], SOCK_RAW, 0);
+            ok &= fmx__check(detail, n, &used, fd < 0, names[i], errno);
+            if (fd >= 0) close(fd);
+        }
+        int sv[2];
+        errno = 0;
+        int r = socketpair(AF_UNIX, SOCK_STREAM, 0, sv);
+        ok &= fmx__check(detail, n, &used, r < 0, "socketpair", errno);
+        return ok;
+    }
+    if (strcmp(what, "fork") == 0) {
+        errno = 0;
+        pid_t pid = fork();
+        if (pid == 0) _exit(0);
+        if (pid > 0) waitpid(pid, NULL, 0);
+        ok &= fmx__check(detail, n, &used, pid < 0, "fork", errno);
+        errno = 0;
+        long r = syscall(SYS_vfork);
+        if (r == 0) _exit(0);
+        ok &= fmx__check(detail, n, &used, r < 0, "vfork", errno);
+        errno = 0;
+        r = syscall(SYS_clone, (long)SIGCHLD, 0L, 0L, 0L, 0L);
+        if (r == 0) _exit(0);
+        if (r > 0) waitpid((pid_t)r, NULL, 0);
+        ok &= fmx__check(detail, n, &used, r < 0, "clone(SIGCHLD)", errno);
+        errno = 0;
+        r = kill(getppid(), 0);
+        ok &= fmx__check(detail, n, &used, r < 0, "kill(parent)", errno);
+        return ok;
+    }
+    if (strcmp(what, "exec") == 0) {
+        char *argv[] = {"/bin/true", NULL}, *envp[] = {NULL};
+        errno = 0;
+        int r = execve("/bin/true", argv, envp);
+        ok &= fmx__check(detail, n, &used, r < 0, "execve", errno);
+        errno = 0;
+        r = (int)syscall(SYS_execveat, AT_FDCWD, "/bin/true", argv, envp, 0);
+        ok &= fmx__check(detail, n, &used, r < 0, "execveat", errno);
+        return ok;
+    }
+    if (strcmp(what, "open") == 0) {
+        errno = 0;
+        int fd = open("/etc/passwd", O_RDONLY);
+        ok &= fmx__check(detail, n, &used, fd < 0, "open(/etc/passwd)", errno);
+        if (fd >= 0) close(fd);
+        errno = 0;
+        fd = openat(AT_FDCWD, "/etc/passwd", O_RDONLY);
+        ok &= fmx__check(detail, n, &used, fd < 0, "openat(/etc/passwd)", errno);
+        if (fd >= 0) close(fd);
+        errno = 0;
+        fd = open("/tmp/fmx-worker-selftest", O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        ok &= fmx__check(detail, n, &used, fd < 0, "open(O_CREAT)", errno);
+        if (fd >= 0) close(fd);
+        errno = 0;
+        fd = creat("/tmp/fmx-worker-selftest", 0600);
+        ok &= fmx__check(detail, n, &used, fd < 0, "creat", errno);
+        if (fd >= 0) close(fd);
+        errno = 0;
+        FILE *f = fopen("/proc/self/status", "r");
+        ok &= fmx__check(detail, n, &used, f == NULL, "fopen(/proc/self/status)", errno);
+        if (f) fclose(f);
+        return ok;
+    }
+    if (strcmp(what, "fds") == 0) {
+        /* only stdio and the channel are open (probed: /proc cannot be opened) */
+        for (int fd = 0; fd < 4096; fd++) {
+            if (fcntl(fd, F_GETFD) < 0) continue;
+            if (fd <= FMX__CHANNEL_FD) {
+                if (used < n)
+                    used += (size_t)snprintf(detail + used, n - used, "%s%d",
+                                             used ? " " : "open: ", fd);
+                continue;
+            }
+            ok = 0;
+            if (used < n) used += (size_t)snprintf(detail + used, n - used, " %d(UNEXPECTED)", fd);
+        }
+        return ok;
+    }
+    if (strcmp(what, "thread") == 0) {
+        pthread_t t;
+        int v = 0;
+        int r = pthread_create(&t, NULL, fmx__thread_fn, &v);
+        if (r == 0) pthread_join(t, NULL);
+        snprintf(detail, n, "pthread_create: %s, value %d", r ? strerror(r) : "ok", v);
+        return r == 0 && v == 42;
+    }
+    if (strcmp(what, "compile") == 0 || strcmp(what, "torch_oom") == 0) {
+        int oom = strcmp(what, "torch_oom") == 0;
+        const char *src = oom ? "import torch\nfrom torch import Tensor\n\n"
+                                "def f(x: Tensor) -> Tensor:\n"
+                                "    return torch.empty(1 << 40) + x.sum()\n"
+                              : "import torch\nfrom torch import Tensor\n\n"
+                                "def f(x: Tensor) -> Tensor:\n"
+                                "    return torch.softmax(x @ x.t(), dim=-1).sum(0)\n";
+        char err[1024] = "";
+        fmx_program *prog = NULL;
+        fmx_args *a = fmx_args_create();
+        fmx_tensor *x = NULL;
+        fmx_run *run = NULL;
+        float xs[12] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
+        int64_t shape[2] = {3, 4};
+        int rc = fmx_program_compile(src, strlen(src), "selftest.py", &prog, err, sizeof err);
+        if (rc == FMX_OK) rc = fmx_tensor_wrap(xs, FMX_DT_F32, shape, 2, &x, err, sizeof err);
+        if (rc == FMX_OK) rc = fmx_args_tensor(a, "x", x);
+        if (rc == FMX_OK) rc = fmx_program_run(prog, "f", a, &run, err, sizeof err);
+        float out[3] = {0};
+        if (rc == FMX_OK && !oom)
+            rc = fmx_tensor_read(fmx_run_output(run, 0), out, sizeof out, err, sizeof err);
+        if (oom)
+            snprintf(detail, n, "%s", rc == FMX_OK ? "torch.empty(1 << 40) succeeded" : err);
+        else
+            snprintf(detail, n, "%s: sum %.4f", rc == FMX_OK ? "ran" : err,
+                     (double)(out[0] + out[1] + out[2]));
+        fmx_run_destroy(run);
+        fmx_tensor_destroy(x);
+        fmx_args_destroy(a);
+        fmx_program_destroy(prog);
+        return oom ? rc == FMX_ERUNTIME : rc == FMX_OK && fabs(out[0] + out[1] + out[2] - 3) < 1e-4;
+    }
+    if (strcmp(what, "limits") == 0) {
+        struct rlimit as, cpu, core;
+        getrlimit(RLIMIT_AS, &as);
+        getrlimit(RLIMIT_CPU, &cpu);
+        getrlimit(RLIMIT_CORE, &core);
+        int nnp = prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0);
+        int mode = prctl(PR_GET_SECCOMP, 0, 0, 0, 0);
+        int dumpable = prctl(PR_GET_DUMPABLE, 0, 0, 0, 0);
+        snprintf(detail, n,
+                 "RLIMIT_AS %lld MiB, RLIMIT_CPU %lld s, RLIMIT_CORE %lld, no_new_privs %d, "
+                 "seccomp mode %d, dumpable %d, pgid==pid %d, shared mappings %d (%d unmapped)",
+                 as.rlim_cur == RLIM_INFINITY ? -1LL : (long long)(as.rlim_cur >> 20),
+                 cpu.rlim_cur == RLIM_INFINITY ? -1LL : (long long)cpu.rlim_cur,
+                 (long long)core.rlim_cur, nnp, mode, dumpable, getpgrp() == getpid(),
+                 fmx__shared_left, fmx__shared_unmapped);
+        return as.rlim_cur != RLIM_INFINITY && cpu.rlim_cur != RLIM_INFINITY &&
+               core.rlim_cur == 0 && nnp == 1 && mode == 2 && dumpable == 0 &&
+               fmx__shared_left <= 0; /* 0 after the scrub; -1 in exec mode (none inherited) */
+    }
+    if (strcmp(what, "segv") == 0) {
+        raise(SIGSEGV);
+        _exit(1);
+    }
+    if (strcmp(what, "hang") == 0)
+        for (;;)
+            pause();
+    if (strcmp(what, "spin") == 0) {
+        volatile unsigned long k = 0;
+        for (;;)
+            k++;
+    }
+    if (strcmp(what, "oom") == 0 || strcmp(what, "abort_oom") == 0) {
+        /* Allocate (and touch) until the address space runs out. */
+        size_t chunk = (size_t)64 << 20, total = 0;
+        for (;;) {
+            char *p = malloc(chunk);
+            if (!p) {
+                if (chunk <= ((size_t)1 << 20)) break;
+                chunk /= 2;
+                continue;
+            }
+            memset(p, 1, 4096);
+            total += chunk;
+        }
+        snprintf(detail, n, "allocated %zu MiB before malloc failed", total >> 20);
+        if (strcmp(what, "abort_oom") == 0) abort();
+        return FMX_ENOMEM;
+    }
+    snprintf(detail, n, "unknown self-test '%s'", what);
+    return 0;
+}
+
+/* ---- `fmx worker` (exec mode) ---- */
+
+int fmx_worker_main(int argc, char **argv) {
+    const char *tasks_dir = NULL, *device = "cpu", *reward_path = NULL;
+    int fd = -1, threads = 1;
+    long mem_mb = 4096;
+    double cpu_s = 31;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        const char *a = argv[i], *v = argv[i + 1];
+        if (strcmp(a, "--fd") == 0)
+            fd = atoi(v);
+        else if (strcmp(a, "--tasks") == 0)
+            tasks_dir = v;
+        else if (strcmp(a, "--device") == 0)
+            device = v;
+        else if (strcmp(a, "--reward") == 0)
+            reward_path = v;
+        else if (strcmp(a, "--mem") == 0)
+            mem_mb = atol(v);
+        else if (strcmp(a, "--threads") == 0)
+            threads = atoi(v);
+        else if (strcmp(a, "--cpu") == 0)
+            cpu_s = atof(v);
+    }
+    if (fd < 0 || fcntl(fd, F_GETFD) < 0 || !tasks_dir) {
+        fprintf(stderr,
+                "fmx worker: internal subcommand of fmx serve (needs --fd N --tasks DIR)\n");
+        return 2;
+    }
+    char err[2048] = "";
+    static fmx_reward_config reward;
+    reward = fmx_reward_config_default();
+    fmx_tasks *tasks = NULL;
+    int rc = reward_path ? fmx_reward_config_load(reward_path, &reward, err, sizeof err) : FMX_OK;
+    if (rc == FMX_OK) rc = fmx_engine_set_device(device, err, sizeof err);
+    if (rc == FMX_OK) rc = fmx_tasks_open(tasks_dir, &tasks, NULL, err, sizeof err);
+    if (rc != FMX_OK) {
+        cJSON *hello = cJSON_CreateObject();
+        cJSON_AddFalseToObject(hello, "ready");
+        cJSON_AddStringToObject(hello, "error", err);
+        fmx__send_tree(fd, hello);
+        return FMX__EXIT_SETUP;
+    }
+    fmx__wctx w = {.tasks = tasks,
+                   .reward = &reward,
+                   .threads = threads,
+                   .mem_mb = mem_mb,
+                   .cpu_s = cpu_s,
+                   .cpu_device = fmx__is_cpu(device),
+                   .full_warmup = 1};
+    fmx__worker_run(fd, &w);
+}
