@@ -2,8 +2,9 @@
  * leaderboard.h — how policies score, read from the episode log: for every
  * (policy, task) pair and for every policy over all tasks, the number of
  * finished episodes, the pass rate (correctness = 1), the mean reward and
- * its spread, mean LOC, mean steps and mean compile score; and the table
- * `fmx leaderboard` and `fmx run` print.
+ * its spread, mean LOC, mean steps and mean compile score; the table
+ * `fmx leaderboard` and `fmx run` print; and the same as an HTML page with
+ * charts (`fmx leaderboard --html FILE`).
  *
  * Finished episodes are those that were graded or ran out of steps
  * (status "submitted" or "truncated"); a truncated episode with nothing to
@@ -60,7 +61,18 @@ const fmx_leaderboard_row *fmx_leaderboard_row_at(const fmx_leaderboard *lb, int
 /* Prints the table: an overall ranking of the policies, then policy × task. */
 void fmx_leaderboard_print(FILE *f, const fmx_leaderboard *lb);
 
-/* `fmx leaderboard --db DB [--policy NAME]` (argv[0] is "leaderboard"). */
+/* The leaderboard as one static HTML page (UTF-8, no external assets):
+ * inline CSS, the two tables of fmx_leaderboard_print and two inline SVG
+ * charts — every finished episode's reward per policy (dots over a box of
+ * the quartiles; svg#chart-rewards, one circle.pt per episode) and LOC
+ * against correctness of each graded episode's last submission
+ * (svg#chart-loc, one circle.pt each) — and a short inline script that
+ * writes what rendered into p#render-check. db_path is shown in the header
+ * (may be NULL). FMX_OK, FMX_EINVAL (f or lb NULL), FMX_ENOMEM, or FMX_EIO
+ * when writing failed. */
+int fmx_leaderboard_html(FILE *f, const fmx_leaderboard *lb, const char *db_path);
+
+/* `fmx leaderboard --db DB [--policy NAME] [--html FILE]` (argv[0] is "leaderboard"). */
 int fmx_leaderboard_main(int argc, char **argv);
 
 #ifdef __cplusplus

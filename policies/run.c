@@ -27,6 +27,7 @@
 
 #include "env/status.h"
 #include "episodes/leaderboard.h"
+#include "llm.h"
 
 #define FMX__MAX_POLICIES 8
 #define FMX__START_WAIT_S 120 /* a server opening big packs takes a while */
@@ -34,7 +35,8 @@
 static const struct {
     const char *name;
     fmx_policy_fn fn;
-} fmx__policies[] = {{"oracle", fmx_policy_oracle}, {"null", fmx_policy_null}};
+} fmx__policies[] = {
+    {"oracle", fmx_policy_oracle}, {"null", fmx_policy_null}, {"llm", fmx_policy_llm}};
 #define FMX__NPOLICIES ((int)(sizeof fmx__policies / sizeof fmx__policies[0]))
 
 typedef struct {
@@ -43,6 +45,8 @@ typedef struct {
     int npolicies;
     const char *tasks_dir, *db, *connect, *solutions, *only_task;
     int episodes, jobs, verbose;
+    fmx_llm_config llm; /* --policy llm */
+    int uses_llm;
 } fmx__run_opts;
 
 static double fmx__now(void) {
@@ -251,6 +255,19 @@ static const char fmx__usage[] =
     "                     (default: examples/solutions beside the pack's model file)\n"
     "  --jobs N           concurrent clients (default: CPU cores)\n"
     "  --verbose          one line per episode\n"
+    "the llm policy (an OpenAI-compatible chat endpoint; logged as llm:MODEL):\n"
+    "  --base-url URL     e.g. http://127.0.0.1:8000/v1 (POST URL/chat/completions; required)\n"
+    "  --model NAME       the request's model (required)\n"
+    "  --api-key-env VAR  env var with the API key, sent as a Bearer token (default\n"
+    "                     OPENAI_API_KEY; unset: no Authorization header)\n"
+    "  --max-tokens N     per reply (default 4096; 0: not sent)\n"
+    "  --token-budget N   per episode, sum of usage.total_tokens (default 200000; 0: none)\n"
+    "  --temperature T    (default: the endpoint's)\n"
+    "  --retries N        on 429, 5xx and transport errors, backoff from 1 s (default 4)\n"
+    "  --request-timeout S  one request, seconds (default 300)\n"
+    "  --transcripts DIR  per-episode JSON transcripts: messages, tool calls with their step\n"
+    "                     index, assistant text, token usage (default: transcripts/ beside\n"
+    "                     the --db)\n"
     "exit status: 0 every episode ended (and the oracle passed every task), 1 the oracle\n"
     "failed a task (its reference does not match the pack), 2 error\n";
 
@@ -270,22 +287,61 @@ static int fmx__add_policies(fmx__run_opts *o, char *list) {
         for (int i = 0; i < FMX__NPOLICIES; i++)
             if (strcmp(fmx__policies[i].name, name) == 0) found = i;
         if (found < 0) {
-            fprintf(stderr, "fmx run: unknown policy '%s' (oracle, null)\n", name);
+            fprintf(stderr, "fmx run: unknown policy '%s' (oracle, null, llm)\n", name);
             return 0;
         }
         if (o->npolicies == FMX__MAX_POLICIES) {
             fprintf(stderr, "fmx run: at most %d policies\n", FMX__MAX_POLICIES);
             return 0;
         }
+        if (fmx__policies[found].fn == fmx_policy_llm) o->uses_llm = 1;
         o->policies[o->npolicies] = fmx__policies[found].name;
         o->fns[o->npolicies++] = fmx__policies[found].fn;
     }
     return 1;
 }
 
+/* The llm policy's options: 1 when a is one (*ok: its value parsed). */
+static int fmx__llm_option(fmx__run_opts *o, const char *a, const char *v, int *ok) {
+    fmx_llm_config *l = &o->llm;
+    char *end;
+    errno = 0;
+    if (strcmp(a, "--base-url") == 0)
+        l->base_url = v;
+    else if (strcmp(a, "--model") == 0)
+        l->model = v;
+    else if (strcmp(a, "--api-key-env") == 0)
+        l->api_key_env = v;
+    else if (strcmp(a, "--transcripts") == 0)
+        l->transcripts_dir = v;
+    else if (strcmp(a, "--temperature") == 0) {
+        l->temperature = strtod(v, &end);
+        *ok = !errno && end != v && !*end && l->temperature >= 0 && l->temperature <= 10;
+    } else if (strcmp(a, "--token-budget") == 0) {
+        long long n = strtoll(v, &end, 10);
+        *ok = !errno && end != v && !*end && n >= 0;
+        l->token_budget = n;
+    } else if (strcmp(a, "--max-tokens") == 0) {
+        long n = strtol(v, &end, 10);
+        *ok = !errno && end != v && !*end && n >= 0 && n <= 10000000;
+        l->max_tokens = (int)n;
+    } else if (strcmp(a, "--retries") == 0) {
+        long n = strtol(v, &end, 10);
+        *ok = !errno && end != v && !*end && n >= 0 && n <= 100;
+        l->retries = (int)n;
+    } else if (strcmp(a, "--request-timeout") == 0)
+        *ok = fmx__pos(v, &l->timeout_s);
+    else
+        return 0;
+    return 1;
+}
+
 static int fmx__parse(int argc, char **argv, fmx__run_opts *o) {
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-    *o = (fmx__run_opts){.tasks_dir = NULL, .episodes = 1, .jobs = ncpu > 0 ? (int)ncpu : 1};
+    *o = (fmx__run_opts){.tasks_dir = NULL,
+                         .episodes = 1,
+                         .jobs = ncpu > 0 ? (int)ncpu : 1,
+                         .llm = fmx_llm_config_default()};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
@@ -319,6 +375,8 @@ static int fmx__parse(int argc, char **argv, fmx__run_opts *o) {
             ok = fmx__pos(v, &o->episodes);
         else if (strcmp(a, "--jobs") == 0)
             ok = fmx__pos(v, &o->jobs);
+        else if (fmx__llm_option(o, a, v, &ok))
+            ;
         else {
             fprintf(stderr, "fmx run: unknown option '%s'\n\n%s", a, fmx__usage);
             return 2;
@@ -329,8 +387,15 @@ static int fmx__parse(int argc, char **argv, fmx__run_opts *o) {
         }
     }
     if (o->npolicies == 0) {
-        fprintf(stderr, "fmx run: --policy is required (oracle, null)\n\n%s", fmx__usage);
+        fprintf(stderr, "fmx run: --policy is required (oracle, null, llm)\n\n%s", fmx__usage);
         return 2;
+    }
+    if (o->uses_llm) {
+        char err[512];
+        if (fmx_llm_configure(&o->llm, err, sizeof err) != FMX_OK) {
+            fprintf(stderr, "fmx run: %s\n", err);
+            return 2;
+        }
     }
     if (!o->connect && !o->tasks_dir) o->tasks_dir = "packs";
     if (!o->connect && !o->db) o->db = "fmx.db";
@@ -453,7 +518,23 @@ int fmx_run_main(int argc, char **argv) {
     }
     fmx_client_close(c);
     c = NULL;
+    /* The llm policy's transcripts: beside the episode log unless --transcripts. */
+    char transcripts[PATH_MAX + 16] = "";
+    if (o.uses_llm && !o.llm.transcripts_dir) {
+        const char *slash = strrchr(db_abs, '/');
+        if (slash)
+            snprintf(transcripts, sizeof transcripts, "%.*s/transcripts", (int)(slash - db_abs),
+                     db_abs);
+        else
+            snprintf(transcripts, sizeof transcripts, "transcripts");
+        o.llm.transcripts_dir = transcripts;
+        if (fmx_llm_configure(&o.llm, err, sizeof err) != FMX_OK) {
+            fprintf(stderr, "fmx run: %s\n", err);
+            goto out;
+        }
+    }
     status = fmx__play(&o, addr, tasks);
+    if (o.uses_llm) printf("llm transcripts (JSON): %s\n\n", o.llm.transcripts_dir);
 out:
     cJSON_Delete(tasks);
     fmx_client_close(c);

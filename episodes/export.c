@@ -1,0 +1,334 @@
+/*
+ * export.c — `fmx episodes export`: the log's episodes as JSONL chat
+ * transcripts (export.h has the line's schema). Reads with its own
+ * read-only connection; transcripts come from fmx_transcript_load
+ * (episodes/replay.h), goals from fmx_episode_goal when packs are given.
+ */
+#define _GNU_SOURCE
+#include "export.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "env/episode.h"
+#include "env/status.h"
+#include "env/tasks.h"
+#include "env/tools.h"
+#include "episodes/replay.h"
+
+fmx_export_filter fmx_export_filter_default(void) {
+    return (fmx_export_filter){.min_reward = NAN};
+}
+
+int fmx_export_filter_parse(char *spec, fmx_export_filter *f, char *err, size_t errsz) {
+    char *save = NULL;
+    for (char *kv = strtok_r(spec, ",", &save); kv; kv = strtok_r(NULL, ",", &save)) {
+        char *eq = strchr(kv, '=');
+        if (!eq || eq == kv || !eq[1]) {
+            snprintf(err, errsz, "filter '%s' is not KEY=VALUE", kv);
+            return FMX_EINVAL;
+        }
+        *eq = '\0';
+        const char *v = eq + 1;
+        if (strcmp(kv, "policy") == 0) {
+            f->policy = v;
+        } else if (strcmp(kv, "task") == 0) {
+            f->task = v;
+        } else if (strcmp(kv, "status") == 0) {
+            f->status = v;
+        } else if (strcmp(kv, "min_reward") == 0) {
+            char *end;
+            errno = 0;
+            double x = strtod(v, &end);
+            if (errno || end == v || *end || !isfinite(x)) {
+                snprintf(err, errsz, "min_reward must be a number, not '%s'", v);
+                return FMX_EINVAL;
+            }
+            f->min_reward = x;
+        } else {
+            snprintf(err, errsz, "unknown filter key '%s' (policy, task, status, min_reward)", kv);
+            return FMX_EINVAL;
+        }
+    }
+    return FMX_OK;
+}
+
+static const char fmx__ids_sql[] =
+    "SELECT e.id FROM episodes e JOIN policies p ON p.id = e.policy_id "
+    "WHERE (?1 IS NULL OR p.name = ?1) AND (?2 IS NULL OR e.task_id = ?2) "
+    "  AND (?3 IS NULL OR e.status = ?3) AND (?4 IS NULL OR e.reward >= ?4) "
+    "ORDER BY e.id";
+
+/* The goal without the pack: its first paragraph, from the task row. Caller frees. */
+static char *fmx__goal_from_log(const fmx_transcript *t) {
+    char *s = NULL;
+    const char *what = t->module && t->module[0] ? t->module : "the whole model";
+    if (asprintf(&s,
+                 "Task %s: rewrite %s (class %s, pack %s) as flat functional PyTorch: one Python "
+                 "file whose function `forward` computes what the module's forward computes, "
+                 "using only torch ops and the module's weights, with no nn.Module classes.\n\n"
+                 "Target: %lld logical lines.\n\nTools:\n%s\n",
+                 t->task, what, t->cls ? t->cls : "?", t->pack ? t->pack : "?",
+                 (long long)t->target_loc, fmx_tools_summary()) < 0)
+        return NULL;
+    return s;
+}
+
+/* The goal exactly as the server wrote it at reset. Caller frees; NULL if
+ * the task is not among the packs. */
+static char *fmx__goal_from_pack(const fmx_transcript *t, fmx_tasks *tasks, int max_steps) {
+    const fmx_task *task = fmx_tasks_find(tasks, t->task);
+    if (!task) return NULL;
+    fmx_reward_config reward = fmx_reward_config_default();
+    if (t->breakdown) fmx_replay_reward_of(t->breakdown, &reward);
+    fmx_budget budget = fmx_budget_default();
+    if (max_steps > 0) budget.max_steps = max_steps;
+    if (t->nsteps > 0 && t->steps[t->nsteps - 1].truncated) budget.max_steps = t->nsteps;
+    fmx_episode *ep = fmx_episode_create(t->id, task, t->policy, t->seed, "", 0, budget, &reward);
+    cJSON *goal = ep ? fmx_episode_goal(ep) : NULL;
+    const char *text = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(goal, "text"));
+    char *s = text ? strdup(text) : NULL;
+    cJSON_Delete(goal);
+    fmx_episode_destroy(ep);
+    return s;
+}
+
+static cJSON *fmx__message(cJSON *messages, const char *role, const char *content) {
+    cJSON *m = cJSON_CreateObject();
+    cJSON_AddItemToArray(messages, m);
+    cJSON_AddStringToObject(m, "role", role);
+    if (content)
+        cJSON_AddStringToObject(m, "content", content);
+    else
+        cJSON_AddNullToObject(m, "content");
+    return m;
+}
+
+/* One episode's line (without the newline). Caller frees; NULL when out of memory. */
+static char *fmx__line(const fmx_transcript *t, const char *goal, const char *goal_source,
+                       const cJSON *tools) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON *messages = cJSON_AddArrayToObject(o, "messages");
+    fmx__message(messages, "system", goal);
+    char request[512];
+    const char *what = t->module && t->module[0] ? t->module : "the whole model";
+    snprintf(request, sizeof request,
+             "Task %s: write the flat functional version of %s (%s). Read the module with the "
+             "tools, check your code with verify_component, then submit it.",
+             t->task, what, t->cls ? t->cls : "?");
+    fmx__message(messages, "user", request);
+    for (int i = 0; i < t->nsteps; i++) {
+        const fmx_step_record *s = &t->steps[i];
+        char id[64];
+        snprintf(id, sizeof id, "call_%lld_%lld", (long long)t->id, (long long)s->idx);
+        cJSON *a = fmx__message(messages, "assistant", NULL);
+        cJSON *calls = cJSON_AddArrayToObject(a, "tool_calls");
+        cJSON *c = cJSON_CreateObject();
+        cJSON_AddItemToArray(calls, c);
+        cJSON_AddStringToObject(c, "id", id);
+        cJSON_AddStringToObject(c, "type", "function");
+        cJSON *fn = cJSON_AddObjectToObject(c, "function");
+        cJSON_AddStringToObject(fn, "name", s->tool ? s->tool : "");
+        cJSON_AddStringToObject(fn, "arguments", s->args ? s->args : "{}");
+        cJSON *obs = cJSON_Parse(s->observation ? s->observation : "");
+        const char *text = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(obs, "text"));
+        cJSON *m = cJSON_CreateObject();
+        cJSON_AddItemToArray(messages, m);
+        cJSON_AddStringToObject(m, "role", "tool");
+        cJSON_AddStringToObject(m, "tool_call_id", id);
+        cJSON_AddStringToObject(m, "content", text ? text : (s->observation ? s->observation : ""));
+        cJSON_Delete(obs);
+    }
+    cJSON_AddItemToObject(o, "tools", cJSON_Duplicate(tools, 1));
+    cJSON_AddNumberToObject(o, "episode", (double)t->id);
+    cJSON_AddStringToObject(o, "task", t->task ? t->task : "");
+    cJSON_AddStringToObject(o, "policy", t->policy ? t->policy : "");
+    cJSON_AddStringToObject(o, "status", t->status ? t->status : "");
+    cJSON_AddNumberToObject(o, "steps", t->nsteps);
+    if (t->has_reward)
+        cJSON_AddNumberToObject(o, "reward", t->reward);
+    else
+        cJSON_AddNullToObject(o, "reward");
+    if (t->reward_version)
+        cJSON_AddStringToObject(o, "reward_version", t->reward_version);
+    else
+        cJSON_AddNullToObject(o, "reward_version");
+    cJSON *b = t->breakdown ? cJSON_Parse(t->breakdown) : NULL;
+    cJSON_AddItemToObject(o, "breakdown", b ? b : cJSON_CreateNull());
+    cJSON_AddStringToObject(o, "goal_source", goal_source);
+    char *line = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    return line;
+}
+
+int fmx_export_jsonl(const char *db_path, const fmx_export_filter *f, const char *tasks_dir,
+                     int max_steps, FILE *out, int64_t *n, char *err, size_t errsz) {
+    *n = 0;
+    fmx_tasks *tasks = NULL;
+    if (tasks_dir && fmx_tasks_open(tasks_dir, &tasks, stderr, err, errsz) != FMX_OK)
+        return FMX_EIO;
+    sqlite3 *db = NULL;
+    sqlite3_stmt *st = NULL;
+    cJSON *tools = fmx_tools_spec();
+    int status = fmx_replay_open_db(db_path, 1, &db, err, errsz);
+    if (status == FMX_OK && sqlite3_prepare_v2(db, fmx__ids_sql, -1, &st, NULL) != SQLITE_OK) {
+        const char *why = sqlite3_errmsg(db);
+        snprintf(err, errsz, "%s: %s%s", db_path, why,
+                 strstr(why, "no such") ? " (not an fmx episode log)" : "");
+        status = FMX_EFORMAT;
+    }
+    if (status == FMX_OK) {
+        if (f->policy) sqlite3_bind_text(st, 1, f->policy, -1, SQLITE_STATIC);
+        if (f->task) sqlite3_bind_text(st, 2, f->task, -1, SQLITE_STATIC);
+        if (f->status) sqlite3_bind_text(st, 3, f->status, -1, SQLITE_STATIC);
+        if (!isnan(f->min_reward)) sqlite3_bind_double(st, 4, f->min_reward);
+    }
+    /* Episode ids first, then each transcript (on the same connection, one
+     * read transaction each: a server may be writing). */
+    int64_t *ids = NULL;
+    size_t nids = 0, cap = 0;
+    int rc = SQLITE_DONE;
+    while (status == FMX_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (nids == cap) {
+            cap = cap ? 2 * cap : 256;
+            int64_t *g = realloc(ids, cap * sizeof *g);
+            if (!g) {
+                snprintf(err, errsz, "out of memory");
+                status = FMX_ENOMEM;
+                break;
+            }
+            ids = g;
+        }
+        ids[nids++] = sqlite3_column_int64(st, 0);
+    }
+    if (status == FMX_OK && rc != SQLITE_DONE) {
+        snprintf(err, errsz, "%s: %s", db_path, sqlite3_errmsg(db));
+        status = FMX_EIO;
+    }
+    sqlite3_finalize(st);
+    int warned = 0;
+    for (size_t i = 0; status == FMX_OK && i < nids; i++) {
+        fmx_transcript *t = NULL;
+        status = fmx_transcript_load(db, ids[i], &t, err, errsz);
+        if (status) break;
+        char *goal = tasks ? fmx__goal_from_pack(t, tasks, max_steps) : NULL;
+        const char *source = "pack";
+        if (!goal) {
+            if (tasks && !warned++)
+                fprintf(stderr,
+                        "fmx episodes export: task '%s' is not among the packs in %s: its goal "
+                        "comes from the log (goal_source \"log\")\n",
+                        t->task, tasks_dir);
+            goal = fmx__goal_from_log(t);
+            source = "log";
+        }
+        char *line = goal ? fmx__line(t, goal, source, tools) : NULL;
+        if (!line) {
+            snprintf(err, errsz, "out of memory");
+            status = FMX_ENOMEM;
+        } else if (fputs(line, out) < 0 || fputc('\n', out) < 0) {
+            snprintf(err, errsz, "write failed: %s", strerror(errno));
+            status = FMX_EIO;
+        } else {
+            (*n)++;
+        }
+        free(line);
+        free(goal);
+        fmx_transcript_free(t);
+    }
+    free(ids);
+    cJSON_Delete(tools);
+    sqlite3_close(db);
+    fmx_tasks_close(tasks);
+    return status;
+}
+
+static const char fmx__usage[] =
+    "usage: fmx episodes export --db FILE [--format jsonl] [--filter KEY=VALUE,...] [-o FILE]\n"
+    "                           [--tasks DIR] [--max-steps N]\n"
+    "  one JSON line per episode in OpenAI chat format: system (the goal), user, then per\n"
+    "  step an assistant message with one tool call and the tool's observation text;\n"
+    "  reward, breakdown, task, policy, reward_version, episode, status (README: Research tools)\n"
+    "  --db FILE          the episode log (SQLite)\n"
+    "  --format jsonl     the only format\n"
+    "  --filter K=V,...   policy=NAME, task=ID, status=S (submitted, truncated, aborted, ...),\n"
+    "                     min_reward=X; repeatable, all must hold\n"
+    "  -o FILE            write there (default: stdout)\n"
+    "  --tasks DIR        the packs the server served: the system message is then the exact\n"
+    "                     reset goal (without: its first paragraph and the tools, from the log)\n"
+    "  --max-steps N      the server's --max-steps, for the goal's budget line (default 40)\n";
+
+int fmx_episodes_main(int argc, char **argv) {
+    if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0) {
+        fputs(fmx__usage, argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    if (strcmp(argv[1], "export") != 0) {
+        fprintf(stderr, "fmx episodes: unknown subcommand '%s'\n\n%s", argv[1], fmx__usage);
+        return 2;
+    }
+    const char *db = NULL, *out_path = NULL, *tasks_dir = NULL;
+    int max_steps = 0;
+    fmx_export_filter f = fmx_export_filter_default();
+    char err[1024];
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i];
+        int has = i + 1 < argc;
+        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+            fputs(fmx__usage, stdout);
+            return 0;
+        } else if (strcmp(a, "--db") == 0 && has) {
+            db = argv[++i];
+        } else if ((strcmp(a, "-o") == 0 || strcmp(a, "--output") == 0) && has) {
+            out_path = argv[++i];
+        } else if (strcmp(a, "--tasks") == 0 && has) {
+            tasks_dir = argv[++i];
+        } else if (strcmp(a, "--format") == 0 && has) {
+            if (strcmp(argv[++i], "jsonl") != 0) {
+                fprintf(stderr, "fmx episodes export: --format takes jsonl, not '%s'\n", argv[i]);
+                return 2;
+            }
+        } else if (strcmp(a, "--max-steps") == 0 && has) {
+            char *end;
+            long v = strtol(argv[++i], &end, 10);
+            if (*end || v <= 0 || v > 1000000) {
+                fprintf(stderr, "fmx episodes export: --max-steps takes a positive integer\n");
+                return 2;
+            }
+            max_steps = (int)v;
+        } else if (strcmp(a, "--filter") == 0 && has) {
+            if (fmx_export_filter_parse(argv[++i], &f, err, sizeof err) != FMX_OK) {
+                fprintf(stderr, "fmx episodes export: --filter: %s\n", err);
+                return 2;
+            }
+        } else {
+            fprintf(stderr, "fmx episodes export: bad argument '%s'\n\n%s", a, fmx__usage);
+            return 2;
+        }
+    }
+    if (!db) {
+        fprintf(stderr, "fmx episodes export: --db FILE is required\n\n%s", fmx__usage);
+        return 2;
+    }
+    FILE *out = stdout;
+    if (out_path && !(out = fopen(out_path, "w"))) {
+        fprintf(stderr, "fmx episodes export: %s: %s\n", out_path, strerror(errno));
+        return 2;
+    }
+    int64_t n = 0;
+    int rc = fmx_export_jsonl(db, &f, tasks_dir, max_steps, out, &n, err, sizeof err);
+    if (out != stdout && fclose(out) != 0 && rc == FMX_OK) {
+        snprintf(err, sizeof err, "%s: %s", out_path, strerror(errno));
+        rc = FMX_EIO;
+    }
+    if (rc != FMX_OK) {
+        fprintf(stderr, "fmx episodes export: %s\n", err);
+        return 2;
+    }
+    if (out_path)
+        fprintf(stderr, "fmx episodes export: %lld episodes to %s\n", (long long)n, out_path);
+    return 0;
+}
