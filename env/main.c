@@ -6,8 +6,12 @@
  *   fmx mutate PACK SOLUTION  how strong a pack's probes are: mutants of a solution
  *   fmx info PACK             what a pack holds: modules, probes, sizes
  *   fmx serve --tasks DIR     the RL environment server (env/server.c)
+ *   fmx keygen [-o FILE]      a CURVE key pair for serve --curve-secret-key
  *   fmx run --policy NAME     play a built-in policy on every task (policies/run.c)
- *   fmx leaderboard --db DB   how policies scored, from the episode log
+ *   fmx leaderboard --db DB   how policies scored, from the episode log (--html FILE: a page)
+ *   fmx replay --db DB EP     one episode's transcript, re-executed against its pack
+ *   fmx regrade --db DB       every stored submission rescored under another reward config
+ *   fmx episodes export       the log's episodes as JSONL chat transcripts (training data)
  *   fmx version
  *
  * Exit codes: 0 ok/match, 1 mismatch, 2 error (bad input, compile or run
@@ -19,18 +23,23 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include "engine/engine.h"
 #include "mutate.h"
 #include "pack.h"
 #include "pyexec.h"
+#include "episodes/export.h"
 #include "episodes/leaderboard.h"
+#include "episodes/replay.h"
 #include "policies/run.h"
 #include "server.h"
 #include "status.h"
 #include "verify.h"
+#include "worker.h"
 
 #ifndef FMX_VERSION
 #define FMX_VERSION "0.0.0"
@@ -49,16 +58,27 @@ static const char *usage_text =
     "      --atol X --rtol Y          override the pack's float tolerance\n"
     "      --device cpu|cuda[:N]      where to run (default: cpu)\n"
     "      --json                     print the report as JSON\n"
+    "      --timeout S                give up after S seconds (exit 2, \"timed out\")\n"
     "  mutate PACK SOLUTION [options] verify mutants of a correct SOLUTION on every probe and\n"
     "                                 report which survive (see fmx mutate --help)\n"
     "  info PACK [--json]             modules, classes, probes and sizes of a pack\n"
     "      --tensor KEY               one stored tensor (weight or capture) as JSON + hex\n"
     "  serve --tasks DIR [options]    run the RL environment server (see fmx serve --help)\n"
+    "  keygen [-o FILE]               a CURVE key pair for fmx serve --curve-secret-key\n"
     "  run --policy oracle|null [options]\n"
     "                                 play a built-in policy on every task (starting a server\n"
     "                                 unless --connect ADDR) and print the leaderboard (see\n"
     "                                 fmx run --help)\n"
     "  leaderboard --db FILE          policy x task: episodes, pass rate, reward, LOC, steps\n"
+    "      --html FILE                also write a static HTML page with charts\n"
+    "  replay --db FILE EPISODE --tasks DIR\n"
+    "                                 print an episode and re-execute it against its pack;\n"
+    "                                 exit 1 if an observation differs from the log\n"
+    "  regrade --db FILE [--reward FILE] [--rerun --tasks DIR]\n"
+    "                                 rescore every stored submission under a reward config\n"
+    "                                 (new rows in the log's grades table)\n"
+    "  episodes export --db FILE [--filter K=V,...] [-o FILE]\n"
+    "                                 episodes as JSONL chat transcripts (OpenAI format)\n"
     "  version                        fmx and libtorch versions\n"
     "\n"
     "exit status: 0 match/ok, 1 mismatch, 2 error\n";
@@ -132,16 +152,73 @@ static int parse_double(const char *s, double *out) {
     return errno == 0 && end != s && *end == '\0' && *out >= 0;
 }
 
+/* fmx verify --timeout: what the SIGALRM handler writes before _exit(2),
+ * formatted before the timer is armed (a handler may only write()). */
+static char fmx__timeout_out[512], fmx__timeout_err[256];
+static size_t fmx__timeout_out_len, fmx__timeout_err_len;
+
+static void fmx__on_timeout(int sig) {
+    (void)sig;
+    ssize_t w = 0;
+    if (fmx__timeout_out_len) w = write(STDOUT_FILENO, fmx__timeout_out, fmx__timeout_out_len);
+    w = write(STDERR_FILENO, fmx__timeout_err, fmx__timeout_err_len);
+    (void)w;
+    _exit(2);
+}
+
+/* Arms a wall-clock limit of secs seconds on the rest of the process. */
+static void fmx__arm_timeout(double secs, const char *pack, const char *file, int json) {
+    fmx__timeout_err_len = (size_t)snprintf(fmx__timeout_err, sizeof fmx__timeout_err,
+                                            "fmx: verify timed out after %g s\n", secs);
+    if (fmx__timeout_err_len >= sizeof fmx__timeout_err)
+        fmx__timeout_err_len = sizeof fmx__timeout_err - 1;
+    fmx__timeout_out_len = 0;
+    if (json) {
+        cJSON *r = cJSON_CreateObject();
+        cJSON_AddStringToObject(r, "status", "error");
+        cJSON_AddStringToObject(r, "pack", pack);
+        cJSON_AddStringToObject(r, "file", file);
+        cJSON *e = cJSON_AddObjectToObject(r, "error");
+        cJSON_AddStringToObject(e, "stage", "timeout");
+        char msg[64];
+        snprintf(msg, sizeof msg, "timed out after %g s", secs);
+        cJSON_AddStringToObject(e, "message", msg);
+        char *text = cJSON_PrintUnformatted(r);
+        if (text) {
+            int n = snprintf(fmx__timeout_out, sizeof fmx__timeout_out, "%s\n", text);
+            if (n > 0 && (size_t)n < sizeof fmx__timeout_out) fmx__timeout_out_len = (size_t)n;
+        }
+        free(text);
+        cJSON_Delete(r);
+    }
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = fmx__on_timeout;
+    sigaction(SIGALRM, &sa, NULL);
+    struct itimerval it;
+    memset(&it, 0, sizeof it);
+    it.it_value.tv_sec = (time_t)secs;
+    it.it_value.tv_usec = (suseconds_t)((secs - (double)(time_t)secs) * 1e6);
+    if (it.it_value.tv_sec == 0 && it.it_value.tv_usec == 0) it.it_value.tv_usec = 1;
+    setitimer(ITIMER_REAL, &it, NULL);
+}
+
 static int cmd_verify(int argc, char **argv) {
     fmx_verify_config cfg = fmx_verify_config_default();
     const char *pos[2] = {0};
     int npos = 0, json = 0;
     const char *device = "cpu";
     int have_atol = 0, have_rtol = 0;
+    double timeout = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--json") == 0) {
             json = 1;
+        } else if (strcmp(a, "--timeout") == 0) {
+            if (!need_value(i, argc, argv)) return 2;
+            if (!parse_double(argv[i + 1], &timeout) || timeout <= 0 || timeout > 1e6)
+                return die("--timeout takes a number of seconds > 0, not '%s'", argv[i + 1]);
+            i++;
         } else if (strcmp(a, "--component") == 0) {
             if (!need_value(i, argc, argv)) return 2;
             cfg.component = argv[++i];
@@ -189,6 +266,7 @@ static int cmd_verify(int argc, char **argv) {
     cfg.override_tol = have_atol;
 
     char err[2048];
+    if (timeout > 0) fmx__arm_timeout(timeout, pos[0], pos[1], json);
     if (fmx_engine_set_device(device, err, sizeof err) != 0) return die("%s", err);
     fmx_pack *pack = NULL;
     if (fmx_pack_open(pos[0], &pack, err, sizeof err) != 0) return die("%s", err);
@@ -334,8 +412,14 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "mutate") == 0) return fmx_mutate_main(argc - 1, argv + 1);
     if (strcmp(cmd, "info") == 0) return cmd_info(argc - 1, argv + 1);
     if (strcmp(cmd, "serve") == 0) return fmx_serve_main(argc - 1, argv + 1);
+    if (strcmp(cmd, "keygen") == 0) return fmx_serve_keygen_main(argc - 1, argv + 1);
+    /* hidden: a worker process of `fmx serve --worker-exec` (env/worker.h) */
+    if (strcmp(cmd, "worker") == 0) return fmx_worker_main(argc - 1, argv + 1);
     if (strcmp(cmd, "run") == 0) return fmx_run_main(argc - 1, argv + 1);
     if (strcmp(cmd, "leaderboard") == 0) return fmx_leaderboard_main(argc - 1, argv + 1);
+    if (strcmp(cmd, "replay") == 0) return fmx_replay_main(argc - 1, argv + 1);
+    if (strcmp(cmd, "regrade") == 0) return fmx_regrade_main(argc - 1, argv + 1);
+    if (strcmp(cmd, "episodes") == 0) return fmx_episodes_main(argc - 1, argv + 1);
     if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0) {
         printf("fmx %s (%s)\n", FMX_VERSION, fmx_engine_version());
         return 0;

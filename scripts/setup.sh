@@ -12,8 +12,10 @@ cd "$(dirname "$0")/.."
 packages=(
   build-essential cmake pkg-config
   libtorch-dev python3-torch python3-numpy
-  libcjson-dev libcmocka-dev libsqlite3-dev libzmq3-dev libmsgpack-dev
+  libcjson-dev libcmocka-dev libsqlite3-dev libzmq3-dev libmsgpack-dev libseccomp-dev
   python3-pytest python3-zmq python3-msgpack
+  libcurl4-openssl-dev
+  chromium  # headless, for the HTML leaderboard test (tests/python/test_research.py)
 )
 
 missing=()
