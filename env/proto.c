@@ -225,9 +225,15 @@ static cJSON *fmx__map_to_json(const msgpack_object *o, int64_t skip) {
             cJSON_Delete(m);
             return NULL;
         }
-        memcpy(key, kv->key.via.str.ptr, kv->key.via.str.size);
+        /* an empty string's ptr may be NULL: memcpy must not see it */
+        if (kv->key.via.str.size) memcpy(key, kv->key.via.str.ptr, kv->key.via.str.size);
         key[kv->key.via.str.size] = '\0';
-        cJSON_AddItemToObject(m, key, v);
+        if (!cJSON_AddItemToObject(m, key, v)) {
+            cJSON_Delete(v);
+            free(key);
+            cJSON_Delete(m);
+            return NULL;
+        }
         free(key);
     }
     return m;
@@ -249,7 +255,7 @@ static cJSON *fmx__to_json(const msgpack_object *o, int64_t skip) {
     case MSGPACK_OBJECT_STR: {
         char *s = malloc(o->via.str.size + 1);
         if (!s) return NULL;
-        memcpy(s, o->via.str.ptr, o->via.str.size);
+        if (o->via.str.size) memcpy(s, o->via.str.ptr, o->via.str.size);
         s[o->via.str.size] = '\0';
         cJSON *j = cJSON_CreateString(s);
         free(s);

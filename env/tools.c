@@ -1508,6 +1508,35 @@ int fmx_tools_grade(const fmx_tool_ctx *ctx, const char *code, size_t len, const
     const cJSON *err = cJSON_GetObjectItemCaseSensitive(report, "error");
     const char *stage = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(err, "stage"));
     const char *msg = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(err, "message"));
+    /* Hidden probes are reported as pass/fail only: a bind or run error's
+     * message can carry a hidden input's values or shapes (a candidate can
+     * raise one with any text), so the grade quotes the first error on a
+     * visible probe, and withholds the message when only hidden probes had
+     * one. */
+    char withheld[256];
+    int any_visible = 0;
+    {
+        const cJSON *r, *first_hidden = NULL, *first_visible = NULL;
+        cJSON_ArrayForEach(r, cJSON_GetObjectItemCaseSensitive(report, "probes")) {
+            int vis = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(r, "visible"));
+            any_visible |= vis;
+            if (!cJSON_IsString(cJSON_GetObjectItemCaseSensitive(r, "stage"))) continue;
+            if (vis && !first_visible) first_visible = r;
+            if (!vis && !first_hidden) first_hidden = r;
+        }
+        if (first_visible) {
+            stage = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(first_visible, "stage"));
+            msg = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(first_visible, "error"));
+        } else if (first_hidden) {
+            stage = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(first_hidden, "stage"));
+            snprintf(withheld, sizeof withheld,
+                     "the candidate failed (%s) on hidden probe %s; the message is withheld: "
+                     "hidden probes are reported as pass/fail only",
+                     stage,
+                     cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(first_hidden, "probe")));
+            msg = withheld;
+        }
+    }
 
     /* Per probe: graded if the module was called on it; passed if every
      * call passed. */
@@ -1566,6 +1595,11 @@ int fmx_tools_grade(const fmx_tool_ctx *ctx, const char *code, size_t len, const
         int same = 0;
         fmx_verify_optimized(pack, prog, &cfg, &same, opt_why, sizeof opt_why);
         f->survives_optimization = same;
+        /* With no visible call the re-run used a hidden probe: say no more
+         * than whether it survived. */
+        if (!any_visible && !same)
+            snprintf(opt_why, sizeof opt_why,
+                     "the optimized re-run (on a hidden probe) differs or fails; details withheld");
     }
     fmx_program_destroy(prog);
     g->score = fmx_reward_score(ctx->reward, f);

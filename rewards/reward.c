@@ -380,7 +380,7 @@ static size_t scan_string(const char *s, size_t len, size_t i) {
 /* Column of s[pos] on its physical line (tabs to multiples of 8, as Python). */
 static long column_of(const char *s, size_t pos) {
     size_t b = pos;
-    while (b > 0 && s[b - 1] != '\n')
+    while (b > 0 && s[b - 1] != '\n' && !(s[b - 1] == '\r' && s[b] != '\n'))
         b--;
     long col = 0;
     for (size_t i = b; i < pos; i++) {
@@ -392,6 +392,105 @@ static long column_of(const char *s, size_t pos) {
             col++;
     }
     return col;
+}
+
+static size_t op_len(const char *s, size_t len, size_t i);
+
+/* Tokens of the code in s[a, b), counted as the statement counter counts
+ * them (comments and line breaks are not tokens). */
+static size_t code_tokens(const char *s, size_t a, size_t b, int depth);
+
+/* The replacement fields of an f-string are code: the tokens of every
+ * {...} in its body s[a, b) ({{ and }} are literal braces). depth bounds
+ * nested f-strings. */
+static size_t fstring_field_tokens(const char *s, size_t a, size_t b, int depth) {
+    size_t n = 0, i = a;
+    while (i < b) {
+        if ((s[i] == '{' || s[i] == '}') && i + 1 < b && s[i + 1] == s[i]) {
+            i += 2;
+            continue;
+        }
+        if (s[i] != '{') {
+            i++;
+            continue;
+        }
+        /* The field ends at the } that closes it, outside nested brackets
+         * and strings. */
+        size_t j = i + 1;
+        int nest = 0;
+        while (j < b) {
+            char c = s[j];
+            if (c == '"' || c == '\'') {
+                char q = c;
+                for (j++; j < b && s[j] != q; j++)
+                    if (s[j] == '\\') j++;
+                j++;
+                continue;
+            }
+            if (c == '(' || c == '[' || c == '{') nest++;
+            if (c == ')' || c == ']') nest--;
+            if (c == '}' && nest-- == 0) break;
+            j++;
+        }
+        n += code_tokens(s, i + 1, j < b ? j : b, depth + 1);
+        i = j + 1;
+    }
+    return n;
+}
+
+/* Where the body of the string token s[start, end) begins and ends; 1 if it
+ * is an f-string. */
+static int fstring_body(const char *s, size_t start, size_t end, size_t *a, size_t *b) {
+    size_t q = start;
+    int f = 0;
+    for (; q < end && s[q] != '"' && s[q] != '\''; q++)
+        f |= s[q] == 'f' || s[q] == 'F';
+    if (!f || q >= end) return 0;
+    size_t ql = q + 2 < end && s[q + 1] == s[q] && s[q + 2] == s[q] ? 3 : 1;
+    *a = q + ql;
+    *b = end;
+    if (end >= *a + ql && s[end - 1] == s[q]) *b = end - ql; /* closed */
+    if (*b < *a) *b = *a;
+    return 1;
+}
+
+static size_t code_tokens(const char *s, size_t a, size_t b, int depth) {
+    size_t n = 0, i = a;
+    while (i < b) {
+        unsigned char c = (unsigned char)s[i];
+        size_t start = i;
+        if (c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\f' || c == '\v' ||
+            c == '\0' || c == '\\') {
+            i++;
+            continue;
+        }
+        if (c == '#') {
+            while (i < b && s[i] != '\n')
+                i++;
+            continue;
+        }
+        n++;
+        if (c == '"' || c == '\'' || is_name_start(c)) {
+            while (i < b && s[i] && strchr("rRbBuUfF", s[i]) && i - start < 2)
+                i++;
+            if (i < b && (s[i] == '"' || s[i] == '\'')) {
+                i = scan_string(s, b, i);
+                size_t fa, fb;
+                if (depth < 8 && fstring_body(s, start, i, &fa, &fb))
+                    n += fstring_field_tokens(s, fa, fb, depth);
+            } else {
+                while (i < b && is_name_char((unsigned char)s[i]))
+                    i++;
+            }
+        } else if (is_digit(c) || (c == '.' && i + 1 < b && is_digit((unsigned char)s[i + 1]))) {
+            i++;
+            while (i < b && (is_name_char((unsigned char)s[i]) || s[i] == '.'))
+                i++;
+        } else {
+            i += op_len(s, b, i);
+        }
+    }
+    return n;
 }
 
 static long cost_of(size_t ntok) {
@@ -449,7 +548,9 @@ static int closes(const loc_tok *t) {
 static void end_header(loc_state *st) {
     const loc_tok *t = st->first;
     st->in_stmt = 0;
-    if (is_tap_def(t, st->nfirst) || is_main_if(t, st->ntok)) {
+    /* Only at the top level, as the engine drops them: nested, such a block
+     * runs (a function can define __name__ and test it). */
+    if (st->indent == 0 && (is_tap_def(t, st->nfirst) || is_main_if(t, st->ntok))) {
         /* The whole block counts zero: its header, the rest of this line,
          * every more-indented line after it, and the decorators of a def tap. */
         if (!tok_is(&t[0], TOK_NAME, "if")) st->total -= st->decor_cost;
@@ -560,7 +661,10 @@ long fmx_reward_count_loc(const char *source, size_t len) {
     while (i < len) {
         unsigned char c = (unsigned char)s[i];
         size_t start = i;
-        if (c == '\n') {
+        /* \n, \r\n and a lone \r end a physical line, as in Python (the
+         * engine refuses a lone \r; counting it as a space would let a file
+         * hide lines in a zero block). */
+        if (c == '\n' || (c == '\r' && (i + 1 >= len || s[i + 1] != '\n'))) {
             i++;
             if (depth == 0 && st.line_started) on_line_end(&st);
             continue;
@@ -570,7 +674,7 @@ long fmx_reward_count_loc(const char *source, size_t len) {
             continue;
         }
         if (c == '#') {
-            while (i < len && s[i] != '\n')
+            while (i < len && s[i] != '\n' && s[i] != '\r')
                 i++;
             continue;
         }
@@ -597,6 +701,17 @@ long fmx_reward_count_loc(const char *source, size_t len) {
             if (prefix) {
                 i = scan_string(s, len, i);
                 kind = TOK_STRING;
+                /* An f-string's fields are code: their tokens count, and it
+                 * is never a docstring. */
+                size_t fa, fb;
+                if (fstring_body(s, start, i, &fa, &fb)) {
+                    on_token(&st, (loc_tok){kind, s + start, i - start});
+                    if (st.in_stmt && !st.line_skipped) {
+                        st.ntok += fstring_field_tokens(s, fa, fb, 0);
+                        st.strings_only = 0;
+                    }
+                    continue;
+                }
             }
         } else if (is_digit(c) || (c == '.' && i + 1 < len && is_digit((unsigned char)s[i + 1]))) {
             if (c == '0' && i + 1 < len && s[i + 1] != '\0' && strchr("xXoObB", s[i + 1])) {

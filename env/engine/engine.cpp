@@ -42,6 +42,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <pthread.h>
 #include <regex>
 #include <set>
 #include <sstream>
@@ -1197,7 +1198,7 @@ __derive_index __round_to_zero_floordiv __lshift__ __rshift__ __interpolate __up
 len list dict keys values items get setdefault pop popitem update clear copy append extend
 insert remove index count reverse sort sorted _set_item Delete slice select format join
 split strip lstrip rstrip lower upper startswith endswith replace find rfind isdigit isalpha
-isspace isalnum islower isupper capitalize title center ljust rjust zfill splitlines
+isspace isalnum islower isupper capitalize title splitlines
 partition rpartition str Int Float Bool Complex ScalarImplicit IntImplicit FloatImplicit
 ComplexImplicit percentFormat ord chr bin hash floordiv divmod mathremainder gcd factorial
 copysign degrees radians modf frexp ldexp fabs
@@ -1314,11 +1315,62 @@ bool has_calls(torch::jit::Block *b) {
 // the unoptimised graphs we keep, so repeat it (TorchScript refuses
 // recursion: the depth is bounded by the number of functions). Call it with
 // the optimiser off (RunGuards), as every graph here was compiled.
+// At most this many nodes in a function's graph with every call inlined: a
+// few helpers that each call the next twice inline to 2^depth copies (25
+// levels, a 30-line file: 33 million nodes, minutes and gigabytes). A real
+// model, loops kept as loops, inlines to a few thousand.
+constexpr size_t k_max_inlined_nodes = 200000;
+
+size_t inlined_size(torch::jit::Function *fn,
+                    std::unordered_map<torch::jit::Function *, size_t> &memo);
+
+// Nodes of b and its sub-blocks, every call counted as its callee's inlined
+// size; saturates just above the limit.
+size_t block_size(torch::jit::Block *b, std::unordered_map<torch::jit::Function *, size_t> &memo) {
+    size_t n = 0;
+    for (Node *node : b->nodes()) {
+        n++;
+        if (node->kind() == c10::prim::CallFunction)
+            if (auto ft = node->input(0)->type()->cast<c10::FunctionType>())
+                n += inlined_size(ft->function(), memo);
+        for (torch::jit::Block *sub : node->blocks())
+            n += block_size(sub, memo);
+        if (n > k_max_inlined_nodes) return k_max_inlined_nodes + 1;
+    }
+    return n;
+}
+
+// Calls form a DAG (TorchScript refuses recursion), so the memo ends it.
+size_t inlined_size(torch::jit::Function *fn,
+                    std::unordered_map<torch::jit::Function *, size_t> &memo) {
+    auto it = memo.find(fn);
+    if (it != memo.end()) return it->second;
+    size_t n = block_size(torch::jit::toGraphFunction(*fn).graph()->block(), memo);
+    memo[fn] = n;
+    return n;
+}
+
 std::shared_ptr<torch::jit::Graph> inlined_graph(torch::jit::Function *fn) {
+    std::unordered_map<torch::jit::Function *, size_t> memo;
+    if (inlined_size(fn, memo) > k_max_inlined_nodes)
+        fail(FMX_ECOMPILE, "function '" + fn->name() + "' inlines to more than " +
+                               std::to_string(k_max_inlined_nodes) +
+                               " operations (helpers that call helpers several times each "
+                               "multiply): use loops instead of repeated calls");
     std::shared_ptr<torch::jit::Graph> g = torch::jit::toGraphFunction(*fn).graph()->copy();
     for (int depth = 0; depth < 1000 && has_calls(g->block()); depth++)
         torch::jit::Inline(*g);
     return g;
+}
+
+// The input of n bound to the schema argument called name, or null.
+torch::jit::Value *input_named(Node *n, const char *name) {
+    const c10::FunctionSchema *s = n->maybeSchema();
+    if (!s) return nullptr;
+    const auto &args = s->arguments();
+    for (size_t i = 0; i < args.size() && i < n->inputs().size(); i++)
+        if (args[i].name() == name) return n->input(i);
+    return nullptr;
 }
 
 struct OpWalker {
@@ -1368,6 +1420,27 @@ struct OpWalker {
         }
         if (!allowed_ops().count(name))
             deny(n, "operator " + name + " is not in the candidate language's allowlist");
+        // Ops that crash or never return on some arguments in libtorch 1.13:
+        // refused where those arguments are possible.
+        if (n->kind() == c10::Symbol::aten("searchsorted")) {
+            // sorter's indices are not bounds-checked: an out-of-range one
+            // reads outside the tensor and crashes the process.
+            torch::jit::Value *sorter = input_named(n, "sorter");
+            if (sorter && !is_none(sorter))
+                deny(n, "torch.searchsorted with sorter= is not allowed (its indices are not "
+                        "checked in this libtorch and can crash the process): sort the sequence "
+                        "first, e.g. torch.sort(seq).values");
+        }
+        if ((n->kind() == c10::Symbol::aten("replace") ||
+             n->kind() == c10::Symbol::aten("count")) &&
+            n->inputs().size() >= 2 && n->input(0)->type()->kind() == c10::TypeKind::StringType) {
+            // str.replace("", ...) and str.count("") loop forever.
+            c10::optional<c10::IValue> sub = torch::jit::toIValue(n->input(1));
+            if (!sub || !sub->isString() || sub->toStringRef().empty())
+                deny(n, std::string("str.") + n->kind().toUnqualString() +
+                            " needs a constant, non-empty substring in candidate code (an empty "
+                            "one never returns)");
+        }
         // Norms that update running statistics in place when training.
         if (n->kind() == c10::Symbol::aten("batch_norm") && n->inputs().size() >= 6) {
             if (!is_constant_bool(n->input(5), false) &&
@@ -1393,7 +1466,13 @@ struct OpWalker {
 
     // Walks a copy of fn's graph with every call inlined.
     void walk_function(torch::jit::Function *fn) const {
-        walk(inlined_graph(fn)->block());
+        std::shared_ptr<torch::jit::Graph> g;
+        try {
+            g = inlined_graph(fn);
+        } catch (const FmxError &e) {
+            fail(e.status, sm.filename + ": " + e.msg);
+        }
+        walk(g->block());
     }
 };
 
@@ -1844,6 +1923,130 @@ fmx_param_kind param_kind(const c10::TypePtr &t) {
     }
 }
 
+// TorchScript's parser and emitter recurse once per nesting level of an
+// expression or block: 10,000 nested brackets, 7,000 unary minuses or a
+// chain of 10,000 `+ x` overflow an 8 MiB stack and kill the process. So,
+// before it sees the text: brackets at most 256 deep, at most 4,096
+// operators, attribute dots and opening brackets in one statement (a flat
+// list of numbers costs one, plus one per minus sign), blocks at most 100
+// deep. compile() also runs
+// on a thread with a 64 MiB stack (compile_on_big_stack): an 8x margin.
+constexpr int k_max_brackets = 256;
+constexpr long k_max_statement_ops = 4096;
+constexpr size_t k_max_blocks = 100;
+
+void check_nesting(const std::string &filename, const std::string &src) {
+    auto too_deep = [&](long line, const std::string &what) {
+        fail(FMX_ECOMPILE, filename + ":" + std::to_string(line) + ": " + what +
+                               ": TorchScript's parser could overflow its stack; split it "
+                               "into statements and helper functions");
+    };
+    static const std::set<std::string> k_word_ops = {"and",  "or", "not", "if",
+                                                     "else", "in", "is",  "lambda"};
+    const size_t n = src.size();
+    int depth = 0;
+    long ops = 0, line = 1;
+    size_t bol = 0;
+    bool line_start = true, joined = false;
+    std::vector<size_t> indents{0};
+    for (size_t i = 0; i < n; i++) {
+        char c = src[i];
+        if (c == '\n') {
+            line++;
+            bol = i + 1;
+            if (depth == 0 && !joined) {
+                ops = 0;
+                line_start = true;
+            }
+            joined = false;
+            continue;
+        }
+        if (c == ' ' || c == '\t' || c == '\r' || c == '\f') continue;
+        if (c == '#') {
+            while (i + 1 < n && src[i + 1] != '\n')
+                i++;
+            continue;
+        }
+        if (line_start) { // the first token of a logical line: its indentation
+            size_t ind = i - bol;
+            while (indents.back() > ind)
+                indents.pop_back();
+            if (ind > indents.back()) indents.push_back(ind);
+            if (indents.size() - 1 > k_max_blocks)
+                too_deep(line, "blocks nested more than " + std::to_string(k_max_blocks) + " deep");
+            line_start = false;
+        }
+        if (c == '\\') {
+            joined = true;
+            continue;
+        }
+        if (c == '"' || c == '\'') {
+            // to its closing quote; an unclosed one-line string ends before
+            // its newline (the parser reports it)
+            bool triple = i + 2 < n && src[i + 1] == c && src[i + 2] == c;
+            for (i += triple ? 3 : 1; i < n; i++) {
+                if (src[i] == '\n') {
+                    if (!triple) {
+                        i--;
+                        break;
+                    }
+                    line++;
+                    bol = i + 1;
+                } else if (src[i] == '\\' && i + 1 < n && src[i + 1] != '\n') {
+                    i++;
+                } else if (src[i] == c &&
+                           (!triple || (i + 2 < n && src[i + 1] == c && src[i + 2] == c))) {
+                    i += triple ? 2 : 0;
+                    break;
+                }
+            }
+            continue;
+        }
+        if (isalpha((unsigned char)c) || c == '_') {
+            size_t j = i;
+            while (j < n && (isalnum((unsigned char)src[j]) || src[j] == '_'))
+                j++;
+            ops += k_word_ops.count(src.substr(i, j - i)) ? 1 : 0;
+            i = j - 1;
+        } else if (isdigit((unsigned char)c) ||
+                   (c == '.' && i + 1 < n && isdigit((unsigned char)src[i + 1]))) {
+            // a number literal, its point and one exponent sign included: no
+            // operator (0x1e+0x1e+... is a chain of additions: hex has none)
+            bool hex = c == '0' && i + 1 < n && strchr("xXoObB", src[i + 1]) && src[i + 1];
+            bool signed_exp = false;
+            size_t j = i + 1;
+            while (j < n) {
+                char d = src[j];
+                if (isalnum((unsigned char)d) || d == '.' || d == '_') {
+                    j++;
+                } else if (!hex && !signed_exp && (d == '-' || d == '+') &&
+                           (src[j - 1] == 'e' || src[j - 1] == 'E') && j + 1 < n &&
+                           isdigit((unsigned char)src[j + 1])) {
+                    signed_exp = true;
+                    j++;
+                } else {
+                    break;
+                }
+            }
+            i = j - 1;
+        } else if (c == '(' || c == '[' || c == '{') {
+            ops++;
+            if (++depth > k_max_brackets)
+                too_deep(line,
+                         "brackets nested more than " + std::to_string(k_max_brackets) + " deep");
+        } else if (c == ')' || c == ']' || c == '}') {
+            if (depth > 0) depth--;
+        } else if (c == ';' && depth == 0) {
+            ops = 0;
+        } else if (strchr("+-*/%@&|^~<>!=.:", c)) {
+            ops++;
+        }
+        if (ops > k_max_statement_ops)
+            too_deep(line, "more than " + std::to_string(k_max_statement_ops) +
+                               " operators in one statement");
+    }
+}
+
 std::unique_ptr<fmx_program> compile(const char *source, size_t len, const char *filename) {
     auto t0 = std::chrono::steady_clock::now();
     RunGuards guards;
@@ -1862,6 +2065,30 @@ std::unique_ptr<fmx_program> compile(const char *source, size_t len, const char 
         for (std::string &l : sm.lines)
             if (!l.empty() && l.back() == '\r') l.pop_back();
     }
+    // Text only: a control character other than tab and the line ending
+    // (\n or \r\n) is refused. The lexer takes a lone \r, \v or \f for a
+    // space where Python and the LOC counter see a line break or an indent,
+    // so a file could compile as one thing and be counted as another.
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)source[i];
+        if (c >= 0x20 || c == '\t' || c == '\n' ||
+            (c == '\r' && i + 1 < len && source[i + 1] == '\n'))
+            continue;
+        long line = 1;
+        size_t bol = 0;
+        for (size_t k = 0; k < i; k++)
+            if (source[k] == '\n') {
+                line++;
+                bol = k + 1;
+            }
+        // Not sm.format: it would echo the line, control character included.
+        char where[64];
+        snprintf(where, sizeof where, ":%ld:%zu: control character U+%04X", line, i - bol + 1, c);
+        fail(FMX_ECOMPILE, sm.filename + where +
+                               " is not allowed: a candidate file is text (tabs, printable "
+                               "characters and \\n or \\r\\n line endings)");
+    }
+    check_nesting(sm.filename, std::string(source, len));
     prelude(); // compiled once, before any candidate needs it
     tl_forbidden = false;
 
@@ -2242,12 +2469,54 @@ extern "C" int fmx_tensor_read(const fmx_tensor *t, void *buf, size_t bufsz, cha
 /* extern "C": programs                                                     */
 /* ------------------------------------------------------------------------ */
 
+namespace {
+
+// compile() on a thread of its own with a 64 MiB stack (check_nesting keeps
+// the recursion it needs within an eighth of that), whatever stack the
+// caller's thread has; its exception, if any, is rethrown here. Runs inline
+// when no thread can be made.
+std::unique_ptr<fmx_program> compile_on_big_stack(const char *source, size_t len,
+                                                  const char *filename) {
+    struct Job {
+        const char *source;
+        size_t len;
+        const char *filename;
+        std::unique_ptr<fmx_program> out;
+        std::exception_ptr error;
+        static void *run(void *p) {
+            Job *j = static_cast<Job *>(p);
+            try {
+                j->out = compile(j->source, j->len, j->filename);
+            } catch (...) {
+                j->error = std::current_exception();
+            }
+            return nullptr;
+        }
+    } job{source, len, filename, nullptr, nullptr};
+    pthread_attr_t attr;
+    pthread_t thread;
+    bool threaded = pthread_attr_init(&attr) == 0;
+    if (threaded) {
+        threaded = pthread_attr_setstacksize(&attr, (size_t)64 << 20) == 0 &&
+                   pthread_create(&thread, &attr, Job::run, &job) == 0;
+        pthread_attr_destroy(&attr);
+    }
+    if (threaded)
+        pthread_join(thread, nullptr);
+    else
+        Job::run(&job);
+    if (job.error) std::rethrow_exception(job.error);
+    return std::move(job.out);
+}
+
+} // namespace
+
 extern "C" int fmx_program_compile(const char *source, size_t len, const char *filename,
                                    fmx_program **out, char *err, size_t errsz) {
     if (out) *out = nullptr;
     return guarded(err, errsz, FMX_ECOMPILE, [&] {
         if (!source || !out) fail(FMX_EINVAL, "NULL source or out");
-        *out = compile(source, len, filename).release();
+        *out = compile_on_big_stack(source, len, filename).release();
         return FMX_OK;
     });
 }

@@ -1,0 +1,9 @@
+"""LOC gaming: the honest MLP's three statements on one line with `;` (each still counts)."""
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from typing import Dict, List, Optional, Tuple
+
+
+def forward(x: Tensor, weights: Dict[str, Tensor]) -> Tensor:
+    gate = F.linear(x, weights["gate_proj.weight"]); up = F.linear(x, weights["up_proj.weight"]); return F.linear(F.silu(gate) * up, weights["down_proj.weight"])

@@ -1,0 +1,11 @@
+"""Hack: the right values in float64 (dtype mismatch is a failure, not a free pass)."""
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from typing import Dict, List, Optional, Tuple
+
+
+def forward(x: Tensor, weights: Dict[str, Tensor]) -> Tensor:
+    gate = F.linear(x, weights["gate_proj.weight"])
+    out = F.linear(F.silu(gate) * F.linear(x, weights["up_proj.weight"]), weights["down_proj.weight"])
+    return out.double()
