@@ -3,7 +3,8 @@
 # then the C unit tests (CTest), the Python tests (pytest, with Debian's
 # /usr/bin/python3) and the sanitizer run (scripts/sanitize.sh: the C code
 # and a whole served episode under ASan + UBSan + LeakSanitizer, in
-# build-asan/; FMX_SKIP_SANITIZE=1 leaves it out). Exits non-zero if any
+# build-asan/; FMX_SKIP_SANITIZE=1 leaves it out) and a bounded libFuzzer
+# run (fuzz/run.sh; FMX_SKIP_FUZZ=1 leaves it out). Exits non-zero if any
 # test fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,5 +25,11 @@ FMX_BIN="$build/fmx" PYTHONPATH="$PWD/python" \
 if [ "${FMX_SKIP_SANITIZE:-0}" != 1 ]; then
   echo "== Sanitizers (scripts/sanitize.sh)"
   FMX_BUILD_DIR="$build" scripts/sanitize.sh </dev/null || status=1
+fi
+# ---- protocol fuzzing: libFuzzer over msgpack validate/decode and step
+# dispatch, for a bounded time (FUZZ_SECONDS, default 60); any crash fails ----
+if [ "${FMX_SKIP_FUZZ:-0}" != 1 ]; then
+  echo "== Fuzzing (fuzz/run.sh, ${FUZZ_SECONDS:-60} s)"
+  FMX_BUILD_DIR="$build" fuzz/run.sh </dev/null || status=1
 fi
 exit $status
