@@ -18,6 +18,7 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include "file.h"
 #include "pack.h"
 #include "status.h"
 #include "verify.h"
@@ -38,23 +39,6 @@ static double median(double *v, int n) {
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-static char *slurp(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *buf = malloc((size_t)n + 1);
-    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
-        free(buf);
-        buf = NULL;
-    }
-    fclose(f);
-    if (buf) buf[n] = '\0';
-    *len = (size_t)n;
-    return buf;
-}
-
 static int bench_one(const char *pack_dir, const char *solution, int repeat) {
     char err[2048];
     fmx_pack *pack = NULL;
@@ -63,7 +47,8 @@ static int bench_one(const char *pack_dir, const char *solution, int repeat) {
         return 2;
     }
     size_t len;
-    char *src = slurp(solution, &len);
+    char ferr[512];
+    char *src = fmx_file_read(solution, &len, ferr, sizeof ferr);
     if (!src) {
         fprintf(stderr, "bench_verify: cannot read %s\n", solution);
         fmx_pack_close(pack);

@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "engine/engine.h"
+#include "file.h"
 #include "mutate.h"
 #include "pack.h"
 #include "pyexec.h"
@@ -88,32 +89,6 @@ static int die(const char *fmt, const char *a) {
     fprintf(stderr, fmt, a);
     fputc('\n', stderr);
     return 2;
-}
-
-/* Reads a whole file; caller frees. */
-static char *read_file(const char *path, size_t *len, char *err, size_t errsz) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        snprintf(err, errsz, "%s: %s", path, strerror(errno));
-        return NULL;
-    }
-    struct stat st;
-    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
-        snprintf(err, errsz, "%s: not a regular file", path);
-        fclose(f);
-        return NULL;
-    }
-    char *buf = malloc((size_t)st.st_size + 1);
-    size_t n = buf ? fread(buf, 1, (size_t)st.st_size, f) : 0;
-    fclose(f);
-    if (!buf || n != (size_t)st.st_size) {
-        free(buf);
-        snprintf(err, errsz, "%s: read failed", path);
-        return NULL;
-    }
-    buf[n] = '\0';
-    *len = n;
-    return buf;
 }
 
 /* fmx export: runs `python3 -m fmx.export` with the package on PYTHONPATH and
@@ -271,7 +246,7 @@ static int cmd_verify(int argc, char **argv) {
     fmx_pack *pack = NULL;
     if (fmx_pack_open(pos[0], &pack, err, sizeof err) != 0) return die("%s", err);
     size_t len = 0;
-    char *src = read_file(pos[1], &len, err, sizeof err);
+    char *src = fmx_file_read(pos[1], &len, err, sizeof err);
     if (!src) {
         fmx_pack_close(pack);
         return die("%s", err);

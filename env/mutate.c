@@ -12,6 +12,7 @@
  */
 #define _GNU_SOURCE
 #include "mutate.h"
+#include "file.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -69,32 +70,6 @@ static int fmx__fail(const char *fmt, const char *a) {
     fprintf(stderr, fmt, a);
     fputc('\n', stderr);
     return 2;
-}
-
-/* Reads a whole file; caller frees. */
-static char *fmx__read_file(const char *path, size_t *len, char *err, size_t errsz) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        snprintf(err, errsz, "%s: %s", path, strerror(errno));
-        return NULL;
-    }
-    struct stat st;
-    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
-        snprintf(err, errsz, "%s: not a regular file", path);
-        fclose(f);
-        return NULL;
-    }
-    char *buf = malloc((size_t)st.st_size + 1);
-    size_t n = buf ? fread(buf, 1, (size_t)st.st_size, f) : 0;
-    fclose(f);
-    if (!buf || n != (size_t)st.st_size) {
-        free(buf);
-        snprintf(err, errsz, "%s: read failed", path);
-        return NULL;
-    }
-    buf[n] = '\0';
-    *len = n;
-    return buf;
 }
 
 static const char *fmx__str(const cJSON *o, const char *k) {
@@ -552,7 +527,7 @@ int fmx_mutate_main(int argc, char **argv) {
     fmx_pack *pack = NULL;
     if (fmx_pack_open(o.pack, &pack, err, sizeof err) != 0) return fmx__error_out(&o, "pack", err);
     size_t len = 0;
-    char *src = fmx__read_file(o.solution, &len, err, sizeof err);
+    char *src = fmx_file_read(o.solution, &len, err, sizeof err);
     cJSON *equiv_file = NULL, *mutants = NULL, *solution = NULL, *report = NULL;
     fmx__equivs eq = {0};
     int status = 2;
@@ -570,7 +545,7 @@ int fmx_mutate_main(int argc, char **argv) {
     }
     if (o.equivalent) {
         size_t elen = 0;
-        char *text = fmx__read_file(o.equivalent, &elen, err, sizeof err);
+        char *text = fmx_file_read(o.equivalent, &elen, err, sizeof err);
         if (text) {
             equiv_file = cJSON_ParseWithLength(text, elen);
             free(text);

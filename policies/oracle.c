@@ -18,28 +18,11 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "env/file.h"
 #include "env/status.h"
 #include "run.h"
 
 /* ---- files ---- */
-
-/* A whole regular file, NUL-terminated; caller frees. NULL if unreadable. */
-static char *fmx__slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    struct stat st;
-    char *buf = NULL;
-    if (fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode) && st.st_size < (64 << 20)) {
-        buf = malloc((size_t)st.st_size + 1);
-        if (buf && fread(buf, 1, (size_t)st.st_size, f) != (size_t)st.st_size) {
-            free(buf);
-            buf = NULL;
-        }
-        if (buf) buf[st.st_size] = '\0';
-    }
-    fclose(f);
-    return buf;
-}
 
 static int fmx__is_file(const char *path) {
     struct stat st;
@@ -53,7 +36,8 @@ static int fmx__pack_source(const char *tasks_dir, const char *pack, char *stem,
                             char *dir, size_t dirsz) {
     char path[4096];
     snprintf(path, sizeof path, "%s/%s/task.json", tasks_dir, pack);
-    char *text = fmx__slurp(path);
+    char ferr[256];
+    char *text = fmx_file_read(path, NULL, ferr, sizeof ferr);
     cJSON *man = text ? cJSON_Parse(text) : NULL;
     free(text);
     const cJSON *src = cJSON_GetObjectItemCaseSensitive(man, "source");
@@ -121,7 +105,8 @@ int fmx_oracle_solution(const fmx_policy_ctx *ctx, const cJSON *task, char **cod
                  nd > 1 ? dirs[nd - 1] : "");
         return FMX_ENOTFOUND;
     }
-    char *text = fmx__slurp(entries);
+    char ferr[256];
+    char *text = fmx_file_read(entries, NULL, ferr, sizeof ferr);
     cJSON *map = text ? cJSON_Parse(text) : NULL;
     free(text);
     const char *e = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(map, cls));
@@ -130,7 +115,7 @@ int fmx_oracle_solution(const fmx_policy_ctx *ctx, const cJSON *task, char **cod
         cJSON_Delete(map);
         return FMX_ENOTFOUND;
     }
-    char *src = fmx__slurp(py);
+    char *src = fmx_file_read(py, NULL, ferr, sizeof ferr);
     *entry = strdup(e);
     cJSON_Delete(map);
     *code = src ? fmx_oracle_trim(src, *entry) : NULL;
