@@ -2,7 +2,7 @@
 
 Most tests share one export of tests/python/tiny_model.py (a module-scoped
 fixture); the example models under examples/models are exported when present.
-Run: cd /work/main && PYTHONPATH=python /usr/bin/python3 -m pytest tests/python/test_export.py
+Run from the repository root: PYTHONPATH=python /usr/bin/python3 -m pytest tests/python/test_export.py
 """
 
 from __future__ import annotations

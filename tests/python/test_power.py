@@ -20,7 +20,7 @@ mistakes hide under the tolerance and a policy learns them. So:
     rotary, attention scale and GELU mistakes on every probe.
 
 The measured numbers are in docs/pack-format.md (Random weights, Tolerances).
-Run: cd /work/main && FMX_BIN=build/fmx PYTHONPATH=python /usr/bin/python3 -m pytest tests/python/test_power.py
+Run from the repository root: FMX_BIN=build/fmx PYTHONPATH=python /usr/bin/python3 -m pytest tests/python/test_power.py
 """
 
 from __future__ import annotations
