@@ -1503,8 +1503,14 @@ int fmx_tools_grade(const fmx_tool_ctx *ctx, const char *code, size_t len, const
     cfg.entry = entry ? entry : "forward";
     cfg.all_probes = 1;
     cJSON *report = NULL;
-    fmx_verify_source(pack, code, len, "candidate.py", &cfg, &report);
-    if (!report) return FMX_ENOMEM;
+    /* Compiled once: the program is verified, then its graph facts read. */
+    fmx_program *prog = NULL;
+    if (fmx_verify_compile(pack, code, len, "candidate.py", &cfg, &prog, &report) == FMX_OK)
+        fmx_verify(pack, prog, &cfg, &report);
+    if (!report) {
+        fmx_program_destroy(prog);
+        return FMX_ENOMEM;
+    }
     const cJSON *err = cJSON_GetObjectItemCaseSensitive(report, "error");
     const char *stage = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(err, "stage"));
     const char *msg = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(err, "message"));
@@ -1547,6 +1553,7 @@ int fmx_tools_grade(const fmx_tool_ctx *ctx, const char *code, size_t len, const
         free(called);
         free(failed);
         cJSON_Delete(report);
+        fmx_program_destroy(prog);
         return FMX_ENOMEM;
     }
     const cJSON *r;
@@ -1582,14 +1589,11 @@ int fmx_tools_grade(const fmx_tool_ctx *ctx, const char *code, size_t len, const
     /* Graph facts (engine.h): host syncs and data-dependent flow from the
      * entry's inlined graph; surviving optimisation from one optimised
      * re-run of the first visible probe call against its unoptimised run.
-     * Compiling again is cheap (milliseconds); code that does not compile
-     * or has no entry gets no facts (and no compile score). */
+     * Code that does not compile or has no entry gets no facts (and no
+     * compile score). */
     fmx_program_facts pf = {0};
     char opt_why[512] = "";
-    fmx_program *prog = NULL;
-    if (f->compiled &&
-        fmx_program_compile(code, len, "candidate.py", &prog, opt_why, sizeof opt_why) == FMX_OK &&
-        fmx_program_facts_get(prog, cfg.entry, &pf, opt_why, sizeof opt_why) == FMX_OK) {
+    if (prog && fmx_program_facts_get(prog, cfg.entry, &pf, opt_why, sizeof opt_why) == FMX_OK) {
         f->host_syncs = pf.host_syncs;
         f->data_dependent_flow = pf.data_dependent_flow;
         int same = 0;

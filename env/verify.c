@@ -252,9 +252,9 @@ int fmx_verify(fmx_pack *pack, fmx_program *program, const fmx_verify_config *cf
     cJSON_AddStringToObject(report, "probes_graded", cfg.all_probes ? "all" : "visible");
     /* Which tolerance table applies: kernels of another build round differently. */
     cJSON_AddStringToObject(report, "tolerance_table",
-                            cfg.override_tol             ? "command line"
+                            cfg.override_tol            ? "command line"
                             : fmx_pack_same_build(pack) ? "same build"
-                                                         : "cross build");
+                                                        : "cross build");
     if (program) cJSON_AddNumberToObject(report, "compile_ms", fmx_program_compile_ms(program));
 
     int m = fmx_pack_find_module(pack, cfg.component);
@@ -413,24 +413,31 @@ int fmx_verify(fmx_pack *pack, fmx_program *program, const fmx_verify_config *cf
     return status;
 }
 
+int fmx_verify_compile(fmx_pack *pack, const char *source, size_t len, const char *filename,
+                       const fmx_verify_config *cfg, fmx_program **program, cJSON **report) {
+    char err[FMX__ERR];
+    *program = NULL;
+    *report = NULL;
+    int rc = fmx_program_compile(source, len, filename, program, err, sizeof err);
+    if (rc == FMX_OK) return FMX_OK;
+    cJSON *r = cJSON_CreateObject();
+    *report = r;
+    if (!r) return FMX_ENOMEM;
+    cJSON_AddStringToObject(r, "status", "error");
+    cJSON_AddStringToObject(r, "pack", fmx_pack_name(pack));
+    cJSON_AddStringToObject(r, "component", cfg && cfg->component ? cfg->component : "");
+    cJSON_AddStringToObject(r, "entry", cfg && cfg->entry ? cfg->entry : "forward");
+    cJSON_AddStringToObject(r, "engine", fmx_engine_version());
+    cJSON_AddStringToObject(r, "device", fmx_engine_device());
+    fmx__error(r, "compile", err);
+    return rc;
+}
+
 int fmx_verify_source(fmx_pack *pack, const char *source, size_t len, const char *filename,
                       const fmx_verify_config *cfg, cJSON **report) {
-    char err[FMX__ERR];
     fmx_program *prog = NULL;
-    int rc = fmx_program_compile(source, len, filename, &prog, err, sizeof err);
-    if (rc) {
-        cJSON *r = cJSON_CreateObject();
-        *report = r;
-        if (!r) return FMX_ENOMEM;
-        cJSON_AddStringToObject(r, "status", "error");
-        cJSON_AddStringToObject(r, "pack", fmx_pack_name(pack));
-        cJSON_AddStringToObject(r, "component", cfg && cfg->component ? cfg->component : "");
-        cJSON_AddStringToObject(r, "entry", cfg && cfg->entry ? cfg->entry : "forward");
-        cJSON_AddStringToObject(r, "engine", fmx_engine_version());
-        cJSON_AddStringToObject(r, "device", fmx_engine_device());
-        fmx__error(r, "compile", err);
-        return rc;
-    }
+    int rc = fmx_verify_compile(pack, source, len, filename, cfg, &prog, report);
+    if (rc) return rc;
     rc = fmx_verify(pack, prog, cfg, report);
     fmx_program_destroy(prog);
     return rc;

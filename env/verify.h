@@ -34,6 +34,12 @@ fmx_verify_config fmx_verify_config_default(void);
  * bound, a run-time error in the candidate); the report says which. */
 int fmx_verify(fmx_pack *pack, fmx_program *program, const fmx_verify_config *cfg, cJSON **report);
 
+/* Compiles candidate source. On success *program is set (caller frees with
+ * fmx_program_destroy) and *report is NULL; on failure *program is NULL and
+ * *report is the error report fmx_verify_source gives (stage "compile"). */
+int fmx_verify_compile(fmx_pack *pack, const char *source, size_t len, const char *filename,
+                       const fmx_verify_config *cfg, fmx_program **program, cJSON **report);
+
 /* Compiles the candidate source and verifies it; a compile error is reported
  * like any other error (report "status": "error", stage "compile"). */
 int fmx_verify_source(fmx_pack *pack, const char *source, size_t len, const char *filename,
