@@ -1452,6 +1452,13 @@ static void fmx__trace_ops(const fmx_tool_ctx *ctx, const fmx__args *a, fmx_tool
     fmx__format_ops(pack, ops, text);
     if (cJSON_GetArraySize(ops) == 0) fmx__sb_printf(text, "  (no ops recorded)\n");
     cJSON_AddItemToObject(data, "ops", cJSON_Duplicate(ops, 1));
+    /* The dataflow of the trace (docs/pack-format.md, "Op traces"): input names, returned values,
+     * and whether every probe-dependent size and dtype was written as an expression. */
+    static const char *const flow[] = {"inputs", "returns", "return_names", "dataflow"};
+    for (size_t i = 0; i < sizeof flow / sizeof flow[0]; i++) {
+        const cJSON *item = cJSON_GetObjectItemCaseSensitive(entry, flow[i]);
+        if (item) cJSON_AddItemToObject(data, flow[i], cJSON_Duplicate(item, 1));
+    }
 }
 
 /* ---- verify_component ---- */

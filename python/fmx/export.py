@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from . import __version__
+from .dataflow import Flow, generalize, record_op
 from .safetensors import Writer, dtype_name, is_storable, save_file
 
 FORMAT = "fmx-pack"
@@ -578,11 +579,12 @@ def _args_text(args: Sequence[Any], kwargs: Mapping[str, Any]) -> Optional[str]:
 
 
 class _Frame:
-    __slots__ = ("path", "ops")
+    __slots__ = ("path", "ops", "flow")
 
-    def __init__(self, path: str, ops: Optional[List[Dict[str, Any]]]) -> None:
+    def __init__(self, path: str, ops: Optional[List[Dict[str, Any]]], flow: Optional[Flow]) -> None:
         self.path = path
         self.ops = ops  # the op list being recorded for this call, or None
+        self.flow = flow  # its dataflow, when recorded
 
 
 class Capture:
@@ -593,6 +595,7 @@ class Capture:
         self.writer = writer
         self.calls: List[Dict[str, Any]] = []
         self.ops: Dict[str, List[Dict[str, Any]]] = {}  # module path -> op trace of its first call
+        self.flows: Dict[str, Flow] = {}  # module path -> dataflow of that call
         self.stack: List[_Frame] = []
         self.busy = False  # our own tensor handling runs inside the op-trace mode; skip it
         self.trace_ops = False
@@ -624,25 +627,46 @@ class Capture:
     def start_probe(self, probe: int, batch: int, seq: int, trace_ops: bool) -> None:
         self.probe, self.batch, self.seq, self.trace_ops = probe, batch, seq, trace_ops
         self._counts = {}
+        if trace_ops:
+            self.ops, self.flows = {}, {}
+
+    def trace(self) -> Dict[str, Dict[str, Any]]:
+        """The last traced probe's op trace per module path, with its dataflow (dataflow.generalize's input)."""
+        out = {}
+        for path, ops in self.ops.items():
+            flow = self.flows[path]
+            out[path] = {"ops": ops, "info": flow.info, "order": flow.order, "count": flow.count,
+                         "returns": flow.returns, "return_names": flow.return_names, "inputs": flow.inputs}
+        return out
 
     def _wrapper(self, path: str, orig: Callable[..., Any], sig: Optional[inspect.Signature]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
             index = self._counts.get(path, 0)
             self._counts[path] = index + 1
             ops = None
+            flow = None
+            parent = self.stack[-1] if self.trace_ops and self.stack and self.stack[-1].ops is not None else None
+            call_rec: Optional[Dict[str, Any]] = None
+            leaves: List[Tuple[str, str, Any]] = []
+            self.busy = True  # (our bookkeeping reads tensors: not the model's ops)
             if self.trace_ops:
-                if self.stack and self.stack[-1].ops is not None:
-                    self.stack[-1].ops.append({"call": path})
-                if index == 0:
-                    ops = self.ops.setdefault(path, [])
+                leaves = [leaf for name, value, _ in _bind(sig, args, kwargs) for leaf in flatten(name, value)]
+            if parent is not None:
+                call_rec = {"call": path}
+                if parent.flow is not None:
+                    call_rec["x"] = {leaf: parent.flow.encode(payload) for leaf, kind, payload in leaves
+                                     if kind in ("tensor", "value", "none")}
+                parent.ops.append(call_rec)  # type: ignore[union-attr]
+            if self.trace_ops and index == 0:
+                ops = self.ops.setdefault(path, [])
+                flow = self.flows[path] = Flow(self.model.get_submodule(path) if path else self.model, leaves)
             call = {"probe": self.probe, "module": path, "index": index}
             self.calls.append(call)
-            self.busy = True
             try:
                 call["inputs"] = self._inputs(call, sig, args, kwargs)
             finally:
                 self.busy = False
-            self.stack.append(_Frame(path, ops))
+            self.stack.append(_Frame(path, ops, flow))
             try:
                 out = orig(*args, **kwargs)
             except BaseException as e:  # model code may catch it and go on: say so in the call
@@ -654,6 +678,14 @@ class Capture:
             self.busy = True
             try:
                 call["outputs"] = self._outputs(call, out)
+                if flow is not None or (call_rec is not None and parent is not None and parent.flow is not None):
+                    out_leaves = [(leaf or "0", payload) for leaf, kind, payload in flatten("", out) if kind == "tensor"]
+                    if flow is not None:
+                        flow.returns = [flow.encode(t) for _, t in out_leaves]
+                        flow.return_names = [name for name, _ in out_leaves]
+                    if call_rec is not None and parent is not None and parent.flow is not None:
+                        call_rec["y"] = [parent.flow.new_value(t) for _, t in out_leaves]
+                        call_rec["yn"] = [name for name, _ in out_leaves]
             finally:
                 self.busy = False
             return out
@@ -759,6 +791,13 @@ class OpTrace(TorchFunctionMode):
             text = _args_text(args, kwargs)
             if text is not None:
                 record["args"] = text
+            flow = cap.stack[-1].flow
+            if flow is not None:
+                self.depth += 1  # encoding a constant reads it: not an op of the model's
+                try:
+                    record.update(record_op(flow, name, args, kwargs, out))
+                finally:
+                    self.depth -= 1
             cap.stack[-1].ops.append(record)  # type: ignore[union-attr]
         return out
 
@@ -843,7 +882,7 @@ def _class_lines(cls: type) -> Tuple[Optional[int], Optional[int]]:
 
 
 def modules_and_classes(model: nn.Module, folders: Sequence[str], signatures: Mapping[str, Optional[inspect.Signature]],
-                        ops: Mapping[str, List[Dict[str, Any]]]) -> Tuple[List[Dict[str, Any]], Dict[str, Dict[str, Any]], List[str]]:
+                        flows: Mapping[str, Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], Dict[str, Dict[str, Any]], List[str]]:
     """The pre-order module tree, the class table, and the package files that define those classes."""
     roots = tuple(os.path.join(os.path.realpath(f), "") for f in folders)
     classes: Dict[str, Dict[str, Any]] = {}
@@ -887,8 +926,10 @@ def modules_and_classes(model: nn.Module, folders: Sequence[str], signatures: Ma
             "parent": None if path == "" else path.rpartition(".")[0],
             "children": [p for p in paths if p != "" and p != path and p.rpartition(".")[0] == path],
             "forward_params": params,
-            "ops": ops.get(path),
+            "ops": flows[path]["ops"] if path in flows else None,
         })
+        if path in flows:
+            tree[-1].update({k: flows[path][k] for k in ("inputs", "returns", "return_names", "dataflow")})
     return tree, classes, files
 
 
@@ -1112,17 +1153,23 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
     run = functools.partial(_run_probe, writer=writer, coverage=coverage, inputs_fn=inputs_fn, seed=seed,
                             device=device, quiet=quiet, total=len(plan) + len(copies))
     probe_entries = []
+    traced = _traced_probes(plan)
+    traces: List[Dict[str, Dict[str, Any]]] = []  # per traced probe: module path -> its trace
     try:
         with torch.no_grad(), Capture(model, writer) as capture:
             for i, probe in enumerate(plan):
-                probe_entries.append(run(model, capture, i, probe))
+                probe_entries.append(run(model, capture, i, probe, trace=i in traced))
+                if i in traced:
+                    traces.append(capture.trace())
             signatures = dict(capture.signatures)
         if copies:
             low = _low_precision_copy(model, DTYPES[LOW_PRECISION])
             with torch.no_grad(), Capture(low, writer) as low_capture:
                 low_capture.calls = capture.calls  # one call list, in the order calls started
                 for i, probe in enumerate(copies, start=len(plan)):
-                    probe_entries.append(run(low, low_capture, i, probe))
+                    probe_entries.append(run(low, low_capture, i, probe, trace=i == len(plan)))
+                    if i == len(plan):
+                        traces.append(low_capture.trace())
             _check_cast(model, low, "after its probes")  # the forward must not have changed them
             del low
         writer.close()
@@ -1130,7 +1177,8 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
         writer.abort()
         raise
 
-    tree, classes, class_files = modules_and_classes(model, folders, signatures, capture.ops)
+    flows = {path: generalize([t[path] for t in traces if path in t]) for path in traces[0]}
+    tree, classes, class_files = modules_and_classes(model, folders, signatures, flows)
     covered = coverage.by_file()
     files = {}
     for file in class_files + sorted(f for f in covered if f not in class_files):
@@ -1170,8 +1218,18 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
     return manifest
 
 
+def _traced_probes(plan: Sequence[Probe]) -> List[int]:
+    """Probe 0 and the first visible probe whose batch and sequence sizes both differ from it (else
+    the first whose shape differs): two shapes tell a size that follows the input from a constant."""
+    visible = [i for i, p in enumerate(plan) if p.visible]
+    first = plan[visible[0]] if visible else plan[0]
+    both = [i for i in visible[1:] if plan[i].batch != first.batch and plan[i].seq != first.seq]
+    some = [i for i in visible[1:] if (plan[i].batch, plan[i].seq) != (first.batch, first.seq)]
+    return [0] + (both or some)[:1]
+
+
 def _run_probe(model: nn.Module, capture: Capture, i: int, probe: Probe, *, writer: Writer, coverage: Coverage,
-               inputs_fn: InputsFn, seed: int, device: str, quiet: bool, total: int) -> Dict[str, Any]:
+               inputs_fn: InputsFn, seed: int, device: str, quiet: bool, total: int, trace: bool) -> Dict[str, Any]:
     """Runs probe `i` and returns its manifest entry. A reduced-precision copy (`probe.dtype`) gets the
     inputs of probe `probe.inputs_of`, floating ones cast to its dtype."""
     t0 = time.perf_counter()
@@ -1185,8 +1243,8 @@ def _run_probe(model: nn.Module, capture: Capture, i: int, probe: Probe, *, writ
     if probe.dtype is not None:  # a reduced-precision copy: floating inputs in its dtype too
         inputs = {k: v.to(DTYPES[probe.dtype]) if isinstance(v, Tensor) and v.is_floating_point() else v
                   for k, v in inputs.items()}
-    capture.start_probe(i, probe.batch, probe.seq, trace_ops=(i == 0))
-    with coverage, (OpTrace(capture) if i == 0 else contextlib.nullcontext()):
+    capture.start_probe(i, probe.batch, probe.seq, trace_ops=trace)
+    with coverage, (OpTrace(capture) if trace else contextlib.nullcontext()):
         result = model(**inputs)
     del result, inputs
     entry = {"name": probe.name, "visible": probe.visible, "batch": probe.batch, "seq": probe.seq,

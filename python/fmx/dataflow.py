@@ -1,0 +1,338 @@
+"""Dataflow op traces: which value every op read and wrote, generalized over probes.
+
+While the exporter traces a module's first call, a `Flow` names every tensor the
+call sees: its inputs (`{"in": "hidden_states"}`), its parameters and buffers
+relative to the module (`{"w": "q_proj.weight"}`), and each op's results
+(`{"v": 3}`, numbered in the order they appear). Each op record gets its
+arguments in that vocabulary (`x`, `kw`) and the values it made (`y`); a child
+module's call record gets the values it was handed and the ones it returned.
+
+One probe's trace holds that probe's shapes and dtypes as plain numbers. The
+exporter traces several probes (other batch and sequence sizes, a bfloat16 copy)
+and `generalize` keeps what stayed the same and explains what changed: an int
+that followed a tensor's size becomes `{"dim": [ref, d]}` (or a product or
+offset of sizes), a dtype that followed a tensor's becomes `{"dtype_of": ref}`,
+a float that was the dtype's lowest finite value `{"finfo_min": ref}`; devices
+are always `{"device_of": ref}`. What cannot be explained stays
+`{"varies": [...]}` and the module says why in `dataflow`. The format is
+documented in docs/pack-format.md ("Op traces").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+CONST_MAX = 4096  # an untracked tensor up to this many elements is recorded by value
+_VIEW_OPS = ("torch.Tensor.view", "torch.Tensor.reshape", "torch.reshape")
+
+
+def _dtype(t: Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _key(ref: Dict[str, Any]) -> str:
+    if "v" in ref:
+        return f"v{ref['v']}"
+    if "in" in ref:
+        return f"in:{ref['in']}"
+    return f"w:{ref['w']}"
+
+
+def module_tensors(module: nn.Module) -> Iterator[Tuple[str, Tensor]]:
+    """Every parameter and buffer the module sees, by name relative to it (tied ones under each name)."""
+    for mpath, sub in module.named_modules(remove_duplicate=False):
+        for table in (sub._parameters, sub._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    yield (f"{mpath}.{name}" if mpath else name), t
+
+
+class Flow:
+    """The dataflow of one traced module call: tensor -> reference, and each reference's shape and dtype."""
+
+    def __init__(self, module: nn.Module, inputs: Sequence[Tuple[str, str, Any]]) -> None:
+        self.refs: Dict[int, Dict[str, Any]] = {}
+        self.info: Dict[str, Tuple[List[int], str]] = {}
+        self.order: List[str] = []  # input keys, in order, then values as they appear
+        self.keep: List[Any] = []   # every mapped tensor stays alive, so no id() is reused
+        self.count = 0
+        self.returns: Optional[List[Any]] = None
+        self.return_names: List[str] = []
+        self.inputs = [leaf for leaf, kind, _ in inputs if kind == "tensor"]
+        for name, t in module_tensors(module):
+            if id(t) not in self.refs:
+                self._bind(t, {"w": name})
+        for leaf, kind, payload in inputs:
+            if kind == "tensor":
+                self._bind(payload, {"in": leaf})
+                self.order.append(_key({"in": leaf}))
+
+    def _bind(self, t: Tensor, ref: Dict[str, Any]) -> None:
+        self.refs[id(t)] = ref
+        self.keep.append(t)
+        self.info[_key(ref)] = (list(t.shape), _dtype(t))
+
+    def new_value(self, t: Tensor) -> int:
+        n = self.count
+        self.count += 1
+        self._bind(t, {"v": n})
+        self.order.append(f"v{n}")
+        return n
+
+    def encode(self, value: Any) -> Any:
+        """One argument in the trace's vocabulary (JSON)."""
+        if isinstance(value, Tensor):
+            ref = self.refs.get(id(value))
+            if ref is not None:
+                return dict(ref)
+            if value.numel() <= CONST_MAX and value.layout == torch.strided and not value.is_complex():
+                return {"const": value.detach().cpu().tolist(), "shape": list(value.shape), "dtype": _dtype(value)}
+            return {"unknown": list(value.shape), "dtype": _dtype(value)}
+        if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+            return value
+        if isinstance(value, float):  # integral ones tagged: JSON readers may make them ints
+            return value if math.isfinite(value) and not value.is_integer() else {"float": repr(value)}
+        if isinstance(value, torch.dtype):
+            return {"dtype": str(value).replace("torch.", "")}
+        if isinstance(value, torch.device):
+            return {"device": str(value)}
+        if isinstance(value, slice):
+            return {"slice": [self.encode(value.start), self.encode(value.stop), self.encode(value.step)]}
+        if value is Ellipsis:
+            return {"ellipsis": True}
+        if isinstance(value, tuple):
+            return {"tuple": [self.encode(v) for v in value]}
+        if isinstance(value, list):
+            return {"list": [self.encode(v) for v in value]}
+        return {"repr": repr(value)[:120]}
+
+    def outputs(self, out: Any) -> List[int]:
+        """Fresh values for the tensors in an op's result, in order."""
+        if isinstance(out, Tensor):
+            return [self.new_value(out)]
+        if isinstance(out, (tuple, list)):
+            return [n for v in out for n in self.outputs(v)]
+        return []
+
+
+def is_inplace(name: str) -> bool:
+    short = name.rsplit(".", 1)[-1]
+    return short == "__setitem__" or (short.startswith("__i") and short.endswith("__")) or (
+        short.endswith("_") and not short.endswith("__"))
+
+
+def record_op(flow: Flow, name: str, args: Sequence[Any], kwargs: Dict[str, Any], out: Any) -> Dict[str, Any]:
+    """The dataflow fields of one op record; an in-place op's target gets a fresh value."""
+    rec: Dict[str, Any] = {"x": [flow.encode(a) for a in args],
+                           "kw": {k: flow.encode(v) for k, v in kwargs.items() if not k.startswith("_")}}
+    if is_inplace(name) and args and isinstance(args[0], Tensor):
+        rec["inplace"] = True
+        rec["y"] = [flow.new_value(args[0])]
+    else:
+        rec["y"] = flow.outputs(out)
+        if not rec["y"] and out is not None:
+            rec["result"] = flow.encode(out)  # a Python value (a host sync): later uses see a constant
+    return rec
+
+
+# --------------------------------------------------------------------------- generalize
+
+
+def _skeleton(ops: Sequence[Dict[str, Any]]) -> List[Tuple[Any, ...]]:
+    return [(r.get("op"), r.get("call"), len(r.get("x") or ()), tuple(sorted(r.get("kw") or ())),
+             len(r.get("y") or ())) for r in ops]
+
+
+class _Scope:
+    """What an op may refer to: inputs and earlier values, with their shapes and dtypes on every probe."""
+
+    def __init__(self, traces: Sequence[Dict[str, Any]], upto: int) -> None:
+        self.traces = traces
+        base = traces[0]
+        self.keys = [k for k in base["order"] if not k.startswith("v") or int(k[1:]) < upto]
+        self.weights = [k for k in base["info"] if k.startswith("w:")]
+        self._atoms: Optional[List[Tuple[Tuple[int, ...], Any]]] = None
+
+    def info(self, t: int, key: str) -> Optional[Tuple[List[int], str]]:
+        return self.traces[t]["info"].get(key)
+
+    @staticmethod
+    def ref(key: str) -> Dict[str, Any]:
+        if key.startswith("v"):
+            return {"v": int(key[1:])}
+        kind, _, name = key.partition(":")
+        return {kind: name}
+
+    def atoms(self) -> List[Tuple[Tuple[int, ...], Any]]:
+        """(sizes on every probe, expression) of every dimension in scope, first one of each pattern."""
+        if self._atoms is None:
+            seen: Dict[Tuple[int, ...], Any] = {}
+            for key in self.keys:
+                shapes = [self.info(t, key) for t in range(len(self.traces))]
+                if any(s is None or len(s[0]) != len(shapes[0][0]) for s in shapes):
+                    continue
+                for d in range(len(shapes[0][0])):
+                    sizes = tuple(s[0][d] for s in shapes)
+                    if len(set(sizes)) > 1 and sizes not in seen:
+                        seen[sizes] = {"dim": [self.ref(key), d]}
+            self._atoms = list(seen.items())
+        return self._atoms
+
+    def size_expr(self, vals: Sequence[int]) -> Optional[Any]:
+        target = tuple(vals)
+        atoms = self.atoms()
+        for sizes, expr in atoms:
+            if sizes == target:
+                return expr
+        for i, (a, ea) in enumerate(atoms):
+            for b, eb in atoms[i:]:
+                if tuple(x * y for x, y in zip(a, b)) == target:
+                    return {"mul": [ea, eb]}
+        for sizes, expr in atoms:
+            diff = {v - s for v, s in zip(target, sizes)}
+            if len(diff) == 1:
+                return {"add": [expr, diff.pop()]}
+        return None
+
+    def dtype_expr(self, vals: Sequence[str]) -> Optional[Any]:
+        for key in self.keys + self.weights:
+            infos = [self.info(t, key) for t in range(len(self.traces))]
+            if all(i is not None and i[1] == v for i, v in zip(infos, vals)):
+                return {"dtype_of": self.ref(key)}
+        return None
+
+    def finfo_expr(self, vals: Sequence[float]) -> Optional[Any]:
+        for kind in ("min", "max"):
+            for key in self.keys + self.weights:
+                infos = [self.info(t, key) for t in range(len(self.traces))]
+                try:
+                    ok = all(i is not None and getattr(torch.finfo(getattr(torch, i[1])), kind) == v
+                             for i, v in zip(infos, vals))
+                except (TypeError, AttributeError):
+                    ok = False
+                if ok:
+                    return {f"finfo_{kind}": self.ref(key)}
+        return None
+
+    def device_expr(self) -> Optional[Any]:
+        for key in self.keys + self.weights:
+            return {"device_of": self.ref(key)}
+        return None
+
+
+def _unify(vals: List[Any], scope: _Scope, errors: List[str]) -> Any:
+    first = vals[0]
+    if isinstance(first, dict) and "device" in first and all(isinstance(v, dict) and "device" in v for v in vals):
+        return scope.device_expr() or first
+    if all(v == first and type(v) is type(first) for v in vals):
+        return first
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        expr = scope.size_expr(vals)
+        if expr is None:
+            errors.append(f"an int that took the values {vals} matches no size of the tensors in scope")
+            return {"varies": vals}
+        return expr
+    nums = [float(v["float"]) if isinstance(v, dict) and set(v) == {"float"} else v for v in vals]
+    if all(isinstance(v, float) for v in nums):
+        expr = scope.finfo_expr(nums)
+        if expr is None:
+            errors.append(f"a float that took the values {vals} is no dtype's finfo limit")
+            return {"varies": vals}
+        return expr
+    if all(isinstance(v, dict) for v in vals) and all(v.keys() == first.keys() for v in vals):
+        if "dtype" in first and len(first) == 1:
+            expr = scope.dtype_expr([v["dtype"] for v in vals])
+            if expr is None:
+                errors.append(f"a dtype that took the values {[v['dtype'] for v in vals]} follows no tensor")
+                return {"varies": vals}
+            return expr
+        if "const" in first:
+            if any(v["shape"] != first["shape"] for v in vals):
+                errors.append("a constant tensor changed shape between probes")
+                return {"varies": [v["shape"] for v in vals]}
+            if all(v["dtype"] == first["dtype"] for v in vals):
+                if any(v["const"] != first["const"] for v in vals):
+                    errors.append("a constant tensor changed value between probes")
+                return first
+            expr = scope.dtype_expr([v["dtype"] for v in vals])
+            if expr is None:
+                errors.append("a constant tensor's dtype follows no tensor")
+            return dict(first, cast=expr) if expr else first
+        for kind in ("tuple", "list", "slice"):
+            if kind in first:
+                if any(len(v[kind]) != len(first[kind]) for v in vals):
+                    errors.append(f"a {kind} changed length between probes")
+                    return {"varies": vals}
+                return {kind: [_unify([v[kind][i] for v in vals], scope, errors) for i in range(len(first[kind]))]}
+    errors.append(f"an argument changed between probes: {vals!r}"[:200])
+    return {"varies": vals}
+
+
+def _minus_one(rec: Dict[str, Any]) -> None:
+    """view/reshape: one size nothing explains, and no -1 yet, becomes -1."""
+    if rec.get("op") not in _VIEW_OPS:
+        return
+    xs = rec["x"][1:]
+    if len(xs) == 1 and isinstance(xs[0], dict) and ("tuple" in xs[0] or "list" in xs[0]):
+        xs = next(iter(xs[0].values()))
+    varies = [i for i, v in enumerate(xs) if isinstance(v, dict) and "varies" in v]
+    if len(varies) == 1 and -1 not in xs:
+        xs[varies[0]] = -1
+
+
+def _first_output(ops: Sequence[Dict[str, Any]], i: int, count: int) -> int:
+    for rec in ops[i:]:
+        if rec.get("y"):
+            return rec["y"][0]
+    return count
+
+
+def generalize(traces: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """The module's ops with probe-dependent numbers replaced by expressions (see the module doc).
+
+    `traces` are the same module's call on several probes (probe 0's first), each
+    {"ops", "info", "order", "count", "returns", "return_names", "inputs"}. Returns
+    {"ops", "returns", "return_names", "inputs", "dataflow"}: `dataflow` is "general"
+    when every difference was explained, else why not.
+    """
+    base = traces[0]
+    usable = [t for t in traces[1:] if _skeleton(t["ops"]) == _skeleton(base["ops"])
+              and len(t["returns"] or ()) == len(base["returns"] or ())]
+    all_t = [base] + usable
+    errors: List[str] = []
+    ops = []
+    for i, rec in enumerate(base["ops"]):
+        recs = [t["ops"][i] for t in all_t]
+        new = dict(rec)
+        if "x" in rec:
+            scope = _Scope(all_t, _first_output(base["ops"], i, base["count"]))
+            op_errors: List[str] = []
+            new["x"] = _unify([r["x"] for r in recs], scope, op_errors) if isinstance(rec["x"], dict) else [
+                _unify([r["x"][j] for r in recs], scope, op_errors) for j in range(len(rec["x"]))]
+            if "kw" in rec:
+                new["kw"] = {k: _unify([r["kw"][k] for r in recs], scope, op_errors) for k in rec["kw"]}
+            if op_errors and "op" in new:
+                _minus_one(new)
+                if "varies" not in repr(new["x"]) + repr(new.get("kw")):
+                    op_errors = []
+            errors += [f"op {i} ({rec.get('op') or rec.get('call')}): {e}" for e in op_errors]
+        ops.append(new)
+    scope = _Scope(all_t, base["count"])
+    returns = None
+    if base["returns"] is not None:
+        returns = [_unify([t["returns"][j] for t in all_t], scope, errors) for j in range(len(base["returns"]))]
+    if len(usable) < len(traces) - 1:
+        status = (f"the ops differed on {len(traces) - 1 - len(usable)} of {len(traces) - 1} other probes: "
+                  "sizes and dtypes that vary may be written as probe 0's numbers")
+    elif not usable:
+        status = "traced on one probe only: sizes and dtypes that vary may be written as its numbers"
+    elif errors:
+        status = "; ".join(errors[:3]) + (f" (and {len(errors) - 3} more)" if len(errors) > 3 else "")
+    else:
+        status = "general"
+    return {"ops": ops, "returns": returns, "return_names": base["return_names"], "inputs": base["inputs"],
+            "dataflow": status}

@@ -1,0 +1,623 @@
+"""fmx.tracer — the automatic extractor: flat functional code from the tools alone, no LLM.
+
+A baseline policy. It plays one episode through the server's tools:
+
+1. `trace_ops` on the task's module and, depth first, on every child it calls
+   (a ModuleList's items after the first are not read: they share its code);
+   the exporter's op trace carries dataflow, with sizes, dtypes and devices
+   written as expressions of the inputs (docs/pack-format.md, "Op traces");
+2. `get_weight_info` once, to check every weight the code reads exists;
+3. writes one function per distinct module body: each op becomes a line of
+   TorchScript-compatible Python, weights looked up by name relative to the
+   module (`weights[prefix + "q_proj.weight"]`), single-op children (Linear,
+   activations) inlined at their call, ops that only copy or are no-ops in
+   eval dropped, values used once folded into their user, and a run of
+   ModuleList calls that threads one value through (layers.0, layers.1, ...)
+   rolled into `for i in range(N)`;
+4. `verify_component` on each helper's first instance (bottom up) and on the
+   whole task, then `submit`.
+
+    python3 -m fmx.tracer --connect ipc:///tmp/fmx.sock --task qwen2 [--print]
+
+It prints one JSON line per episode (task, reward, correctness, loc, steps)
+and, with --print, the code it wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .client import Client, FmxError
+
+POLICY = "tracer"
+_LAYER = re.compile(r"^(.*?)(\d+)$")
+_NUMBER = re.compile(r"^-?[0-9.e+-]+$")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
+_ATOM = re.compile(r"^[A-Za-z_][A-Za-z_0-9.]*(\[[^\[\]]*\]|\([^()]*\))*$")
+_INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "truediv": "/", "matmul": "@", "pow": "**",
+          "floordiv": "//", "mod": "%", "and": "&", "or": "|", "xor": "^", "lt": "<", "le": "<=", "gt": ">",
+          "ge": ">=", "eq": "==", "ne": "!="}
+# keyword arguments left out at their default (every F function that takes them has these defaults)
+_DEFAULTS = {"inplace": False, "padding_idx": None, "max_norm": None, "norm_type": {"float": "2.0"},
+             "scale_grad_by_freq": False, "sparse": False}
+_INFIX_METHODS = ("add", "sub", "mul", "div", "matmul", "pow")
+_SIZE_ARGS = ("view", "reshape", "expand", "permute", "repeat", "tile", "new_zeros", "new_ones", "new_empty")
+_IDENTITY = ("torch.Tensor.clone", "torch.Tensor.detach")  # (contiguous is kept: a view may need it)
+
+
+class TracerError(Exception):
+    """What the trace does not allow the tracer to write (an unsupported op or an unexplained size)."""
+
+
+# --------------------------------------------------------------------------- code model
+
+
+class Stmt:
+    """One line of a function body: `target = expr` (target None: a `return`), or a rolled loop."""
+
+    def __init__(self, target: Optional[str], expr: str, atom: bool, loop: Optional[Tuple[int, str]] = None):
+        self.target, self.expr, self.atom, self.loop = target, expr, atom, loop
+
+
+class Body:
+    """A function body under construction: values -> expressions, and its lines."""
+
+    def __init__(self, prefix: str, inputs: Dict[str, str]) -> None:
+        self.prefix = prefix  # code for the weight-key prefix ("prefix + " in helpers, "" in the entry)
+        self.env: Dict[str, Tuple[str, bool]] = {}  # value key -> (expression, is atom)
+        self.stmts: List[Stmt] = []
+        self.used_inputs: List[str] = []
+        self.inputs = inputs  # input leaf -> parameter name
+        self.uses_weights = False
+        self.count = 0
+
+    def weight(self, rel: str) -> str:
+        self.uses_weights = True
+        return f"weights[{self.prefix}{json.dumps(rel)}]"
+
+    def assign(self, keys: Sequence[str], expr: str, atom: bool) -> str:
+        """A line `names = expr`, a fresh name for each value key; returns the target text."""
+        names = []
+        for key in keys:
+            names.append(f"v{self.count}")
+            self.count += 1
+            self.env[key] = (names[-1], True)
+        target = ", ".join(names)
+        self.stmts.append(Stmt(target, expr, atom if len(names) == 1 else True))
+        return target
+
+
+def _snake(name: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9]", "_", name.rsplit(".", 1)[-1])
+    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower().strip("_")
+    return name if _IDENT.match(name) and name not in ("forward", "tap") else f"m_{name}"
+
+
+def _paren(expr: str, atom: bool) -> str:
+    return expr if atom else f"({expr})"
+
+
+class Writer:
+    """Writes the program for one task from the traces (module path -> trace_ops data)."""
+
+    def __init__(self, root: str, traces: Dict[str, Dict[str, Any]]) -> None:
+        self.root = root
+        self.traces = traces
+        self.helpers: Dict[str, str] = {}   # function name -> its source
+        self.by_body: Dict[str, str] = {}   # body text -> function name
+        self.instance: Dict[str, str] = {}  # function name -> the module path it was written from
+        self.order: List[str] = []          # helpers, callees first
+        self.weights_used: List[str] = []   # absolute weight names the code reads (first instances)
+
+    # -- values
+    def arg(self, value: Any, body: Body, ctx: "Ctx") -> Tuple[str, bool]:
+        """(code, is atom) of one encoded argument."""
+        if value is None or isinstance(value, bool):
+            return repr(value), True
+        if isinstance(value, (int, float)):
+            return repr(value), value >= 0
+        if isinstance(value, str):
+            return json.dumps(value), True
+        if not isinstance(value, dict):
+            raise TracerError(f"cannot write the argument {value!r}")
+        if "v" in value or "in" in value or "w" in value:
+            return ctx.ref(value, body)
+        if "float" in value:
+            text = value["float"]
+            return (text, not text.startswith("-")) if _NUMBER.match(text) else (f'float("{text}")', True)
+        if "dtype" in value and len(value) == 1:
+            return f"torch.{value['dtype']}", True
+        if "dtype_of" in value:
+            return f"{_paren(*ctx.ref(value['dtype_of'], body))}.dtype", True
+        if "device_of" in value:
+            return f"{_paren(*ctx.ref(value['device_of'], body))}.device", True
+        if "device" in value:
+            return f'torch.device("{value["device"]}")', True
+        for kind in ("min", "max"):
+            if f"finfo_{kind}" in value:
+                return f"torch.finfo({_paren(*ctx.ref(value[f'finfo_{kind}'], body))}.dtype).{kind}", True
+        if "dim" in value:
+            ref, d = value["dim"]
+            return f"{_paren(*ctx.ref(ref, body))}.size({d})", True
+        if "mul" in value:
+            a, b = (self.arg(v, body, ctx) for v in value["mul"])
+            return f"{_paren(*a)} * {_paren(*b)}", False
+        if "add" in value:
+            a, c = self.arg(value["add"][0], body, ctx), value["add"][1]
+            return f"{_paren(*a)} {'+' if c >= 0 else '-'} {abs(c)}", False
+        if "tuple" in value or "list" in value:
+            items = [self.arg(v, body, ctx)[0] for v in (value.get("tuple") or value.get("list") or [])]
+            return "[" + ", ".join(items) + "]", True
+        if "slice" in value:
+            a, b, c = (("" if v is None else self.arg(v, body, ctx)[0]) for v in value["slice"])
+            return (f"{a}:{b}" if c == "" else f"{a}:{b}:{c}"), True
+        if "ellipsis" in value:
+            return "...", True
+        if "const" in value:
+            device = ctx.any_tensor(body)
+            code = f"torch.tensor({value['const']!r}, dtype=torch.{value['dtype']}"
+            code += f", device={device}.device)" if device else ")"
+            if value.get("cast"):
+                code += f".to({self.arg(value['cast'], body, ctx)[0]})"
+            return code, True
+        if "varies" in value:
+            raise TracerError(f"a size or dtype the trace could not explain (values {value['varies']})")
+        raise TracerError(f"cannot write the argument {value!r}"[:200])
+
+    # -- ops
+    def op(self, rec: Dict[str, Any], body: Body, ctx: "Ctx") -> None:
+        name: str = rec["op"]
+        xs: List[Any] = list(rec.get("x") or [])
+        kw: Dict[str, Any] = dict(rec.get("kw") or {})
+        ys: List[int] = rec.get("y") or []
+        if not ys:
+            if name.endswith("__setitem__"):
+                raise TracerError("__setitem__ without a target")
+            return  # a host read (item, tolist) or a no-op: later uses carry its value as a constant
+        short = name.rsplit(".", 1)[-1]
+        is_method = name.startswith("torch.Tensor.")
+        if rec.get("inplace"):
+            if short == "__setitem__":
+                return self._setitem(rec, body, ctx)
+            short = short[3:-2] if short.startswith("__i") else short[:-1]
+            name = "torch.Tensor." + short
+        if self._identity(name, short, xs, kw):
+            ctx.alias(f"v{ys[0]}", xs[0], body)
+            return
+        code, atom = self._call(name, short, is_method, xs, kw, body, ctx)
+        body.assign([ctx.key(f"v{y}") for y in ys], code, atom)
+
+    @staticmethod
+    def _identity(name: str, short: str, xs: List[Any], kw: Dict[str, Any]) -> bool:
+        if name in _IDENTITY:
+            return True
+        if name == "torch.nn.functional.dropout":
+            training = kw.get("training", xs[2] if len(xs) > 2 else True)
+            p = kw.get("p", xs[1] if len(xs) > 1 else 0.5)
+            return training is False or p == 0.0
+        if short == "__getitem__" and len(xs) == 2 and isinstance(xs[1], dict) and "tuple" in xs[1]:
+            return all(isinstance(s, dict) and "slice" in s and s["slice"][0] in (None, 0)
+                       and s["slice"][1] is None and s["slice"][2] in (None, 1) for s in xs[1]["tuple"])
+        return False
+
+    def _call(self, name: str, short: str, is_method: bool, xs: List[Any], kw: Dict[str, Any], body: Body,
+              ctx: "Ctx") -> Tuple[str, bool]:
+        if name == "torch.nn.functional.linear" and len(xs) == 3 and xs[2] is None:
+            xs = xs[:2]
+        args = [self.arg(x, body, ctx) for x in xs]
+        kws = [f"{k}={self.arg(v, body, ctx)[0]}" for k, v in kw.items()
+               if not (k in _DEFAULTS and _DEFAULTS[k] == v)]
+        if is_method:
+            if not args:
+                raise TracerError(f"{name} without a tensor")
+            this = _paren(*args[0])
+            rest = args[1:]
+            if short == "__getitem__":
+                index = xs[1]
+                parts = ([self.arg(v, body, ctx)[0] for v in index["tuple"]]
+                         if isinstance(index, dict) and "tuple" in index else [rest[0][0]])
+                return f"{this}[{', '.join(parts) or '()'}]", True
+            dunder = short.startswith("__") and short.endswith("__")
+            core = short[2:-2] if dunder else short
+            rev = dunder and core.startswith("r") and core[1:] in _INFIX
+            if dunder and core in ("neg", "invert"):
+                return f"{'-' if core == 'neg' else '~'}{this}", False
+            if (dunder and (core in _INFIX or rev)) and len(rest) == 1 and not kws:
+                sym = _INFIX[core[1:] if rev else core]
+                a, b = (rest[0], args[0]) if rev else (args[0], rest[0])
+                return f"{_paren(*a)} {sym} {_paren(*b)}", False
+            if dunder:
+                raise TracerError(f"cannot write {name}")
+            if short in _INFIX_METHODS and len(rest) == 1 and not kws:
+                return f"{_paren(*args[0])} {_INFIX[short]} {_paren(*rest[0])}", False
+            if short in _SIZE_ARGS and len(rest) > 1 and all(
+                    isinstance(x, int) or (isinstance(x, dict) and not ({"tuple", "list", "v", "in", "w"} & x.keys()))
+                    for x in xs[1:]):
+                rest = [("[" + ", ".join(a for a, _ in rest) + "]", True)]
+            return f"{this}.{short}({', '.join([a for a, _ in rest] + kws)})", True
+        if name.startswith("torch.nn.functional."):
+            fn = "F." + name[len("torch.nn.functional."):]
+        elif name.startswith("torch.") and name.count(".") == 1:
+            fn = name
+        elif name.startswith(("torch.linalg.", "torch.special.", "torch.fft.")):
+            fn = name
+        else:
+            raise TracerError(f"cannot write {name}")
+        return f"{fn}({', '.join([a for a, _ in args] + kws)})", True
+
+    def _setitem(self, rec: Dict[str, Any], body: Body, ctx: "Ctx") -> None:
+        """x[..., a:b] = y as slice_scatter: the one index that is not a full slice picks the dim."""
+        target, index, value = rec["x"]
+        parts = index["tuple"] if isinstance(index, dict) and "tuple" in index else [index]
+        sliced = [(d, p) for d, p in enumerate(parts) if not (isinstance(p, dict) and "slice" in p
+                                                              and p["slice"] == [None, None, None])]
+        if len(sliced) != 1 or not (isinstance(sliced[0][1], dict) and "slice" in sliced[0][1]) or any(
+                not (isinstance(p, dict) and "slice" in p) for p in parts):
+            raise TracerError("cannot write an item assignment that is not one sliced dimension")
+        d, sl = sliced[0]
+        start, end, step = sl["slice"]
+        this = _paren(*self.arg(target, body, ctx))
+        src = self.arg(value, body, ctx)[0]
+        if not (isinstance(value, dict) and ("v" in value or "in" in value or "w" in value)):
+            src = f"torch.full_like({this}[{', '.join(self.arg(p, body, ctx)[0] for p in parts)}], {src})"
+        args = [this, src, f"dim={d}"]
+        if start is not None:
+            args.append(f"start={self.arg(start, body, ctx)[0]}")
+        if end is not None:
+            args.append(f"end={self.arg(end, body, ctx)[0]}")
+        if step is not None:
+            args.append(f"step={self.arg(step, body, ctx)[0]}")
+        body.assign([ctx.key(f"v{rec['y'][0]}")], f"torch.slice_scatter({', '.join(args)})", True)
+
+    # -- modules
+    def function(self, path: str, entry: Optional[str] = None) -> str:
+        """The name of the function written for the module at `path` (written now if new)."""
+        trace = self.traces[path]
+        inputs = {leaf: _param(leaf) for leaf in trace.get("inputs") or []}
+        body = Body("prefix + " if entry is None else "", inputs)
+        ctx = Ctx(self, path, body, "", None)
+        self.emit_ops(trace, path, body, ctx)
+        returns = [ctx.ref(r, body) for r in trace.get("returns") or []]
+        if not returns:
+            raise TracerError(f"{path or '(root)'} returns no tensor")
+        ret = ", ".join(code for code, _ in returns)
+        body.stmts.append(Stmt(None, ret, True))
+        _fold(body)
+        params = [f"{inputs[leaf]}: Tensor" for leaf in trace.get("inputs") or [] if leaf in body.used_inputs]
+        if body.uses_weights:
+            params.append("weights: Dict[str, Tensor]")
+        if entry is None:
+            params.append('prefix: str = ""')
+        out_type = "Tensor" if len(returns) == 1 else "Tuple[" + ", ".join(["Tensor"] * len(returns)) + "]"
+        lines = _render(body)
+        text = "\n".join(lines)
+        if entry is None and text in self.by_body and _same_signature(self.helpers[self.by_body[text]], params):
+            return self.by_body[text]
+        base = entry or _snake(trace.get("class") or path)
+        name = base
+        n = 2
+        while name in self.helpers:
+            name, n = f"{base}_{n}", n + 1
+        head = f"def {name}({', '.join(params)}) -> {out_type}:"
+        self.helpers[name] = head + "\n" + text
+        self.instance[name] = path
+        if entry is None:
+            self.by_body[text] = name
+        self.order.append(name)
+        return name
+
+    def emit_ops(self, trace: Dict[str, Any], path: str, body: Body, ctx: "Ctx") -> None:
+        ops = trace.get("ops") or []
+        i = 0
+        while i < len(ops):
+            rec = ops[i]
+            if "call" in rec:
+                run = _layer_run(ops, i)
+                if run > 1:
+                    self._loop(ops[i:i + run], path, body, ctx)
+                    i += run
+                    continue
+                self.call(rec, path, body, ctx)
+            else:
+                self.op(rec, body, ctx)
+            i += 1
+
+    def call(self, rec: Dict[str, Any], path: str, body: Body, ctx: "Ctx",
+             prefix_code: Optional[str] = None) -> Optional[str]:
+        """Writes a child module's call (inlined when it is one op); returns the call's code when
+        `prefix_code` is given (a loop's body) instead of adding the line."""
+        child = rec["call"]
+        trace = self.traces.get(child)
+        if trace is None:
+            raise TracerError(f"no trace of {child}")
+        rel = child[len(path) + 1:] if path else child
+        ops = trace.get("ops") or []
+        if len(ops) <= 1 and not any("call" in o for o in ops):  # a leaf: inline its op
+            sub = Ctx(self, child, body, ctx.key_prefix + f"{rel}/", ctx, rec.get("x") or {}, rel)
+            for op in ops:
+                self.op(op, body, sub)
+            for y, r in zip(rec.get("y") or [], trace.get("returns") or []):
+                body.env[ctx.key(f"v{y}")] = sub.ref(r, body)
+            return None
+        name = self.function(child)
+        params = self.helpers[name].split("(", 1)[1].split(") ->", 1)[0]
+        args = []
+        for leaf in trace.get("inputs") or []:
+            if f"{_param(leaf)}: Tensor" in params:
+                args.append(self.arg((rec.get("x") or {}).get(leaf), body, ctx)[0])
+        if "weights: Dict" in params:
+            body.uses_weights = True
+            args.append("weights")
+        key = prefix_code if prefix_code is not None else f"{body.prefix}{json.dumps(ctx.weight_rel + rel + '.')}"
+        args.append(key)
+        code = f"{name}({', '.join(args)})"
+        if prefix_code is not None:
+            return code
+        body.assign([ctx.key(f"v{y}") for y in rec.get("y") or []], code, True)
+        return None
+
+    def _loop(self, run: Sequence[Dict[str, Any]], path: str, body: Body, ctx: "Ctx") -> None:
+        first, last = run[0], run[-1]
+        carried = _carried(run)
+        stem = _LAYER.match(first["call"]).group(1)  # type: ignore[union-attr]
+        rel = (stem[len(path) + 1:] if path else stem)
+        init = self.arg(first["x"][carried], body, ctx)[0]
+        var = body.assign([ctx.key(f"v{last['y'][0]}")], init, True)
+        rec = dict(first, x=dict(first["x"]))
+        rec["x"][carried] = {"v": last["y"][0]}
+        key = f"{body.prefix}{json.dumps(ctx.weight_rel + rel)} + str(i) + \".\""
+        code = self.call(rec, path, body, ctx, prefix_code=key)
+        body.stmts.append(Stmt(var, code or "", True, loop=(len(run), "i")))
+
+
+def _param(leaf: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_]", "_", leaf)
+    return name if _IDENT.match(name) and name not in ("weights", "prefix") else f"in_{name}"
+
+
+def _same_signature(source: str, params: List[str]) -> bool:
+    return source.split("(", 1)[1].split(") ->", 1)[0] == ", ".join(params)
+
+
+def _layer_run(ops: Sequence[Dict[str, Any]], i: int) -> int:
+    """How many calls from ops[i] on are items 0, 1, 2, ... of one ModuleList that thread one value."""
+    m = _LAYER.match(ops[i]["call"])
+    if not m or m.group(2) != "0" or not m.group(1).endswith("."):
+        return 1
+    n = 1
+    while i + n < len(ops) and "call" in ops[i + n] and ops[i + n]["call"] == f"{m.group(1)}{n}":
+        n += 1
+    return n if n > 1 and _carried(ops[i:i + n]) is not None else 1
+
+
+def _carried(run: Sequence[Dict[str, Any]]) -> Optional[str]:
+    """The input each call takes from the one before (its only output); the rest must be the same."""
+    carried = None
+    for prev, rec in zip(run, run[1:]):
+        if len(prev.get("y") or ()) != 1 or set(prev["x"]) != set(rec["x"]):
+            return None
+        diff = [k for k in rec["x"] if rec["x"][k] != prev["x"][k]]
+        if len(diff) != 1 or rec["x"][diff[0]] != {"v": prev["y"][0]} or (carried and diff[0] != carried):
+            return None
+        carried = diff[0]
+    if len(run[-1].get("y") or ()) != 1:
+        return None
+    return carried
+
+
+class Ctx:
+    """Where refs point while writing one module's ops into a body (a helper's, or inlined into a parent's)."""
+
+    def __init__(self, writer: Writer, path: str, body: Body, key_prefix: str, parent: Optional["Ctx"],
+                 inputs: Optional[Dict[str, Any]] = None, rel: str = "") -> None:
+        self.writer, self.path, self.body, self.key_prefix, self.parent = writer, path, body, key_prefix, parent
+        self.call_inputs = inputs  # an inlined child's inputs, in the parent's refs
+        self.weight_rel = (parent.weight_rel + rel + ".") if parent is not None else ""
+
+    def key(self, k: str) -> str:
+        return self.key_prefix + k
+
+    def ref(self, ref: Dict[str, Any], body: Body) -> Tuple[str, bool]:
+        if "w" in ref:
+            name = self.weight_rel + ref["w"]
+            self.writer.weights_used.append(f"{self.path}.{ref['w']}" if self.path else ref["w"])
+            return body.weight(name), True
+        if "in" in ref:
+            if self.call_inputs is not None:
+                if ref["in"] not in self.call_inputs:
+                    raise TracerError(f"{self.path}: input {ref['in']} was not passed")
+                return self.parent.writer.arg(self.call_inputs[ref["in"]], body, self.parent)  # type: ignore
+            if ref["in"] not in body.used_inputs:
+                body.used_inputs.append(ref["in"])
+            return body.inputs[ref["in"]], True
+        key = self.key(f"v{ref['v']}")
+        if key not in body.env:
+            raise TracerError(f"{self.path}: value v{ref['v']} used before it is made")
+        return body.env[key]
+
+    def alias(self, key: str, src: Any, body: Body) -> None:
+        body.env[self.key(key)] = self.writer.arg(src, body, self)
+
+    def any_tensor(self, body: Body) -> Optional[str]:
+        """A tensor of the function being written (its first input), for a device."""
+        top = self
+        while top.parent is not None:
+            top = top.parent
+        for leaf in body.inputs:
+            return top.ref({"in": leaf}, body)[0]
+        return None
+
+
+# --------------------------------------------------------------------------- folding and text
+
+
+def _fold(body: Body, width: int = 100) -> None:
+    """Folds each value used exactly once (in a later line of the same scope) into that line."""
+    changed = True
+    while changed:
+        changed = False
+        for i, s in enumerate(body.stmts):
+            if s.target is None or "," in s.target or s.loop:
+                continue
+            pat = re.compile(rf"\b{re.escape(s.target)}\b")
+            users = [j for j, t in enumerate(body.stmts) if j != i and pat.search(t.expr)]
+            count = sum(len(pat.findall(body.stmts[j].expr)) for j in users)
+            redefined = any(t.target == s.target for t in body.stmts[i + 1:])
+            if count != 1 or redefined or users[0] < i:
+                continue
+            user = body.stmts[users[0]]
+            if user.loop:
+                continue
+            new = pat.sub(lambda _m: _paren(s.expr, s.atom), user.expr)
+            if len(new) > width:
+                continue
+            user.expr = new
+            body.stmts.pop(i)
+            changed = True
+            break
+
+
+def _render(body: Body) -> List[str]:
+    lines = []
+    for s in body.stmts:
+        if s.target is None:
+            lines.append(f"    return {s.expr}")
+        elif s.loop:
+            lines.append(f"    for {s.loop[1]} in range({s.loop[0]}):")
+            lines.append(f"        {s.target} = {s.expr}")
+        else:
+            lines.append(f"    {s.target} = {s.expr}")
+    return lines
+
+
+def program(root: str, traces: Dict[str, Dict[str, Any]], title: str) -> Tuple[str, Dict[str, str]]:
+    """(source, {helper name: the module path it was verified on}) for the task's module."""
+    w = Writer(root, traces)
+    w.function(root, entry="forward")
+    head = [f'"""{title}: written by fmx\'s tracer from the op trace."""', "import torch",
+            "import torch.nn.functional as F", "from torch import Tensor", "from typing import Dict, Tuple"]
+    parts = ["\n".join(head)] + [w.helpers[name] for name in w.order]
+    helpers = {name: w.instance[name] for name in w.order if name != "forward"}
+    return "\n\n\n".join(parts) + "\n", helpers
+
+
+# --------------------------------------------------------------------------- the policy
+
+
+class Episode:
+    """One episode of the tracer on one task, through a Client."""
+
+    def __init__(self, env: Client, task: str, seed: Optional[int] = None) -> None:
+        self.env = env
+        self.task = task
+        self.seed = seed
+        self.steps = 0
+        self.log: List[str] = []
+
+    def step(self, tool: str, **args: Any) -> Tuple[Dict[str, Any], float, bool, Dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step({"tool": tool, "args": args})
+        self.steps += 1
+        if truncated:
+            raise TracerError("the episode's step budget ran out")
+        return obs, reward, terminated, info
+
+    def trace_all(self, root: str) -> Dict[str, Dict[str, Any]]:
+        traces: Dict[str, Dict[str, Any]] = {}
+        todo = [root]
+        while todo:
+            path = todo.pop(0)
+            if path in traces:
+                continue
+            obs, *_ = self.step("trace_ops", path=path)
+            data = obs.get("data") or {}
+            if data.get("ops") is None:
+                raise TracerError(f"{path or '(root)'} has no op trace")
+            if data.get("dataflow") not in (None, "general"):
+                self.log.append(f"{path}: {data['dataflow']}")
+            traces[path] = data
+            for rec in data["ops"]:
+                child = rec.get("call")
+                if child is None:
+                    continue
+                m = _LAYER.match(child)
+                if m and m.group(1).endswith(".") and m.group(2) != "0":
+                    continue  # ModuleList items share item 0's code (the loop's body)
+                if child not in traces and child not in todo:
+                    todo.append(child)
+        return traces
+
+    def play(self) -> Dict[str, Any]:
+        obs, info = self.env.reset(task=self.task, seed=self.seed, policy=POLICY)
+        root = info["task"]["module"]
+        result: Dict[str, Any] = {"task": self.task, "episode": info["episode"], "policy": POLICY}
+        code = None
+        try:
+            traces = self.trace_all(root)
+            code, helpers = program(root, traces, f"{info['task']['class']} ({self.task})")
+            winfo, *_ = self.step("get_weight_info", path=root)
+            names = {w["name"] for w in (winfo.get("data") or {}).get("weights") or []}
+            missing = sorted({n for n in _weights_read(code, root, helpers, names)})
+            if missing:
+                self.log.append(f"weights the code reads but the module lacks: {missing[:5]}")
+            verified = {}
+            for name, path in helpers.items():
+                vobs, *_ = self.step("verify_component", path=path, code=code, entry=name)
+                verified[name] = _passed(vobs)
+            vobs, *_ = self.step("verify_component", path=root, code=code, entry="forward")
+            verified["forward"] = _passed(vobs)
+            result["verified"] = verified
+        except (TracerError, FmxError) as e:
+            self.log.append(f"{type(e).__name__}: {e}")
+        if code is None:
+            code = "def forward() -> None:\n    pass\n"  # nothing to offer: submit so the episode is graded 0
+        obs, reward, terminated, info = self.step("submit", code=code)
+        grade = info.get("grade") or {}
+        result.update(reward=reward, correctness=grade.get("correctness"), loc=grade.get("loc"),
+                      target_loc=grade.get("target_loc"), steps=self.steps, notes=self.log)
+        result["code"] = code
+        return result
+
+
+def _passed(obs: Dict[str, Any]) -> bool:
+    data = obs.get("data") or {}
+    return bool(data.get("graded")) and data.get("passed") == data.get("graded") and not data.get("error")
+
+
+def _weights_read(code: str, root: str, helpers: Dict[str, str], names: set) -> List[str]:
+    """Weight keys of the entry function that the module does not have (helpers' keys carry a prefix)."""
+    entry = code.split("def forward(", 1)[1] if "def forward(" in code else ""
+    return [k for k in re.findall(r'weights\["([^"]+)"\]', entry) if k not in names]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="fmx-tracer", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--connect", required=True, help="the server's address (tcp://, ipc://)")
+    ap.add_argument("--task", action="append", help="task id (repeat; default: every task)")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--episodes", type=int, default=1, help="episodes per task")
+    ap.add_argument("--print", action="store_true", help="print the code written for each task")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply")
+    args = ap.parse_args(argv)
+    status = 0
+    try:
+        with Client(args.connect, timeout=args.timeout) as env:
+            tasks = args.task or [t["id"] for t in env.list_tasks()]
+            for task in tasks:
+                for _ in range(args.episodes):
+                    res = Episode(env, task, args.seed).play()
+                    code = res.pop("code")
+                    print(json.dumps(res), flush=True)
+                    if args.print:
+                        print(code, flush=True)
+    except FmxError as e:
+        print(f"fmx-tracer: {e}", file=sys.stderr)
+        status = 2
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
