@@ -35,8 +35,10 @@
 static const struct {
     const char *name;
     fmx_policy_fn fn;
-} fmx__policies[] = {
-    {"oracle", fmx_policy_oracle}, {"null", fmx_policy_null}, {"llm", fmx_policy_llm}};
+} fmx__policies[] = {{"oracle", fmx_policy_oracle},
+                     {"null", fmx_policy_null},
+                     {"tracer", fmx_policy_tracer},
+                     {"llm", fmx_policy_llm}};
 #define FMX__NPOLICIES ((int)(sizeof fmx__policies / sizeof fmx__policies[0]))
 
 typedef struct {
@@ -243,7 +245,9 @@ static void *fmx__player(void *arg) {
 static const char fmx__usage[] =
     "usage: fmx run --policy NAME[,NAME...] [options]\n"
     "  --policy NAMES     oracle (the reference solution, verified then submitted) and/or\n"
-    "                     null (submits nothing useful: reward 0); repeat or separate by commas\n"
+    "                     null (submits nothing useful: reward 0) and/or tracer (writes the\n"
+    "                     code from the op traces, no LLM: python3 -m fmx.tracer) and/or llm;\n"
+    "                     repeat or separate by commas\n"
     "  --tasks DIR        packs to serve (default: packs); also where the oracle reads each\n"
     "                     pack's source to find its reference solution\n"
     "  --episodes N       episodes of each policy on each task (default 1)\n"
@@ -287,7 +291,7 @@ static int fmx__add_policies(fmx__run_opts *o, char *list) {
         for (int i = 0; i < FMX__NPOLICIES; i++)
             if (strcmp(fmx__policies[i].name, name) == 0) found = i;
         if (found < 0) {
-            fprintf(stderr, "fmx run: unknown policy '%s' (oracle, null, llm)\n", name);
+            fprintf(stderr, "fmx run: unknown policy '%s' (oracle, null, tracer, llm)\n", name);
             return 0;
         }
         if (o->npolicies == FMX__MAX_POLICIES) {
@@ -387,7 +391,8 @@ static int fmx__parse(int argc, char **argv, fmx__run_opts *o) {
         }
     }
     if (o->npolicies == 0) {
-        fprintf(stderr, "fmx run: --policy is required (oracle, null, llm)\n\n%s", fmx__usage);
+        fprintf(stderr, "fmx run: --policy is required (oracle, null, tracer, llm)\n\n%s",
+                fmx__usage);
         return 2;
     }
     if (o->uses_llm) {
@@ -432,7 +437,8 @@ static int fmx__play(const fmx__run_opts *o, const char *addr, const cJSON *task
     fmx__work w = {.o = o, .addr = addr, .tasks = tasks};
     w.ntasks = cJSON_GetArraySize(tasks);
     w.total = o->npolicies * w.ntasks * o->episodes;
-    w.ctx = (fmx_policy_ctx){.tasks_dir = o->tasks_dir, .solutions_dir = o->solutions};
+    w.ctx =
+        (fmx_policy_ctx){.tasks_dir = o->tasks_dir, .solutions_dir = o->solutions, .addr = addr};
     double sums[FMX__MAX_POLICIES] = {0};
     int ended[FMX__MAX_POLICIES] = {0};
     w.reward_sum = sums;

@@ -7,7 +7,10 @@
  *           example's reference solution with verify_component and submits
  *           it (policies/oracle.c): the score a perfect policy gets;
  *   null    submits a function that computes nothing (policies/null.c):
- *           reward 0, the floor.
+ *           reward 0, the floor;
+ *   tracer  writes the code from the op traces alone, no LLM
+ *           (python/fmx/tracer.py, run per episode by policies/tracer.c);
+ *   llm     any OpenAI-compatible chat endpoint (policies/llm.c).
  *
  * A policy plays one episode of one task through a C client (client.h) and
  * says how it went. `fmx run` starts `fmx serve` itself (its own binary, on
@@ -34,6 +37,7 @@ extern "C" {
 typedef struct {
     const char *tasks_dir;     /* the server's --tasks DIR: packs' task.json (source spec) */
     const char *solutions_dir; /* reference solutions: NAME.py + NAME.entries.json */
+    const char *addr;          /* the server's address (a policy that runs its own client) */
 } fmx_policy_ctx;
 
 /* How an episode went. */
@@ -55,6 +59,9 @@ typedef int (*fmx_policy_fn)(fmx_client *c, const char *name, const cJSON *task,
                              size_t errsz);
 
 int fmx_policy_oracle(fmx_client *c, const char *name, const cJSON *task, int64_t seed,
+                      const fmx_policy_ctx *ctx, fmx_episode_result *res, char *err, size_t errsz);
+/* policies/tracer.c: runs python/fmx/tracer.py for the episode (it connects to ctx->addr). */
+int fmx_policy_tracer(fmx_client *c, const char *name, const cJSON *task, int64_t seed,
                       const fmx_policy_ctx *ctx, fmx_episode_result *res, char *err, size_t errsz);
 int fmx_policy_null(fmx_client *c, const char *name, const cJSON *task, int64_t seed,
                     const fmx_policy_ctx *ctx, fmx_episode_result *res, char *err, size_t errsz);

@@ -511,8 +511,9 @@ def program(root: str, traces: Dict[str, Dict[str, Any]], title: str) -> Tuple[s
 class Episode:
     """One episode of the tracer on one task, through a Client."""
 
-    def __init__(self, env: Client, task: str, seed: Optional[int] = None) -> None:
+    def __init__(self, env: Client, task: str, seed: Optional[int] = None, policy: str = POLICY) -> None:
         self.env = env
+        self.policy = policy
         self.task = task
         self.seed = seed
         self.steps = 0
@@ -551,9 +552,9 @@ class Episode:
         return traces
 
     def play(self) -> Dict[str, Any]:
-        obs, info = self.env.reset(task=self.task, seed=self.seed, policy=POLICY)
+        obs, info = self.env.reset(task=self.task, seed=self.seed, policy=self.policy)
         root = info["task"]["module"]
-        result: Dict[str, Any] = {"task": self.task, "episode": info["episode"], "policy": POLICY}
+        result: Dict[str, Any] = {"task": self.task, "episode": info["episode"], "policy": self.policy}
         code = None
         try:
             traces = self.trace_all(root)
@@ -599,6 +600,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--task", action="append", help="task id (repeat; default: every task)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--episodes", type=int, default=1, help="episodes per task")
+    ap.add_argument("--policy", default=POLICY, help=f"policy name in the episode log (default {POLICY})")
     ap.add_argument("--print", action="store_true", help="print the code written for each task")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply")
     args = ap.parse_args(argv)
@@ -608,7 +610,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             tasks = args.task or [t["id"] for t in env.list_tasks()]
             for task in tasks:
                 for _ in range(args.episodes):
-                    res = Episode(env, task, args.seed).play()
+                    res = Episode(env, task, args.seed, args.policy).play()
                     code = res.pop("code")
                     print(json.dumps(res), flush=True)
                     if args.print:
