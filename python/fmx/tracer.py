@@ -290,7 +290,7 @@ class Writer:
         params = [f"{inputs[leaf]}: Tensor" for leaf in trace.get("inputs") or [] if leaf in body.used_inputs]
         if body.uses_weights:
             params.append("weights: Dict[str, Tensor]")
-        if entry is None:
+        if entry is None and body.uses_weights:  # (the weights' keys are relative to the caller's)
             params.append('prefix: str = ""')
         out_type = "Tensor" if len(returns) == 1 else "Tuple[" + ", ".join(["Tensor"] * len(returns)) + "]"
         lines = _render(body)
@@ -353,7 +353,8 @@ class Writer:
             body.uses_weights = True
             args.append("weights")
         key = prefix_code if prefix_code is not None else f"{body.prefix}{json.dumps(ctx.weight_rel + rel + '.')}"
-        args.append(key)
+        if "prefix: str" in params:
+            args.append(key)
         code = f"{name}({', '.join(args)})"
         if prefix_code is not None:
             return code
@@ -472,13 +473,21 @@ def _fold(body: Body, width: int = 100) -> None:
             user = body.stmts[users[0]]
             if user.loop:
                 continue
-            new = pat.sub(lambda _m: _paren(s.expr, s.atom), user.expr)
+            new = s.expr if user.expr == s.target else pat.sub(lambda m: _paren(s.expr, s.atom or _alone(m)),
+                                                               user.expr)
             if len(new) > width:
                 continue
             user.expr = new
             body.stmts.pop(i)
             changed = True
             break
+
+
+def _alone(m: "re.Match[str]") -> bool:
+    """Whether a match is a whole argument or item: (x) f(a, x) [x] k=x, where no parentheses are needed."""
+    text, a, b = m.string, m.start(), m.end()
+    before = text[a - 1:a] in ("(", "[", "=") and text[a - 2:a] not in ("==", "<=", ">=", "!=") or text[a - 2:a] == ", "
+    return before and text[b:b + 1] in (")", "]", ",")
 
 
 def _render(body: Body) -> List[str]:
