@@ -54,7 +54,9 @@ def module_tensors(module: nn.Module) -> Iterator[Tuple[str, Tensor]]:
 class Flow:
     """The dataflow of one traced module call: tensor -> reference, and each reference's shape and dtype."""
 
-    def __init__(self, module: nn.Module, inputs: Sequence[Tuple[str, str, Any]]) -> None:
+    def __init__(self, module: nn.Module, inputs: Sequence[Tuple[str, str, Any]],
+                 ops: Optional[List[Dict[str, Any]]] = None) -> None:
+        self.ops = ops if ops is not None else []  # the call's op records (a view found late is added)
         self.refs: Dict[int, Dict[str, Any]] = {}
         self.info: Dict[str, Tuple[List[int], str]] = {}
         self.order: List[str] = []  # input keys, in order, then values as they appear
@@ -89,6 +91,9 @@ class Flow:
             ref = self.refs.get(id(value))
             if ref is not None:
                 return dict(ref)
+            view = self._late_view(value)
+            if view is not None:
+                return view
             if value.numel() <= CONST_MAX and value.layout == torch.strided and not value.is_complex():
                 return {"const": value.detach().cpu().tolist(), "shape": list(value.shape), "dtype": _dtype(value)}
             return {"unknown": list(value.shape), "dtype": _dtype(value)}
@@ -110,6 +115,20 @@ class Flow:
             return {"list": [self.encode(v) for v in value]}
         return {"repr": repr(value)[:120]}
 
+    def _late_view(self, t: Tensor) -> Optional[Dict[str, Any]]:
+        """A view of a known tensor made where the trace could not see it (torch 1.13 indexes x[None]
+        without dispatching): when it holds the same elements in the same order, it is written as
+        `view(base, sizes)` before the op that reads it."""
+        base = getattr(t, "_base", None)
+        ref = self.refs.get(id(base)) if base is not None else None
+        if ref is None or base is None or not (t.is_contiguous() and base.is_contiguous()) or \
+                t.numel() != base.numel() or t.storage_offset() != base.storage_offset():
+            return None
+        n = self.new_value(t)
+        self.ops.append({"op": "torch.Tensor.view", "in": [list(base.shape)], "out": [list(t.shape)],
+                         "x": [dict(ref)] + list(t.shape), "kw": {}, "y": [n], "late": True})
+        return {"v": n}
+
     def outputs(self, out: Any) -> List[int]:
         """Fresh values for the tensors in an op's result, in order."""
         if isinstance(out, Tensor):
@@ -119,10 +138,13 @@ class Flow:
         return []
 
 
+_INPLACE_DUNDERS = {f"__i{op}__" for op in ("add", "sub", "mul", "div", "truediv", "floordiv", "mod", "pow",
+                                             "matmul", "and", "or", "xor", "lshift", "rshift")}
+
+
 def is_inplace(name: str) -> bool:
     short = name.rsplit(".", 1)[-1]
-    return short == "__setitem__" or (short.startswith("__i") and short.endswith("__")) or (
-        short.endswith("_") and not short.endswith("__"))
+    return short == "__setitem__" or short in _INPLACE_DUNDERS or (short.endswith("_") and not short.endswith("__"))
 
 
 def record_op(flow: Flow, name: str, args: Sequence[Any], kwargs: Dict[str, Any], out: Any) -> Dict[str, Any]:

@@ -659,7 +659,7 @@ class Capture:
                 parent.ops.append(call_rec)  # type: ignore[union-attr]
             if self.trace_ops and index == 0:
                 ops = self.ops.setdefault(path, [])
-                flow = self.flows[path] = Flow(self.model.get_submodule(path) if path else self.model, leaves)
+                flow = self.flows[path] = Flow(self.model.get_submodule(path) if path else self.model, leaves, ops)
             call = {"probe": self.probe, "module": path, "index": index}
             self.calls.append(call)
             try:

@@ -44,6 +44,8 @@ _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "truediv": "/", "matmu
 # keyword arguments left out at their default (every F function that takes them has these defaults)
 _DEFAULTS = {"inplace": False, "padding_idx": None, "max_norm": None, "norm_type": {"float": "2.0"},
              "scale_grad_by_freq": False, "sparse": False}
+_CASTS = {"bool": "bool", "long": "int64", "int": "int32", "half": "float16", "double": "float64",
+          "bfloat16": "bfloat16", "byte": "uint8", "char": "int8", "short": "int16"}
 _INFIX_METHODS = ("add", "sub", "mul", "div", "matmul", "pow")
 _SIZE_ARGS = ("view", "reshape", "expand", "permute", "repeat", "tile", "new_zeros", "new_ones", "new_empty")
 _IDENTITY = ("torch.Tensor.clone", "torch.Tensor.detach")  # (contiguous is kept: a view may need it)
@@ -232,6 +234,8 @@ class Writer:
                 return f"{_paren(*a)} {sym} {_paren(*b)}", False
             if dunder:
                 raise TracerError(f"cannot write {name}")
+            if short in _CASTS and not rest and not kws:  # (TorchScript 1.13 lacks Tensor.bool() & co.)
+                return f"{this}.to(torch.{_CASTS[short]})", True
             if short in _INFIX_METHODS and len(rest) == 1 and not kws:
                 return f"{_paren(*args[0])} {_INFIX[short]} {_paren(*rest[0])}", False
             if short in _SIZE_ARGS and len(rest) > 1 and all(
