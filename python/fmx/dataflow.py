@@ -215,6 +215,10 @@ class _Scope:
                 if tuple(x * y for x, y in zip(a, b)) == target:
                     return {"mul": [ea, eb]}
         for sizes, expr in atoms:
+            ratio = {v // s if s and v % s == 0 else None for v, s in zip(target, sizes)}
+            if len(ratio) == 1 and None not in ratio:
+                return {"mul": [expr, ratio.pop()]}
+        for sizes, expr in atoms:
             diff = {v - s for v, s in zip(target, sizes)}
             if len(diff) == 1:
                 return {"add": [expr, diff.pop()]}

@@ -774,6 +774,41 @@ class OpTrace(TorchFunctionMode):
         super().__init__()
         self.capture = capture
         self.depth = 0
+        self._saved: List[Tuple[str, Any]] = []
+
+    # torch 1.13 indexes with one None, int, slice or Ellipsis (x[None], x[1:]) without asking the
+    # mode; while tracing, Tensor's item methods go through it first.
+    _ITEM_METHODS = ("__getitem__", "__setitem__")
+
+    def __enter__(self) -> "OpTrace":
+        for name in self._ITEM_METHODS:
+            self._saved.append((name, torch.Tensor.__dict__.get(name)))
+            setattr(torch.Tensor, name, self._through_mode(getattr(torch.Tensor, name)))
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._restore()
+            raise
+
+    def __exit__(self, *exc: Any) -> Any:
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._restore()
+
+    def _restore(self) -> None:
+        for name, previous in self._saved:
+            if previous is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, previous)
+        self._saved.clear()
+
+    def _through_mode(self, method: Any) -> Callable[..., Any]:
+        def item(tensor: Tensor, *args: Any) -> Any:
+            return self.__torch_function__(method, (type(tensor),), (tensor, *args), {})
+        item.__name__ = method.__name__
+        return item
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None) -> Any:
         kwargs = kwargs or {}

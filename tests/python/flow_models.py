@@ -1,0 +1,57 @@
+"""Small models whose op traces the dataflow tests read (tests/python/test_tracer.py).
+
+Each factory builds one module; `fmx_inputs` gives it x (batch, seq, 8). Not
+examples for users: each isolates one thing the exporter's generalization over
+probes must get right or must refuse.
+"""
+
+import torch
+from torch import Tensor, nn
+
+
+class Heads(nn.Module):
+    """Sizes that follow the input, a product of sizes, an offset, a dtype and the dtype's lowest value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: Tensor):
+        b, t, _ = x.shape
+        h = self.proj(x).view(b, t, 2, 4).transpose(1, 2)
+        flat = h.reshape(b * 2, t * 4)
+        low = torch.full((t, t), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device).triu(1)
+        pos = torch.arange(t + 1, device=x.device)[1:]
+        return flat, low, pos * 2
+
+
+class Unexplained(nn.Module):
+    """A length no size, product or offset of the input's sizes explains (t² - 1)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(-1)[: x.shape[1] ** 2 - 1] * 3.0
+
+
+class Branchy(nn.Module):
+    """Other ops on other batch sizes: the traces of two probes do not line up."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] > 1:
+            x = x * 2.0
+        return x + 1.0
+
+
+def heads() -> nn.Module:
+    return Heads()
+
+
+def unexplained() -> nn.Module:
+    return Unexplained()
+
+
+def branchy() -> nn.Module:
+    return Branchy()
+
+
+def fmx_inputs(model, batch, seq, padding, generator):
+    return {"x": torch.randn(batch, seq, 8, generator=generator)}
