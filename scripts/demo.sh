@@ -2,8 +2,9 @@
 # demo.sh — fmx's main job on the embedded examples: set up (install +
 # build), export the Qwen2-style and GPT-2-style example packs, start the
 # environment server on them, play the oracle policy (reads every tool,
-# verifies the reference solution, submits it) and the null policy (submits
-# nothing useful) on every task, print the leaderboard from the SQLite
+# verifies the reference solution, submits it), the tracer policy (writes the
+# code from the op traces, no LLM) and the null policy (submits nothing
+# useful) on every task, print the leaderboard from the SQLite
 # episode log, stop the server. Then the probe strength of each pack.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,9 +50,9 @@ print(f"{hello['server']} ({hello['engine']}): {len(tasks)} tasks:",
 EOF
 
 echo
-echo "== fmx run --policy oracle,null: one episode of each policy on every task"
+echo "== fmx run --policy oracle,tracer,null: one episode of each policy on every task"
 status=0
-"$fmx" run --connect "$addr" --policy oracle,null --tasks packs --db "$db" || status=$?
+"$fmx" run --connect "$addr" --policy oracle,tracer,null --tasks packs --db "$db" || status=$?
 stop_server
 trap - EXIT
 

@@ -462,9 +462,20 @@ static void test_trace_ops(void **state) {
     fmx_tool_result r;
     const cJSON *o = run(&r, mlp_task, "trace_ops", NULL);
     assert_null(error_of(o));
-    has(text_of(o), "call model.layers.0.mlp.gate_proj (Linear)");
-    has(text_of(o), "torch.Tensor.mul");
+    /* the dataflow: values by name, a child's inputs, what the module returns */
+    has(text_of(o), "v0 = call model.layers.0.mlp.gate_proj (Linear)(input=x)");
+    has(text_of(o), "= torch.Tensor.mul(v");
+    has(text_of(o), "returns [v");
     assert_true(cJSON_GetArraySize(cJSON_GetObjectItem(data_of(o), "ops")) >= 4);
+    assert_string_equal(cJSON_GetStringValue(cJSON_GetObjectItem(data_of(o), "dataflow")),
+                        "general");
+    assert_string_equal(
+        cJSON_GetStringValue(cJSON_GetArrayItem(cJSON_GetObjectItem(data_of(o), "inputs"), 0)),
+        "x");
+    fmx_tool_result_clear(&r);
+    /* sizes that follow the input are written as expressions */
+    o = run(&r, model_task, "trace_ops", "{\"path\": \"model.layers.0.self_attn\"}");
+    has(text_of(o), "view(v0, (hidden_states.size(0), hidden_states.size(1), -1, 16))");
     fmx_tool_result_clear(&r);
     /* a container is never called itself: said so, not an error */
     o = run(&r, model_task, "trace_ops", "{\"path\": \"model.layers\"}");
