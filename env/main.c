@@ -60,13 +60,17 @@ static const char *usage_text =
     "      --device cpu|cuda[:N]      where to run (default: cpu)\n"
     "      --json                     print the report as JSON\n"
     "      --timeout S                give up after S seconds (exit 2, \"timed out\")\n"
+    "  trace PACK [-o FILE] [options] write flat functional code for PACK from its op traces\n"
+    "                                 alone (the tracer policy, no server, no LLM)\n"
+    "      --component PATH           one module (default: the whole model)\n"
+    "      --verify                   then verify it on every probe (needs -o)\n"
     "  mutate PACK SOLUTION [options] verify mutants of a correct SOLUTION on every probe and\n"
     "                                 report which survive (see fmx mutate --help)\n"
     "  info PACK [--json]             modules, classes, probes and sizes of a pack\n"
     "      --tensor KEY               one stored tensor (weight or capture) as JSON + hex\n"
     "  serve --tasks DIR [options]    run the RL environment server (see fmx serve --help)\n"
     "  keygen [-o FILE]               a CURVE key pair for fmx serve --curve-secret-key\n"
-    "  run --policy oracle|null [options]\n"
+    "  run --policy oracle|null|tracer|llm [options]\n"
     "                                 play a built-in policy on every task (starting a server\n"
     "                                 unless --connect ADDR) and print the leaderboard (see\n"
     "                                 fmx run --help)\n"
@@ -91,22 +95,27 @@ static int die(const char *fmt, const char *a) {
     return 2;
 }
 
-/* fmx export: runs `python3 -m fmx.export` with the package on PYTHONPATH and
- * FMX_BIN set to this binary (the exporter's --solution runs `fmx mutate`). */
-static int cmd_export(int argc, char **argv) {
+/* fmx export / fmx trace: run `python3 -m fmx.export` / `fmx.tracer --pack` with the
+ * package on PYTHONPATH and FMX_BIN set to this binary (the exporter's --solution runs
+ * `fmx mutate`, trace --verify runs `fmx verify`). */
+/* `fmx export ARGS` and `fmx trace PACK ARGS` run fmx's Python package
+ * (python -m MODULE [FLAG] ARGS) in this process's place. */
+static int cmd_python(const char *cmd, const char *module, const char *flag, int argc,
+                      char **argv) {
     if (fmx_python_env() != FMX_OK) return 2;
     const char *py = fmx_python_interpreter();
-    char **args = calloc((size_t)argc + 4, sizeof *args);
+    char **args = calloc((size_t)argc + 5, sizeof *args);
     if (!args) return 2;
     int n = 0;
     args[n++] = (char *)py;
     args[n++] = "-m";
-    args[n++] = "fmx.export";
+    args[n++] = (char *)module;
+    if (flag && argc > 1 && argv[1][0] != '-') args[n++] = (char *)flag; /* PACK -> --pack PACK */
     for (int i = 1; i < argc; i++)
         args[n++] = argv[i];
     args[n] = NULL;
     execv(py, args);
-    fprintf(stderr, "fmx export: cannot run %s: %s (set FMX_PYTHON to a python3 with torch)\n", py,
+    fprintf(stderr, "fmx %s: cannot run %s: %s (set FMX_PYTHON to a python3 with torch)\n", cmd, py,
             strerror(errno));
     free(args);
     return 2;
@@ -382,7 +391,9 @@ int main(int argc, char **argv) {
         return argc < 2 ? 2 : 0;
     }
     const char *cmd = argv[1];
-    if (strcmp(cmd, "export") == 0) return cmd_export(argc - 1, argv + 1);
+    if (strcmp(cmd, "export") == 0) return cmd_python(cmd, "fmx.export", NULL, argc - 1, argv + 1);
+    if (strcmp(cmd, "trace") == 0)
+        return cmd_python(cmd, "fmx.tracer", "--pack", argc - 1, argv + 1);
     if (strcmp(cmd, "verify") == 0) return cmd_verify(argc - 1, argv + 1);
     if (strcmp(cmd, "mutate") == 0) return fmx_mutate_main(argc - 1, argv + 1);
     if (strcmp(cmd, "info") == 0) return cmd_info(argc - 1, argv + 1);

@@ -214,8 +214,9 @@ static const fmx__tool fmx__tools[] = {
     {"trace_ops",
      "trace_ops(path) — the PyTorch ops that ran inside the module, in order, with shapes",
      "List the function-level PyTorch ops that ran inside the module at `path` during its first "
-     "call on probe 0, in order, with input and output shapes and non-tensor arguments; calls "
-     "of child modules appear where they happen.",
+     "call on a padded visible probe, in order, with the values each op read and made, input "
+     "and output shapes, and sizes and dtypes that change with the input written as "
+     "expressions; calls of child modules appear where they happen.",
      fmx__args_trace, FMX__N(fmx__args_trace), 0, fmx__trace_ops},
     {"verify_component",
      "verify_component(path, code, entry=\"forward\") — compile your code and compare it with "
@@ -849,6 +850,13 @@ static void fmx__emit_helpers(const cJSON *man, const cJSON *shown_classes, int 
 
 static void fmx__format_ops(const fmx_pack *pack, const cJSON *ops, fmx__sb *text);
 
+/* The probe whose op traces the pack shows (task.json traced_probes[0]; p0 in older packs). */
+static const char *fmx__traced_probe(const fmx_pack *pack) {
+    const cJSON *t = cJSON_GetObjectItemCaseSensitive(fmx_pack_manifest(pack), "traced_probes");
+    const char *name = cJSON_GetStringValue(cJSON_GetArrayItem(t, 0));
+    return name ? name : "p0";
+}
+
 static void fmx__read_module_source(const fmx_tool_ctx *ctx, const fmx__args *a,
                                     fmx_tool_result *out, fmx__sb *text, cJSON *data) {
     int m = fmx__module(ctx, a->path, out, text, data);
@@ -899,7 +907,8 @@ static void fmx__read_module_source(const fmx_tool_ctx *ctx, const fmx__args *a,
         const cJSON *ops = cJSON_GetObjectItemCaseSensitive(
             cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(man, "modules"), m), "ops");
         if (cJSON_IsArray(ops)) {
-            fmx__sb_printf(text, "\nWhat it ran on probe 0 (trace_ops):\n");
+            fmx__sb_printf(text, "\nWhat it ran on probe %s (trace_ops):\n",
+                           fmx__traced_probe(pack));
             fmx__format_ops(pack, ops, text);
         }
     }
@@ -1577,28 +1586,30 @@ static void fmx__trace_ops(const fmx_tool_ctx *ctx, const fmx__args *a, fmx_tool
     const cJSON *ops = cJSON_GetObjectItemCaseSensitive(entry, "ops");
     cJSON_AddStringToObject(data, "path", mod->path);
     cJSON_AddStringToObject(data, "class", mod->cls);
+    const char *probe = fmx__traced_probe(pack);
+    cJSON_AddStringToObject(data, "probe", probe);
     if (!cJSON_IsArray(ops)) {
         fmx__sb_printf(text,
-                       "%s (%s) has no op trace: it was not called on probe 0 (containers such "
+                       "%s (%s) has no op trace: it was not called on probe %s (containers such "
                        "as ModuleList are never called themselves; trace their children).",
-                       fmx__disp(mod->path), mod->cls);
+                       fmx__disp(mod->path), mod->cls, probe);
         cJSON_AddNullToObject(data, "ops");
         return;
     }
     const cJSON *flow = cJSON_GetObjectItemCaseSensitive(entry, "dataflow");
     if (cJSON_IsString(flow))
         fmx__sb_printf(text,
-                       "Ops inside %s (%s) during its first call on probe 0, in order: vN are the "
+                       "Ops inside %s (%s) during its first call on probe %s, in order: vN are the "
                        "values ops made, inputs by name, weights by name relative to the module; "
                        "sizes, dtypes and devices that changed between probes are written as "
                        "expressions of the tensors (numbers that stayed the same are as "
-                       "traced); then the probe-0 shapes of the tensor arguments -> results.\n",
-                       fmx__disp(mod->path), mod->cls);
+                       "traced); then the %s shapes of the tensor arguments -> results.\n",
+                       fmx__disp(mod->path), mod->cls, probe, probe);
     else
         fmx__sb_printf(text,
-                       "Ops inside %s (%s) during its first call on probe 0, in order (shapes "
+                       "Ops inside %s (%s) during its first call on probe %s, in order (shapes "
                        "of tensor arguments -> results; T = a tensor argument):\n",
-                       fmx__disp(mod->path), mod->cls);
+                       fmx__disp(mod->path), mod->cls, probe);
     fmx__format_ops(pack, ops, text);
     if (cJSON_GetArraySize(ops) == 0) fmx__sb_printf(text, "  (no ops recorded)\n");
     const cJSON *returns = cJSON_GetObjectItemCaseSensitive(entry, "returns");

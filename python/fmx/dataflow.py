@@ -62,6 +62,7 @@ class Flow:
         self.order: List[str] = []  # input keys, in order, then values as they appear
         self.keep: List[Any] = []   # every mapped tensor stays alive, so no id() is reused
         self.count = 0
+        self.aliases: Dict[str, str] = {}  # value -> the reference it is the same tensor as (x.float() of a float)
         self.returns: Optional[List[Any]] = None
         self.return_names: List[str] = []
         self.inputs = [leaf for leaf, kind, _ in inputs if kind == "tensor"]
@@ -81,6 +82,9 @@ class Flow:
     def new_value(self, t: Tensor) -> int:
         n = self.count
         self.count += 1
+        same = self.refs.get(id(t))
+        if same is not None:  # an op that handed back its input: either name is right on this probe
+            self.aliases[f"v{n}"] = self.aliases.get(_key(same), _key(same))
         self._bind(t, {"v": n})
         self.order.append(f"v{n}")
         return n
@@ -179,6 +183,9 @@ class _Scope:
         self.weights = [k for k in base["info"] if k.startswith("w:")]
         self._atoms: Optional[List[Tuple[Tuple[int, ...], Any]]] = None
 
+    def canonical(self, t: int, key: str) -> str:
+        return self.traces[t].get("aliases", {}).get(key, key)
+
     def info(self, t: int, key: str) -> Optional[Tuple[List[int], str]]:
         return self.traces[t]["info"].get(key)
 
@@ -250,8 +257,19 @@ class _Scope:
         return None
 
 
+def _is_ref(v: Any) -> bool:
+    return isinstance(v, dict) and len(v) == 1 and next(iter(v)) in ("v", "in", "w")
+
+
 def _unify(vals: List[Any], scope: _Scope, errors: List[str]) -> Any:
     first = vals[0]
+    if all(_is_ref(v) for v in vals) and any(v != first for v in vals):
+        # x.float() is x itself on a float32 probe: a later read of x shows as that op's value
+        # there and as x on a bfloat16 probe; a reference that is right on every probe will do
+        canon = [scope.canonical(t, _key(v)) for t, v in enumerate(vals)]
+        for cand in vals:
+            if all(scope.canonical(t, _key(cand)) == c for t, c in enumerate(canon)):
+                return cand
     if isinstance(first, dict) and "device" in first and all(isinstance(v, dict) and "device" in v for v in vals):
         return scope.device_expr() or first
     if all(v == first and type(v) is type(first) for v in vals):
@@ -321,7 +339,7 @@ def generalize(traces: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """The module's ops with probe-dependent numbers replaced by expressions (see the module doc).
 
     `traces` are the same module's call on several probes (probe 0's first), each
-    {"ops", "info", "order", "count", "returns", "return_names", "inputs"}. Returns
+    {"ops", "info", "order", "count", "aliases", "returns", "return_names", "inputs"}. Returns
     {"ops", "returns", "return_names", "inputs", "dataflow"}: `dataflow` is "general"
     when every difference was explained, else why not.
     """
@@ -337,8 +355,10 @@ def generalize(traces: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         if "x" in rec:
             scope = _Scope(all_t, _first_output(base["ops"], i, base["count"]))
             op_errors: List[str] = []
-            new["x"] = _unify([r["x"] for r in recs], scope, op_errors) if isinstance(rec["x"], dict) else [
-                _unify([r["x"][j] for r in recs], scope, op_errors) for j in range(len(rec["x"]))]
+            if isinstance(rec["x"], dict):  # a child call's inputs by name
+                new["x"] = {k: _unify([r["x"][k] for r in recs], scope, op_errors) for k in rec["x"]}
+            else:
+                new["x"] = [_unify([r["x"][j] for r in recs], scope, op_errors) for j in range(len(rec["x"]))]
             if "kw" in rec:
                 new["kw"] = {k: _unify([r["kw"][k] for r in recs], scope, op_errors) for k in rec["kw"]}
             if op_errors and "op" in new:

@@ -635,7 +635,7 @@ class Capture:
         out = {}
         for path, ops in self.ops.items():
             flow = self.flows[path]
-            out[path] = {"ops": ops, "info": flow.info, "order": flow.order, "count": flow.count,
+            out[path] = {"ops": ops, "info": flow.info, "order": flow.order, "count": flow.count, "aliases": flow.aliases,
                          "returns": flow.returns, "return_names": flow.return_names, "inputs": flow.inputs}
         return out
 
@@ -1189,13 +1189,13 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
                             device=device, quiet=quiet, total=len(plan) + len(copies))
     probe_entries = []
     traced = _traced_probes(plan)
-    traces: List[Dict[str, Dict[str, Any]]] = []  # per traced probe: module path -> its trace
+    traces_of: Dict[int, Dict[str, Dict[str, Any]]] = {}  # per traced probe: module path -> its trace
     try:
         with torch.no_grad(), Capture(model, writer) as capture:
             for i, probe in enumerate(plan):
                 probe_entries.append(run(model, capture, i, probe, trace=i in traced))
                 if i in traced:
-                    traces.append(capture.trace())
+                    traces_of[i] = capture.trace()
             signatures = dict(capture.signatures)
         if copies:
             low = _low_precision_copy(model, DTYPES[LOW_PRECISION])
@@ -1204,7 +1204,8 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
                 for i, probe in enumerate(copies, start=len(plan)):
                     probe_entries.append(run(low, low_capture, i, probe, trace=i == len(plan)))
                     if i == len(plan):
-                        traces.append(low_capture.trace())
+                        traces_of[i] = low_capture.trace()
+                        traced.append(i)
             _check_cast(model, low, "after its probes")  # the forward must not have changed them
             del low
         writer.close()
@@ -1212,6 +1213,7 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
         writer.abort()
         raise
 
+    traces = [traces_of[i] for i in traced]  # the first is the one the pack shows
     flows = {path: generalize([t[path] for t in traces if path in t]) for path in traces[0]}
     tree, classes, class_files = modules_and_classes(model, folders, signatures, flows)
     covered = coverage.by_file()
@@ -1245,6 +1247,7 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
         "files": files,
         "classes": classes,
         "probes": probe_entries,
+        "traced_probes": [probe_entries[i]["name"] for i in traced],
         "calls": capture.calls,
     }
     with open(out.path("task.json"), "w", encoding="utf-8") as f:
@@ -1254,13 +1257,18 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
 
 
 def _traced_probes(plan: Sequence[Probe]) -> List[int]:
-    """Probe 0 and the first visible probe whose batch and sequence sizes both differ from it (else
-    the first whose shape differs): two shapes tell a size that follows the input from a constant."""
-    visible = [i for i, p in enumerate(plan) if p.visible]
-    first = plan[visible[0]] if visible else plan[0]
-    both = [i for i in visible[1:] if plan[i].batch != first.batch and plan[i].seq != first.seq]
-    some = [i for i in visible[1:] if (plan[i].batch, plan[i].seq) != (first.batch, first.seq)]
-    return [0] + (both or some)[:1]
+    """The probes whose op traces are recorded, the one the trace shows first: a padded visible
+    probe (a model may skip its mask when nothing is padded, and that path is not the general
+    one), then a visible probe whose batch and sequence sizes both differ from it (else one whose
+    shape differs), padded when one is: two shapes tell a size that follows the input from a
+    constant. The bfloat16 copy of the first padded probe is traced too (by the caller)."""
+    visible = [i for i, p in enumerate(plan) if p.visible] or [0]
+    padded = [i for i in visible if plan[i].padding != "none"]
+    base = (padded or visible)[0]
+    rest = sorted((i for i in visible if i != base), key=lambda i: plan[i].padding == "none")
+    both = [i for i in rest if plan[i].batch != plan[base].batch and plan[i].seq != plan[base].seq]
+    some = [i for i in rest if (plan[i].batch, plan[i].seq) != (plan[base].batch, plan[base].seq)]
+    return [base] + (both or some)[:1]
 
 
 def _run_probe(model: nn.Module, capture: Capture, i: int, probe: Probe, *, writer: Writer, coverage: Coverage,

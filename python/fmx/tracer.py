@@ -18,20 +18,31 @@ A baseline policy. It plays one episode through the server's tools:
    whole task, then `submit`.
 
     python3 -m fmx.tracer --connect ipc:///tmp/fmx.sock --task qwen2 [--print]
+    fmx trace packs/qwen2 [--component model.layers.0.mlp] -o flat.py --verify
 
-It prints one JSON line per episode (task, reward, correctness, loc, steps)
-and, with --print, the code it wrote.
+With --connect it prints one JSON line per episode (task, reward,
+correctness, loc, steps) and, with --print, the code it wrote. With --pack
+(`fmx trace PACK`) it needs no server: it reads the traces from the pack's
+task.json, writes the code, and with --verify runs `fmx verify` on it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import subprocess
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .client import Client, FmxError
+try:  # the server's client; --pack needs neither zmq nor msgpack
+    from .client import Client, FmxError
+except ImportError:  # pragma: no cover - a machine without python3-zmq
+    Client = None  # type: ignore[assignment,misc]
+
+    class FmxError(Exception):  # type: ignore[no-redef]
+        pass
 
 POLICY = "tracer"
 _LAYER = re.compile(r"^(.*?)(\d+)$")
@@ -352,9 +363,12 @@ class Writer:
         name = self.function(child)
         params = self.helpers[name].split("(", 1)[1].split(") ->", 1)[0]
         args = []
+        given = rec.get("x") or {}
         for leaf in trace.get("inputs") or []:
             if f"{_param(leaf)}: Tensor" in params:
-                args.append(self.arg((rec.get("x") or {}).get(leaf), body, ctx)[0])
+                if not isinstance(given.get(leaf), dict):
+                    raise TracerError(f"{child} is called without its input {leaf} ({given.get(leaf)!r})")
+                args.append(self.arg(given[leaf], body, ctx)[0])
         if "weights: Dict" in params:
             body.uses_weights = True
             args.append("weights")
@@ -462,8 +476,26 @@ class Ctx:
 # --------------------------------------------------------------------------- folding and text
 
 
+def _drop_unused(body: Body) -> None:
+    """Drops lines whose values nothing reads (a model's own checks, like `mask.sum() == n`, whose
+    result only steered Python): every line is a pure op, so nothing else is lost."""
+    changed = True
+    while changed:
+        changed = False
+        for i, s in enumerate(body.stmts):
+            if s.target is None or s.loop:
+                continue
+            names = [n.strip() for n in s.target.split(",")]
+            read = any(re.search(rf"\b{re.escape(n)}\b", t.expr) for t in body.stmts for n in names if t is not s)
+            if not read:
+                body.stmts.pop(i)
+                changed = True
+                break
+
+
 def _fold(body: Body, width: int = 100) -> None:
     """Folds each value used exactly once (in a later line of the same scope) into that line."""
+    _drop_unused(body)
     changed = True
     while changed:
         changed = False
@@ -610,9 +642,65 @@ def _weights_read(code: str, root: str, helpers: Dict[str, str], names: set) -> 
     return [k for k in re.findall(r'weights\["([^"]+)"\]', entry) if k not in names]
 
 
+def pack_traces(pack: str) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Any]]:
+    """Every traced module of a pack as trace_ops would return it, and the manifest."""
+    try:
+        with open(os.path.join(pack, "task.json"), encoding="utf-8") as f:
+            manifest = json.load(f)
+        modules = manifest["modules"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TracerError(f"{pack}: not a task pack ({e})") from None
+    keys = ("path", "class", "ops", "inputs", "returns", "return_names", "dataflow")
+    return {m["path"]: {k: m.get(k) for k in keys} for m in modules if m.get("ops") is not None}, manifest
+
+
+def write_pack(pack: str, component: str = "") -> Tuple[str, List[str]]:
+    """(code, warnings) for a module of a pack, from its traces alone (no server)."""
+    traces, manifest = pack_traces(pack)
+    if component not in traces:
+        paths = [m["path"] for m in manifest["modules"]]
+        raise TracerError(f"{pack} has no module {component!r}" if component not in paths else
+                          f"{component or '(root)'} has no op trace: it was not called on the traced probe")
+    cls = traces[component].get("class") or component
+    code, _ = program(component, traces, f"{cls} ({os.path.basename(os.path.normpath(pack))}"
+                      + (f", {component})" if component else ")"))
+    warnings = [f"{path or '(root)'}: {t['dataflow']}" for path, t in traces.items()
+                if t.get("dataflow") not in (None, "general") and (path == component or path.startswith(
+                    component + "." if component else ""))]
+    return code, warnings
+
+
+def _offline(args: argparse.Namespace) -> int:
+    """fmx trace PACK: write (and with --verify, check) a pack's module without a server."""
+    try:
+        code, warnings = write_pack(args.pack, args.component)
+    except TracerError as e:
+        print(f"fmx trace: {e}", file=sys.stderr)
+        return 2
+    for w in warnings:
+        print(f"fmx trace: warning: {w}", file=sys.stderr)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(code)
+    else:
+        sys.stdout.write(code)
+    if not args.verify:
+        return 0
+    fmx = os.environ.get("FMX_BIN", "fmx")
+    cmd = [fmx, "verify", args.pack, args.output, "--probes", "all"]
+    if args.component:
+        cmd += ["--component", args.component]
+    sys.stdout.flush()
+    return subprocess.run(cmd, stdin=subprocess.DEVNULL).returncode
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="fmx-tracer", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--connect", required=True, help="the server's address (tcp://, ipc://)")
+    ap.add_argument("--connect", help="play episodes on the server at this address (tcp://, ipc://)")
+    ap.add_argument("--pack", help="no server: write the code for a pack's module from its task.json")
+    ap.add_argument("--component", default="", help="with --pack: the module path (default: the whole model)")
+    ap.add_argument("-o", "--output", help="with --pack: write the code here (default: standard output)")
+    ap.add_argument("--verify", action="store_true", help="with --pack and -o: then fmx verify it on every probe")
     ap.add_argument("--task", action="append", help="task id (repeat; default: every task)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--episodes", type=int, default=1, help="episodes per task")
@@ -620,6 +708,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--print", action="store_true", help="print the code written for each task")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply")
     args = ap.parse_args(argv)
+    if (args.connect is None) == (args.pack is None):
+        ap.error("give --connect ADDR (play episodes) or --pack DIR (write a pack's code)")
+    if args.pack is not None:
+        if args.verify and not args.output:
+            ap.error("--verify needs -o FILE")
+        return _offline(args)
     status = 0
     try:
         with Client(args.connect, timeout=args.timeout) as env:

@@ -33,12 +33,42 @@ class Unexplained(nn.Module):
 
 
 class Branchy(nn.Module):
-    """Other ops on other batch sizes: the traces of two probes do not line up."""
+    """Other ops on longer inputs: the traces of two probes do not line up."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[0] > 1:
+        if x.shape[1] > 10:
             x = x * 2.0
         return x + 1.0
+
+
+class MaskSkip(nn.Module):
+    """Skips its mask when nothing is padded, as transformers does: the padded path is the general one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: Tensor, attention_mask: Tensor) -> Tensor:
+        scores = x @ x.transpose(1, 2)
+        if bool((attention_mask == 0).any()):
+            scores = scores.masked_fill(attention_mask[:, None, :] == 0, torch.finfo(scores.dtype).min)
+        return self.proj(scores.softmax(-1) @ x)
+
+
+class CastBack(nn.Module):
+    """x.float() is x itself on a float32 probe and a new tensor on a bfloat16 one (Gemma's norm)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).type_as(x)
+
+
+def cast_back() -> nn.Module:
+    return CastBack()
+
+
+def mask_skip() -> nn.Module:
+    return MaskSkip()
 
 
 def heads() -> nn.Module:
@@ -54,4 +84,9 @@ def branchy() -> nn.Module:
 
 
 def fmx_inputs(model, batch, seq, padding, generator):
-    return {"x": torch.randn(batch, seq, 8, generator=generator)}
+    inputs = {"x": torch.randn(batch, seq, 8, generator=generator)}
+    if isinstance(model, MaskSkip):
+        from fmx.export import padding_mask
+
+        inputs["attention_mask"] = padding_mask(batch, seq, padding, generator)
+    return inputs

@@ -334,7 +334,8 @@ def test_classes_point_at_class_lines(tiny):
 def test_op_trace(tiny):
     m = tiny["m"]
     q = _module(m, "model.layers.0.self_attn.q_proj")["ops"]
-    assert q == [{"op": "torch.nn.functional.linear", "in": [[1, 8, 32], [32, 32], [32]], "out": [[1, 8, 32]],
+    assert m["traced_probes"] == ["p1", "p2", "p6"]  # the first padded probe is the one shown
+    assert q == [{"op": "torch.nn.functional.linear", "in": [[2, 13, 32], [32, 32], [32]], "out": [[2, 13, 32]],
                   "x": [{"in": "input"}, {"w": "weight"}, {"w": "bias"}], "kw": {}, "y": [0]}]
     o = _module(m, "model.layers.0.self_attn.o_proj")["ops"]
     assert o[0]["op"] == "torch.nn.functional.linear" and o[0]["in"][2:] == [] and o[0]["args"] == "T, T, None"
@@ -345,10 +346,10 @@ def test_op_trace(tiny):
     assert "torch.matmul" in names and "torch.nn.functional.softmax" in names and "torch.cat" in names
     assert not any("__get__" in n or n.endswith(".size") for n in names)
     view = next(x for x in attn if x.get("op") == "torch.Tensor.view")
-    # probe 0's numbers, and the dataflow: batch and sequence sizes follow the input (they changed
+    # p1's numbers, and the dataflow: batch and sequence sizes follow the input (they changed
     # between the traced probes), the head count and size stay numbers
     q_out = next(x for x in attn if x.get("call", "").endswith("q_proj"))["y"][0]
-    seen = {"in": [[1, 8, 32]], "out": [[1, 8, 4, 8]], "args": "T, 1, 8, 4, 8"}
+    seen = {"in": [[2, 13, 32]], "out": [[2, 13, 4, 8]], "args": "T, 2, 13, 4, 8"}
     assert view == dict(seen, op="torch.Tensor.view", kw={}, y=[view["y"][0]], x=[
         {"v": q_out}, {"dim": [{"in": "hidden_states"}, 0]}, {"dim": [{"in": "hidden_states"}, 1]}, 4, 8])
     # ops run inside q_proj belong to q_proj, not to the attention

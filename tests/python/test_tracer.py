@@ -155,7 +155,7 @@ def test_trace_says_what_it_cannot_explain(tmp_path):
     root = _module(m, "")
     assert "matches no size" in root["dataflow"]
     item = _ops(m, "", "torch.Tensor.__getitem__")[0]
-    assert item["x"][1] == {"slice": [None, {"varies": [63, 168, 168]}, None]}
+    assert item["x"][1] == {"slice": [None, {"varies": [168, 35, 168]}, None]}  # t² - 1 on p1, p2, p6
     m = export(f"{FLOW}:branchy", str(tmp_path / "b"), quiet=True)
     assert _module(m, "")["dataflow"].startswith("the ops differed")
 
@@ -168,6 +168,28 @@ def test_untraced_index_becomes_a_view(tmp_path):
     assert all(o["op"] == "torch.Tensor.view" for o in late)
     rotary = next(o for o in model["ops"] if o.get("call") == "model.rotary_emb")
     assert "v" in rotary["x"]["position_ids"]  # a value of the trace, not a constant
+
+
+def test_padded_probe_is_traced_first_so_a_skipped_mask_is_written(tmp_path):
+    packs = tmp_path / "packs"
+    m = export(f"{FLOW}:mask_skip", str(packs / "skip"), quiet=True)
+    assert m["traced_probes"] == ["p1", "p2", "p6"]  # left- and right-padded, and p1 in bfloat16
+    assert _module(m, "")["dataflow"] == "general"
+    assert _ops(m, "", "torch.Tensor.masked_fill")
+    db = tmp_path / "fmx.db"
+    res = fmx("run", "--policy", "tracer", "--tasks", packs, "--db", db)
+    assert res.returncode == 0, res.stdout + res.stderr
+    code, correctness, _, _ = submissions(db)["skip"]
+    assert correctness == 1.0 and "masked_fill" in code  # p0, unpadded, passes too
+    assert ".any()" not in code  # the check that only steered Python is not written
+
+
+def test_alias_of_a_no_op_cast_is_the_reference_right_on_every_probe(tmp_path):
+    m = export(f"{FLOW}:cast_back", str(tmp_path / "c"), quiet=True)
+    root = _module(m, "")
+    assert root["dataflow"] == "general"
+    # type_as(x) reads x: on float32 probes x.float() handed back x, so the trace saw that op's value
+    assert _ops(m, "", "torch.Tensor.type_as")[0]["x"][1] == {"in": "x"}
 
 
 def test_tracer_submits_what_it_cannot_write_with_the_reason(tmp_path):
