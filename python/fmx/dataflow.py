@@ -176,8 +176,9 @@ def _skeleton(ops: Sequence[Dict[str, Any]]) -> List[Tuple[Any, ...]]:
 class _Scope:
     """What an op may refer to: inputs and earlier values, with their shapes and dtypes on every probe."""
 
-    def __init__(self, traces: Sequence[Dict[str, Any]], upto: int) -> None:
+    def __init__(self, traces: Sequence[Dict[str, Any]], upto: int, weight_sizes: bool = False) -> None:
         self.traces = traces
+        self.weight_sizes = weight_sizes
         base = traces[0]
         self.keys = [k for k in base["order"] if not k.startswith("v") or int(k[1:]) < upto]
         self.weights = [k for k in base["info"] if k.startswith("w:")]
@@ -200,7 +201,7 @@ class _Scope:
         """(sizes on every probe, expression) of every dimension in scope, first one of each pattern."""
         if self._atoms is None:
             seen: Dict[Tuple[int, ...], Any] = {}
-            for key in self.keys:
+            for key in self.keys + (self.weights if self.weight_sizes else []):
                 shapes = [self.info(t, key) for t in range(len(self.traces))]
                 if any(s is None or len(s[0]) != len(shapes[0][0]) for s in shapes):
                     continue
@@ -335,13 +336,14 @@ def _first_output(ops: Sequence[Dict[str, Any]], i: int, count: int) -> int:
     return count
 
 
-def generalize(traces: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+def generalize(traces: Sequence[Dict[str, Any]], weight_sizes: bool = False) -> Dict[str, Any]:
     """The module's ops with probe-dependent numbers replaced by expressions (see the module doc).
 
     `traces` are the same module's call on several probes (probe 0's first), each
     {"ops", "info", "order", "count", "aliases", "returns", "return_names", "inputs"}. Returns
     {"ops", "returns", "return_names", "inputs", "dataflow"}: `dataflow` is "general"
-    when every difference was explained, else why not.
+    when every difference was explained, else why not. With `weight_sizes` a number may also
+    be a weight's size: the traces are then instances of one class (module paths), not probes.
     """
     base = traces[0]
     usable = [t for t in traces[1:] if _skeleton(t["ops"]) == _skeleton(base["ops"])
@@ -353,7 +355,7 @@ def generalize(traces: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         recs = [t["ops"][i] for t in all_t]
         new = dict(rec)
         if "x" in rec:
-            scope = _Scope(all_t, _first_output(base["ops"], i, base["count"]))
+            scope = _Scope(all_t, _first_output(base["ops"], i, base["count"]), weight_sizes)
             op_errors: List[str] = []
             if isinstance(rec["x"], dict):  # a child call's inputs by name
                 new["x"] = {k: _unify([r["x"][k] for r in recs], scope, op_errors) for k in rec["x"]}
@@ -367,7 +369,7 @@ def generalize(traces: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
                     op_errors = []
             errors += [f"op {i} ({rec.get('op') or rec.get('call')}): {e}" for e in op_errors]
         ops.append(new)
-    scope = _Scope(all_t, base["count"])
+    scope = _Scope(all_t, base["count"], weight_sizes)
     returns = None
     if base["returns"] is not None:
         returns = [_unify([t["returns"][j] for t in all_t], scope, errors) for j in range(len(base["returns"]))]

@@ -541,8 +541,77 @@ def _render(body: Body) -> List[str]:
     return lines
 
 
-def program(root: str, traces: Dict[str, Dict[str, Any]], title: str) -> Tuple[str, Dict[str, str]]:
-    """(source, {helper name: the module path it was verified on}) for the task's module."""
+def _tensor_args(value: Any, out: List[Optional[str]]) -> List[Optional[str]]:
+    """The tensor arguments of an encoded op argument, in the order the trace's `in` shapes list
+    them: a reference's key, or None for a constant."""
+    if isinstance(value, dict):
+        if {"v", "in", "w"} & value.keys():
+            kind = next(k for k in ("v", "in", "w") if k in value)
+            out.append(f"v{value['v']}" if kind == "v" else f"{kind}:{value[kind]}")
+        elif "const" in value or "unknown" in value:
+            out.append(None)
+        elif "tuple" in value or "list" in value:
+            for v in value.get("tuple") or value.get("list") or []:
+                _tensor_args(v, out)
+    elif isinstance(value, list):
+        for v in value:
+            _tensor_args(v, out)
+    return out
+
+
+def _instance_view(trace: Dict[str, Any], path: str, weights: Dict[str, List[int]]) -> Dict[str, Any]:
+    """One module's trace in dataflow.generalize's form, with the sizes its op records and the
+    weight list show (dtypes are not needed to compare instances of one class)."""
+    stem = f"{path}." if path else ""
+    info: Dict[str, Tuple[List[int], str]] = {
+        f"w:{name[len(stem):]}": (shape, "?") for name, shape in weights.items() if name.startswith(stem)}
+    count = 0
+    for rec in trace.get("ops") or []:
+        if "op" in rec:
+            keys = _tensor_args(rec.get("x"), []) + _tensor_args(list((rec.get("kw") or {}).values()), [])
+            for key, shape in zip(keys, rec.get("in") or []):
+                if key is not None:
+                    info.setdefault(key, (shape, "?"))
+            for y, shape in zip(rec.get("y") or [], rec.get("out") or []):
+                info[f"v{y}"] = (shape, "?")
+        count = max([count] + [y + 1 for y in rec.get("y") or []])
+    order = [f"in:{n}" for n in trace.get("inputs") or []] + [f"v{i}" for i in range(count)]
+    return {"ops": trace.get("ops") or [], "info": info, "order": order, "count": count, "aliases": {},
+            "returns": trace.get("returns"), "return_names": trace.get("return_names"),
+            "inputs": trace.get("inputs")}
+
+
+def share_bodies(traces: Dict[str, Dict[str, Any]], weights: Dict[str, List[int]]) -> List[str]:
+    """Instances of one class whose traces differ only in numbers that are sizes of their inputs or
+    weights (GPT-2's Conv1D: 192, 64 or 256 outputs) get one trace, those numbers as expressions,
+    so they share one helper. Returns the classes it did this for."""
+    by_class: Dict[str, List[str]] = {}
+    for path, t in traces.items():
+        ops = t.get("ops") or []
+        if len(ops) > 1 or any("call" in o for o in ops):
+            by_class.setdefault(t.get("class") or "", []).append(path)
+    shared = []
+    for cls, paths in by_class.items():
+        if len(paths) < 2 or all(traces[p].get("ops") == traces[paths[0]].get("ops") for p in paths):
+            continue
+        from .dataflow import generalize  # (imports torch: only when there is something to share)
+
+        g = generalize([_instance_view(traces[p], p, weights) for p in paths], weight_sizes=True)
+        if g["dataflow"] != "general":
+            continue
+        for p in paths:
+            traces[p] = dict(traces[p], ops=g["ops"], returns=g["returns"])
+        shared.append(cls)
+    return shared
+
+
+def program(root: str, traces: Dict[str, Dict[str, Any]], title: str,
+            weights: Optional[Dict[str, List[int]]] = None) -> Tuple[str, Dict[str, str]]:
+    """(source, {helper name: the module path it was verified on}) for the task's module.
+    `weights` (absolute name -> shape) lets instances of a class that differ in sizes share a helper."""
+    if weights:
+        traces = dict(traces)
+        share_bodies(traces, weights)
     w = Writer(root, traces)
     w.function(root, entry="forward")
     head = [f'"""{title}: written by fmx\'s tracer from the op trace."""', "import torch",
@@ -605,9 +674,12 @@ class Episode:
         code = None
         try:
             traces = self.trace_all(root)
-            code, helpers = program(root, traces, f"{info['task']['class']} ({self.task})")
             winfo, *_ = self.step("get_weight_info", path=root)
-            names = {w["name"] for w in (winfo.get("data") or {}).get("weights") or []}
+            listed = (winfo.get("data") or {}).get("weights") or []
+            names = {w["name"] for w in listed}
+            stem = f"{root}." if root else ""
+            shapes = {stem + w["name"]: w.get("shape") for w in listed if isinstance(w.get("shape"), list)}
+            code, helpers = program(root, traces, f"{info['task']['class']} ({self.task})", shapes)
             missing = sorted({n for n in _weights_read(code, root, helpers, names)})
             if missing:
                 self.log.append(f"weights the code reads but the module lacks: {missing[:5]}")
@@ -662,8 +734,15 @@ def write_pack(pack: str, component: str = "") -> Tuple[str, List[str]]:
         raise TracerError(f"{pack} has no module {component!r}" if component not in paths else
                           f"{component or '(root)'} has no op trace: it was not called on the traced probe")
     cls = traces[component].get("class") or component
+    from .safetensors import read_header
+
+    header, _ = read_header(os.path.join(pack, "weights.safetensors"))
+    shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    for alias, stored in ((manifest.get("weights") or {}).get("aliases") or {}).items():
+        if stored in shapes:
+            shapes[alias] = shapes[stored]
     code, _ = program(component, traces, f"{cls} ({os.path.basename(os.path.normpath(pack))}"
-                      + (f", {component})" if component else ")"))
+                      + (f", {component})" if component else ")"), shapes)
     warnings = [f"{path or '(root)'}: {t['dataflow']}" for path, t in traces.items()
                 if t.get("dataflow") not in (None, "general") and (path == component or path.startswith(
                     component + "." if component else ""))]
