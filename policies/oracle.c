@@ -1,9 +1,10 @@
 /*
  * oracle.c — the oracle policy (run.h): finds the example's reference
  * solution for a task, reads every tool once as a policy would, verifies the
- * solution with verify_component and submits it. Its reward is the best a
- * policy can expect on the task, so it bounds a leaderboard from above; a
- * failing verify means the pack and the reference disagree.
+ * solution with verify_component and submits it. Its reward is what the
+ * hand-written reference earns (correct by construction; shorter code can
+ * still beat it on LOC); a failing verify means the pack and the reference
+ * disagree.
  *
  * The submitted file is the reference trimmed to what the task's entry
  * function reaches (fmx_oracle_trim): a component task is graded on its own

@@ -5,7 +5,7 @@
  *   oracle  reads each tool once (read_module_source, get_weight_info,
  *           capture_intermediate on probe p0, trace_ops), verifies the
  *           example's reference solution with verify_component and submits
- *           it (policies/oracle.c): the score a perfect policy gets;
+ *           it (policies/oracle.c): what the hand-written reference earns;
  *   null    submits a function that computes nothing (policies/null.c):
  *           reward 0, the floor;
  *   tracer  writes the code from the op traces alone, no LLM
