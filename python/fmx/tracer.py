@@ -117,14 +117,12 @@ def _paren(expr: str, atom: bool) -> str:
 class Writer:
     """Writes the program for one task from the traces (module path -> trace_ops data)."""
 
-    def __init__(self, root: str, traces: Dict[str, Dict[str, Any]]) -> None:
-        self.root = root
+    def __init__(self, traces: Dict[str, Dict[str, Any]]) -> None:
         self.traces = traces
         self.helpers: Dict[str, str] = {}   # function name -> its source
         self.by_body: Dict[str, str] = {}   # body text -> function name
         self.instance: Dict[str, str] = {}  # function name -> the module path it was written from
         self.order: List[str] = []          # helpers, callees first
-        self.weights_used: List[str] = []   # absolute weight names the code reads (first instances)
 
     # -- values
     def arg(self, value: Any, body: Body, ctx: "Ctx") -> Tuple[str, bool]:
@@ -445,7 +443,6 @@ class Ctx:
     def ref(self, ref: Dict[str, Any], body: Body) -> Tuple[str, bool]:
         if "w" in ref:
             name = self.weight_rel + ref["w"]
-            self.writer.weights_used.append(f"{self.path}.{ref['w']}" if self.path else ref["w"])
             return body.weight(name), True
         if "in" in ref:
             if self.call_inputs is not None:
@@ -612,7 +609,7 @@ def program(root: str, traces: Dict[str, Dict[str, Any]], title: str,
     if weights:
         traces = dict(traces)
         share_bodies(traces, weights)
-    w = Writer(root, traces)
+    w = Writer(traces)
     w.function(root, entry="forward")
     head = [f'"""{title}: written by fmx\'s tracer from the op trace."""', "import torch",
             "import torch.nn.functional as F", "from torch import Tensor", "from typing import Dict, Tuple"]
@@ -680,7 +677,7 @@ class Episode:
             stem = f"{root}." if root else ""
             shapes = {stem + w["name"]: w.get("shape") for w in listed if isinstance(w.get("shape"), list)}
             code, helpers = program(root, traces, f"{info['task']['class']} ({self.task})", shapes)
-            missing = sorted({n for n in _weights_read(code, root, helpers, names)})
+            missing = sorted(set(_entry_weights(code)) - names)
             if missing:
                 self.log.append(f"weights the code reads but the module lacks: {missing[:5]}")
             verified = {}
@@ -708,10 +705,10 @@ def _passed(obs: Dict[str, Any]) -> bool:
     return bool(data.get("graded")) and data.get("passed") == data.get("graded") and not data.get("error")
 
 
-def _weights_read(code: str, root: str, helpers: Dict[str, str], names: set) -> List[str]:
-    """Weight keys of the entry function that the module does not have (helpers' keys carry a prefix)."""
+def _entry_weights(code: str) -> List[str]:
+    """The weight keys `forward` reads by name (helpers' keys carry their caller's prefix)."""
     entry = code.split("def forward(", 1)[1] if "def forward(" in code else ""
-    return [k for k in re.findall(r'weights\["([^"]+)"\]', entry) if k not in names]
+    return re.findall(r'weights\["([^"]+)"\]', entry)
 
 
 def pack_traces(pack: str) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Any]]:
