@@ -1400,6 +1400,21 @@ static void fmx__shapes(const cJSON *list, fmx__sb *text) {
     }
 }
 
+static void fmx__flow_value(const cJSON *v, fmx__sb *text, int depth);
+
+/* A list of dataflow arguments between open and close, comma separated. */
+static void fmx__flow_items(const cJSON *list, fmx__sb *text, int depth, const char *open,
+                            const char *close) {
+    fmx__sb_str_put(text, open);
+    const cJSON *e;
+    int i = 0;
+    cJSON_ArrayForEach(e, list) {
+        if (i++) fmx__sb_put(text, ", ", 2);
+        fmx__flow_value(e, text, depth + 1);
+    }
+    fmx__sb_str_put(text, close);
+}
+
 /* One dataflow argument of an op record (docs/pack-format.md, "Op traces") as
  * Python-like text: v3, hidden_states, weights["q_proj.weight"], x.size(1), ... */
 static void fmx__flow_value(const cJSON *v, fmx__sb *text, int depth) {
@@ -1421,14 +1436,7 @@ static void fmx__flow_value(const cJSON *v, fmx__sb *text, int depth) {
     } else if (cJSON_IsString(v)) {
         fmx__sb_printf(text, "\"%s\"", v->valuestring);
     } else if (cJSON_IsArray(v)) {
-        fmx__sb_put(text, "[", 1);
-        const cJSON *e;
-        int i = 0;
-        cJSON_ArrayForEach(e, v) {
-            if (i++) fmx__sb_put(text, ", ", 2);
-            fmx__flow_value(e, text, depth + 1);
-        }
-        fmx__sb_put(text, "]", 1);
+        fmx__flow_items(v, text, depth, "[", "]");
     } else if (cJSON_IsObject(v) && v->child) {
         const cJSON *a = v->child;
         const char *k = a->string;
@@ -1461,14 +1469,7 @@ static void fmx__flow_value(const cJSON *v, fmx__sb *text, int depth) {
             fmx__sb_str_put(text, k[0] == 'm' ? " * " : " + ");
             fmx__flow_value(a1, text, depth + 1);
         } else if (strcmp(k, "tuple") == 0 && cJSON_IsArray(a)) {
-            fmx__sb_put(text, "(", 1);
-            const cJSON *e;
-            int i = 0;
-            cJSON_ArrayForEach(e, a) {
-                if (i++) fmx__sb_put(text, ", ", 2);
-                fmx__flow_value(e, text, depth + 1);
-            }
-            fmx__sb_str_put(text, i == 1 ? ",)" : ")");
+            fmx__flow_items(a, text, depth, "(", cJSON_GetArraySize(a) == 1 ? ",)" : ")");
         } else if (strcmp(k, "list") == 0) {
             fmx__flow_value(a, text, depth + 1);
         } else if (strcmp(k, "slice") == 0 && cJSON_GetArraySize(a) == 3) {

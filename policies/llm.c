@@ -821,9 +821,7 @@ static int fmx__converse(fmx__episode *e, CURL *h, int max_turns, const char **s
 int fmx_policy_llm(fmx_client *c, const char *name, const cJSON *task, int64_t seed,
                    const fmx_policy_ctx *ctx, fmx_episode_result *res, char *err, size_t errsz) {
     (void)ctx;
-    memset(res, 0, sizeof *res);
-    res->correctness = -1;
-    const char *id = fmx__str(task, "id");
+    const char *id = fmx_policy_begin(task, res, err, errsz);
     const char *module = fmx__str(task, "module");
     if (!id || !module) {
         snprintf(err, errsz, "a task without id or module");

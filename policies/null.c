@@ -16,13 +16,8 @@ static const char fmx__null_code[] = "def forward() -> int:\n    return 0\n";
 int fmx_policy_null(fmx_client *c, const char *name, const cJSON *task, int64_t seed,
                     const fmx_policy_ctx *ctx, fmx_episode_result *res, char *err, size_t errsz) {
     (void)ctx;
-    memset(res, 0, sizeof *res);
-    res->correctness = -1;
-    const char *id = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(task, "id"));
-    if (!id) {
-        snprintf(err, errsz, "a task without id");
-        return FMX_EINVAL;
-    }
+    const char *id = fmx_policy_begin(task, res, err, errsz);
+    if (!id) return FMX_EINVAL;
     int rc = fmx_client_reset(c, id, name, seed, &res->episode, NULL);
     if (rc != FMX_OK) {
         snprintf(err, errsz, "reset %s: %s: %s", id, fmx_client_errcode(c), fmx_client_errmsg(c));

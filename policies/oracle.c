@@ -364,9 +364,7 @@ static int fmx__matched(const cJSON *reply) {
 
 int fmx_policy_oracle(fmx_client *c, const char *name, const cJSON *task, int64_t seed,
                       const fmx_policy_ctx *ctx, fmx_episode_result *res, char *err, size_t errsz) {
-    memset(res, 0, sizeof *res);
-    res->correctness = -1;
-    const char *id = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(task, "id"));
+    const char *id = fmx_policy_begin(task, res, err, errsz);
     const char *path = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(task, "module"));
     if (!id || !path) {
         snprintf(err, errsz, "a task without id or module");

@@ -173,6 +173,14 @@ static int fmx__stop(fmx__server *s) {
 
 /* ---- playing ---- */
 
+const char *fmx_policy_begin(const cJSON *task, fmx_episode_result *res, char *err, size_t errsz) {
+    memset(res, 0, sizeof *res);
+    res->correctness = -1;
+    const char *id = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(task, "id"));
+    if (!id) snprintf(err, errsz, "a task without id");
+    return id;
+}
+
 /* The work: every (policy, task, episode) triple, handed out in order. */
 typedef struct {
     const fmx__run_opts *o;

@@ -58,6 +58,11 @@ typedef int (*fmx_policy_fn)(fmx_client *c, const char *name, const cJSON *task,
                              const fmx_policy_ctx *ctx, fmx_episode_result *res, char *err,
                              size_t errsz);
 
+/* Starts a policy's episode: res zeroed with correctness -1 (nothing graded
+ * yet). Returns the task's id (borrowed from task), or NULL with err set when
+ * the list_tasks entry has none. */
+const char *fmx_policy_begin(const cJSON *task, fmx_episode_result *res, char *err, size_t errsz);
+
 int fmx_policy_oracle(fmx_client *c, const char *name, const cJSON *task, int64_t seed,
                       const fmx_policy_ctx *ctx, fmx_episode_result *res, char *err, size_t errsz);
 /* policies/tracer.c: runs python/fmx/tracer.py for the episode (it connects to ctx->addr). */

@@ -27,13 +27,8 @@ static double fmx__num(const cJSON *o, const char *key, double dflt) {
 int fmx_policy_tracer(fmx_client *c, const char *name, const cJSON *task, int64_t seed,
                       const fmx_policy_ctx *ctx, fmx_episode_result *res, char *err, size_t errsz) {
     (void)c; /* the tracer opens its own connection */
-    memset(res, 0, sizeof *res);
-    res->correctness = -1;
-    const char *id = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(task, "id"));
-    if (!id) {
-        snprintf(err, errsz, "a task without id");
-        return FMX_EINVAL;
-    }
+    const char *id = fmx_policy_begin(task, res, err, errsz);
+    if (!id) return FMX_EINVAL;
     if (!ctx->addr) {
         snprintf(err, errsz, "the tracer needs the server's address");
         return FMX_EINVAL;
