@@ -106,7 +106,9 @@ class Body:
 
 def _snake(name: str) -> str:
     name = re.sub(r"[^A-Za-z0-9]", "_", name.rsplit(".", 1)[-1])
-    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower().strip("_")
+    # Qwen2RMSNorm -> qwen2_rms_norm, NewGELUActivation -> new_gelu_activation, Conv1D -> conv1d
+    name = re.sub(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])|(?<=[0-9])(?=[A-Z][A-Za-z])", "_", name)
+    name = name.lower().strip("_")
     return name if _IDENT.match(name) and name not in ("forward", "tap") else f"m_{name}"
 
 

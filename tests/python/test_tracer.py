@@ -89,7 +89,7 @@ def test_model_programs_roll_layers_and_share_helpers(played):
             assert re.search(rf"\b{name}\(", code.split(f"def {name}(", 1)[1]), name
     # GPT-2's four Conv1D (192, 64, 256 and 64 outputs) share one helper, sizes read from the weights
     gpt2 = subs["gpt2"][0]
-    assert len(re.findall(r"^def conv1_d", gpt2, re.M)) == 1 and gpt2.count("conv1_d(") == 5, gpt2
+    assert len(re.findall(r"^def conv1d", gpt2, re.M)) == 1 and gpt2.count("conv1d(") == 5, gpt2
     # the Qwen2 causal mask's item assignment is written without mutation
     qwen2 = subs["qwen2"][0]
     assert re.search(r"torch\.cat\(\[v\d+, v\d+\[:, :, :, input_ids\.size\(1\):\]\], dim=3\)", qwen2), qwen2
