@@ -631,12 +631,16 @@ class Capture:
             self.ops, self.flows = {}, {}
 
     def trace(self) -> Dict[str, Dict[str, Any]]:
-        """The last traced probe's op trace per module path, with its dataflow (dataflow.generalize's input)."""
+        """The last traced probe's op trace per module path, with its dataflow (dataflow.generalize's
+        input). Lets go of the tensors the trace kept alive."""
         out = {}
         for path, ops in self.ops.items():
             flow = self.flows[path]
+            flow.keep.clear()
+            flow.refs.clear()
             out[path] = {"ops": ops, "info": flow.info, "order": flow.order, "count": flow.count, "aliases": flow.aliases,
                          "returns": flow.returns, "return_names": flow.return_names, "inputs": flow.inputs}
+        self.ops, self.flows = {}, {}
         return out
 
     def _wrapper(self, path: str, orig: Callable[..., Any], sig: Optional[inspect.Signature]) -> Callable[..., Any]:
