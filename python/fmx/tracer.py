@@ -62,6 +62,9 @@ _SIZE_ARGS = ("view", "reshape", "expand", "permute", "repeat", "tile", "new_zer
 _IDENTITY = ("torch.Tensor.clone", "torch.Tensor.detach")  # (contiguous is kept: a view may need it)
 
 
+_NO_DATAFLOW = "the pack's op traces have no dataflow (made by an older fmx export): export it again"
+
+
 class TracerError(Exception):
     """What the trace does not allow the tracer to write (an unsupported op or an unexplained size)."""
 
@@ -652,6 +655,8 @@ class Episode:
             data = obs.get("data") or {}
             if data.get("ops") is None:
                 raise TracerError(f"{path or '(root)'} has no op trace")
+            if data.get("dataflow") is None:
+                raise TracerError(_NO_DATAFLOW)
             if data.get("dataflow") not in (None, "general"):
                 self.log.append(f"{path}: {data['dataflow']}")
             traces[path] = data
@@ -721,6 +726,8 @@ def pack_traces(pack: str) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Any]]:
         modules = manifest["modules"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise TracerError(f"{pack}: not a task pack ({e})") from None
+    if not any(m.get("dataflow") for m in modules):
+        raise TracerError(f"{pack}: {_NO_DATAFLOW}")
     keys = ("path", "class", "ops", "inputs", "returns", "return_names", "dataflow")
     return {m["path"]: {k: m.get(k) for k in keys} for m in modules if m.get("ops") is not None}, manifest
 

@@ -205,3 +205,24 @@ def test_tracer_submits_what_it_cannot_write_with_the_reason(tmp_path):
     assert correctness == 0 and reward == 0
     assert code.startswith("# fmx tracer: no code written:") and "could not explain" in code.splitlines()[0]
     assert sql(db, "SELECT status FROM episodes") == [("submitted",)]
+
+
+def test_fmx_trace_writes_verifies_and_refuses_old_packs(played, tmp_path):
+    packs, _, _ = played
+    out = tmp_path / "flat.py"
+    res = fmx("trace", packs / "gpt2", "-o", out, "--verify")
+    assert res.returncode == 0 and "MATCH: 8/8 all probe calls" in res.stdout, res.stdout + res.stderr
+    assert out.read_text().startswith('"""GPT2LMHeadModel (gpt2)')
+    res = fmx("trace", packs / "qwen2", "--component", "model.layers.0.mlp")
+    assert res.returncode == 0 and res.stdout.count("def ") == 1 and "F.silu(" in res.stdout
+    res = fmx("trace", packs / "qwen2", "--component", "model.nope")
+    assert res.returncode == 2 and "has no module 'model.nope'" in res.stderr
+    # a pack from before dataflow traces: said so, nothing written
+    old = tmp_path / "old"
+    old.mkdir()
+    task = json.loads((packs / "qwen2" / "task.json").read_text())
+    for m in task["modules"]:
+        m.pop("dataflow", None)
+    (old / "task.json").write_text(json.dumps(task))
+    res = fmx("trace", old, "-o", tmp_path / "none.py")
+    assert res.returncode == 2 and "export it again" in res.stderr and not (tmp_path / "none.py").exists()
