@@ -10,6 +10,7 @@
  * visible probes only, submit reports hidden probes as pass/fail only.
  */
 #define _GNU_SOURCE
+#include "optrace.h"
 #include "tools.h"
 
 #include <cjson/cJSON.h>
@@ -75,22 +76,6 @@ static void fmx__sb_printf(fmx__sb *b, const char *fmt, ...) {
     va_end(ap);
     fmx__sb_put(b, big, (size_t)n);
     free(big);
-}
-
-static void fmx__sb_str_put(fmx__sb *b, const char *s) {
-    fmx__sb_put(b, s, strlen(s));
-}
-
-/* An integer in decimal, without printf (shapes are the hot part of texts). */
-static void fmx__sb_int(fmx__sb *b, long long v) {
-    char buf[24], *p = buf + sizeof buf;
-    unsigned long long u = v < 0 ? 0ull - (unsigned long long)v : (unsigned long long)v;
-    do {
-        *--p = (char)('0' + u % 10);
-        u /= 10;
-    } while (u);
-    if (v < 0) *--p = '-';
-    fmx__sb_put(b, p, (size_t)(buf + sizeof buf - p));
 }
 
 static const char *fmx__sb_str(fmx__sb *b) {
@@ -1380,200 +1365,19 @@ static void fmx__capture_intermediate(const fmx_tool_ctx *ctx, const fmx__args *
 
 /* ---- trace_ops ---- */
 
-static void fmx__shapes(const cJSON *list, fmx__sb *text) {
-    const cJSON *s;
-    int i = 0;
-    cJSON_ArrayForEach(s, list) {
-        if (i++) fmx__sb_put(text, ", ", 2);
-        if (!cJSON_IsArray(s)) {
-            fmx__sb_put(text, "?", 1);
-            continue;
-        }
-        fmx__sb_put(text, "(", 1);
-        const cJSON *d;
-        int k = 0;
-        cJSON_ArrayForEach(d, s) {
-            if (k++) fmx__sb_put(text, ", ", 2);
-            fmx__sb_int(text, (long long)d->valuedouble);
-        }
-        fmx__sb_str_put(text, k == 1 ? ",)" : ")");
-    }
-}
-
-static void fmx__flow_value(const cJSON *v, fmx__sb *text, int depth);
-
-/* A list of dataflow arguments between open and close, comma separated. */
-static void fmx__flow_items(const cJSON *list, fmx__sb *text, int depth, const char *open,
-                            const char *close) {
-    fmx__sb_str_put(text, open);
-    const cJSON *e;
-    int i = 0;
-    cJSON_ArrayForEach(e, list) {
-        if (i++) fmx__sb_put(text, ", ", 2);
-        fmx__flow_value(e, text, depth + 1);
-    }
-    fmx__sb_str_put(text, close);
-}
-
-/* One dataflow argument of an op record (docs/pack-format.md, "Op traces") as
- * Python-like text: v3, hidden_states, weights["q_proj.weight"], x.size(1), ... */
-static void fmx__flow_value(const cJSON *v, fmx__sb *text, int depth) {
-    if (depth > 16) {
-        fmx__sb_put(text, "...", 3);
+/* The op listing (env/optrace.h) into the observation's text. */
+static void fmx__format_ops(const fmx_pack *pack, const cJSON *ops, fmx__sb *text) {
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    if (!f) {
+        text->oom = 1;
         return;
     }
-    if (!v || cJSON_IsNull(v)) {
-        fmx__sb_put(text, "None", 4);
-    } else if (cJSON_IsBool(v)) {
-        fmx__sb_str_put(text, cJSON_IsTrue(v) ? "True" : "False");
-    } else if (cJSON_IsNumber(v)) {
-        char buf[64];
-        if (v->valuedouble == (double)(long long)v->valuedouble && fabs(v->valuedouble) < 1e15)
-            snprintf(buf, sizeof buf, "%lld", (long long)v->valuedouble);
-        else
-            snprintf(buf, sizeof buf, "%.17g", v->valuedouble);
-        fmx__sb_str_put(text, buf);
-    } else if (cJSON_IsString(v)) {
-        fmx__sb_printf(text, "\"%s\"", v->valuestring);
-    } else if (cJSON_IsArray(v)) {
-        fmx__flow_items(v, text, depth, "[", "]");
-    } else if (cJSON_IsObject(v) && v->child) {
-        const cJSON *a = v->child;
-        const char *k = a->string;
-        const cJSON *a0 = cJSON_GetArrayItem(a, 0), *a1 = cJSON_GetArrayItem(a, 1);
-        if (strcmp(k, "v") == 0 && cJSON_IsNumber(a)) {
-            fmx__sb_printf(text, "v%d", a->valueint);
-        } else if (strcmp(k, "in") == 0 && cJSON_IsString(a)) {
-            fmx__sb_str_put(text, a->valuestring);
-        } else if (strcmp(k, "w") == 0 && cJSON_IsString(a)) {
-            fmx__sb_printf(text, "weights[\"%s\"]", a->valuestring);
-        } else if (strcmp(k, "float") == 0 && cJSON_IsString(a)) {
-            int numeric = strspn(a->valuestring, "-0123456789.e+") == strlen(a->valuestring);
-            fmx__sb_printf(text, numeric ? "%s" : "float(\"%s\")", a->valuestring);
-        } else if (strcmp(k, "dtype") == 0 && cJSON_IsString(a)) {
-            fmx__sb_printf(text, "torch.%s", a->valuestring);
-        } else if (strcmp(k, "device") == 0 && cJSON_IsString(a)) {
-            fmx__sb_printf(text, "\"%s\"", a->valuestring);
-        } else if (strcmp(k, "dtype_of") == 0 || strcmp(k, "device_of") == 0) {
-            fmx__flow_value(a, text, depth + 1);
-            fmx__sb_str_put(text, k[1] == 't' ? ".dtype" : ".device");
-        } else if (strcmp(k, "finfo_min") == 0 || strcmp(k, "finfo_max") == 0) {
-            fmx__sb_str_put(text, "torch.finfo(");
-            fmx__flow_value(a, text, depth + 1);
-            fmx__sb_str_put(text, strcmp(k, "finfo_min") == 0 ? ".dtype).min" : ".dtype).max");
-        } else if (strcmp(k, "dim") == 0 && a0 && cJSON_IsNumber(a1)) {
-            fmx__flow_value(a0, text, depth + 1);
-            fmx__sb_printf(text, ".size(%d)", a1->valueint);
-        } else if ((strcmp(k, "mul") == 0 || strcmp(k, "add") == 0) && a0 && a1) {
-            fmx__flow_value(a0, text, depth + 1);
-            fmx__sb_str_put(text, k[0] == 'm' ? " * " : " + ");
-            fmx__flow_value(a1, text, depth + 1);
-        } else if (strcmp(k, "tuple") == 0 && cJSON_IsArray(a)) {
-            fmx__flow_items(a, text, depth, "(", cJSON_GetArraySize(a) == 1 ? ",)" : ")");
-        } else if (strcmp(k, "list") == 0) {
-            fmx__flow_value(a, text, depth + 1);
-        } else if (strcmp(k, "slice") == 0 && cJSON_GetArraySize(a) == 3) {
-            for (int i = 0; i < 3; i++) {
-                const cJSON *e = cJSON_GetArrayItem(a, i);
-                if (i == 2 && cJSON_IsNull(e)) break;
-                if (i) fmx__sb_put(text, ":", 1);
-                if (!cJSON_IsNull(e)) fmx__flow_value(e, text, depth + 1);
-            }
-        } else if (strcmp(k, "ellipsis") == 0) {
-            fmx__sb_put(text, "...", 3);
-        } else if (strcmp(k, "const") == 0) {
-            const char *dt = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(v, "dtype"));
-            fmx__sb_printf(text, "<constant %s tensor ", dt ? dt : "?");
-            fmx__flow_value(cJSON_GetObjectItemCaseSensitive(v, "shape"), text, depth + 1);
-            fmx__sb_put(text, ">", 1);
-        } else if (strcmp(k, "unknown") == 0) {
-            fmx__sb_str_put(text, "<tensor of unknown origin ");
-            fmx__flow_value(a, text, depth + 1);
-            fmx__sb_put(text, ">", 1);
-        } else if (strcmp(k, "varies") == 0) {
-            fmx__sb_str_put(text, "<varies by probe: ");
-            fmx__flow_value(a, text, depth + 1);
-            fmx__sb_put(text, ">", 1);
-        } else if (strcmp(k, "repr") == 0 && cJSON_IsString(a)) {
-            fmx__sb_str_put(text, a->valuestring);
-        } else {
-            fmx__sb_put(text, "?", 1);
-        }
-    } else {
-        fmx__sb_put(text, "?", 1);
-    }
-}
-
-/* "v3, v4 = " for an op record's values (nothing when it made none). */
-static void fmx__flow_targets(const cJSON *op, fmx__sb *text) {
-    const cJSON *y;
-    int i = 0;
-    cJSON_ArrayForEach(y, cJSON_GetObjectItemCaseSensitive(op, "y")) {
-        if (cJSON_IsNumber(y)) fmx__sb_printf(text, "%sv%d", i++ ? ", " : "", y->valueint);
-    }
-    if (i) fmx__sb_put(text, " = ", 3);
-}
-
-static void fmx__format_ops(const fmx_pack *pack, const cJSON *ops, fmx__sb *text) {
-    const cJSON *op;
-    int i = 0;
-    cJSON_ArrayForEach(op, ops) {
-        i++;
-        const cJSON *x = cJSON_GetObjectItemCaseSensitive(op, "x");
-        const char *call = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(op, "call"));
-        fmx__sb_printf(text, "%4d  ", i);
-        if (x) fmx__flow_targets(op, text);
-        if (call) {
-            int cm = fmx_pack_find_module(pack, call);
-            fmx__sb_printf(text, "call %s (%s)", call,
-                           cm >= 0 ? fmx_pack_module(pack, cm)->cls : "?");
-            if (cJSON_IsObject(x)) {
-                fmx__sb_put(text, "(", 1);
-                const cJSON *e;
-                int k = 0;
-                cJSON_ArrayForEach(e, x) {
-                    if (cJSON_IsNull(e)) continue; /* an input left at None */
-                    fmx__sb_printf(text, "%s%s=", k++ ? ", " : "", e->string);
-                    fmx__flow_value(e, text, 0);
-                }
-                fmx__sb_put(text, ")", 1);
-            }
-            fmx__sb_put(text, "\n", 1);
-            continue;
-        }
-        const char *name = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(op, "op"));
-        const char *args = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(op, "args"));
-        fmx__sb_str_put(text, name ? name : "?");
-        if (cJSON_IsArray(x)) { /* the dataflow: values, and sizes as expressions */
-            fmx__sb_put(text, "(", 1);
-            const cJSON *e;
-            int k = 0;
-            cJSON_ArrayForEach(e, x) {
-                if (k++) fmx__sb_put(text, ", ", 2);
-                fmx__flow_value(e, text, 0);
-            }
-            cJSON_ArrayForEach(e, cJSON_GetObjectItemCaseSensitive(op, "kw")) {
-                fmx__sb_printf(text, "%s%s=", k++ ? ", " : "", e->string);
-                fmx__flow_value(e, text, 0);
-            }
-            fmx__sb_put(text, ")", 1);
-        } else if (args) {
-            fmx__sb_put(text, "(", 1);
-            fmx__sb_str_put(text, args);
-            fmx__sb_put(text, ")", 1);
-        }
-        const cJSON *in = cJSON_GetObjectItemCaseSensitive(op, "in");
-        if (in && in->child) {
-            fmx__sb_put(text, "  in ", 5);
-            fmx__shapes(in, text);
-        }
-        const cJSON *o = cJSON_GetObjectItemCaseSensitive(op, "out");
-        if (o && o->child) {
-            fmx__sb_put(text, " -> ", 4);
-            fmx__shapes(o, text);
-        }
-        fmx__sb_put(text, "\n", 1);
-    }
+    fmx_optrace_print(f, pack, ops);
+    fclose(f);
+    fmx__sb_put(text, buf, len);
+    free(buf);
 }
 
 static void fmx__trace_ops(const fmx_tool_ctx *ctx, const fmx__args *a, fmx_tool_result *out,
@@ -1615,9 +1419,17 @@ static void fmx__trace_ops(const fmx_tool_ctx *ctx, const fmx__args *a, fmx_tool
     if (cJSON_GetArraySize(ops) == 0) fmx__sb_printf(text, "  (no ops recorded)\n");
     const cJSON *returns = cJSON_GetObjectItemCaseSensitive(entry, "returns");
     if (cJSON_IsArray(returns)) {
-        fmx__sb_str_put(text, "returns ");
-        fmx__flow_value(returns, text, 0);
-        fmx__sb_put(text, "\n", 1);
+        char *buf = NULL;
+        size_t len = 0;
+        FILE *f = open_memstream(&buf, &len);
+        if (f) {
+            fputs("returns ", f);
+            fmx_optrace_print_value(f, returns);
+            fputc('\n', f);
+            fclose(f);
+            fmx__sb_put(text, buf, len);
+            free(buf);
+        }
     }
     if (cJSON_IsString(flow) && strcmp(flow->valuestring, "general") != 0)
         fmx__sb_printf(text, "Not every number could be generalized over the probes: %s\n",

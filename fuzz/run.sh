@@ -57,7 +57,7 @@ if ((episode)); then
   # libtorch's link line as the regular build has it (Debian's or a wheel's)
   read -r -a torch_libs < <(tr -d '"' <"$link" | tr ' ' '\n' | sed -n '/libfmx_engine\.a$/,$p' | sed 1d |
     grep -E 'torch|c10|protobuf|glog|gflags|cuda|cudart|nvrtc|-Wl,|pthread' | tr '\n' ' ')
-  srcs=(env/status.c env/pack.c env/verify.c env/proto.c env/tasks.c env/tools.c env/episode.c
+  srcs=(env/status.c env/pack.c env/verify.c env/proto.c env/tasks.c env/optrace.c env/tools.c env/episode.c
     rewards/reward.c)
   objs=()
   for s in fuzz/fuzz_proto.c "${srcs[@]}"; do
