@@ -635,11 +635,13 @@ class Episode:
         self.task = task
         self.seed = seed
         self.steps = 0
+        self.left = 1 << 30  # steps the episode has left (from reset's budget, then each step's info)
         self.log: List[str] = []
 
     def step(self, tool: str, **args: Any) -> Tuple[Dict[str, Any], float, bool, Dict[str, Any]]:
         obs, reward, terminated, truncated, info = self.env.step({"tool": tool, "args": args})
         self.steps += 1
+        self.left = int(info.get("steps_left", self.left - 1))
         if truncated:
             raise TracerError("the episode's step budget ran out")
         return obs, reward, terminated, info
@@ -651,6 +653,9 @@ class Episode:
             path = todo.pop(0)
             if path in traces:
                 continue
+            if self.left < 2:  # the submit must still fit
+                raise TracerError(f"the step budget ran out after reading {len(traces)} module traces "
+                                  f"({len(todo) + 1} left to read)")
             obs, *_ = self.step("trace_ops", path=path)
             data = obs.get("data") or {}
             if data.get("ops") is None:
@@ -673,26 +678,32 @@ class Episode:
 
     def play(self) -> Dict[str, Any]:
         obs, info = self.env.reset(task=self.task, seed=self.seed, policy=self.policy)
+        self.left = int((info.get("budget") or {}).get("max_steps") or self.left)
         root = info["task"]["module"]
         result: Dict[str, Any] = {"task": self.task, "episode": info["episode"], "policy": self.policy}
         code = None
         try:
             traces = self.trace_all(root)
-            winfo, *_ = self.step("get_weight_info", path=root)
+            winfo = self.step("get_weight_info", path=root)[0] if self.left >= 3 else {}
             listed = (winfo.get("data") or {}).get("weights") or []
             names = {w["name"] for w in listed}
             stem = f"{root}." if root else ""
             shapes = {stem + w["name"]: w.get("shape") for w in listed if isinstance(w.get("shape"), list)}
             code, helpers = program(root, traces, f"{info['task']['class']} ({self.task})", shapes)
-            missing = sorted(set(_entry_weights(code)) - names)
+            missing = sorted(set(_entry_weights(code)) - names) if names else []
             if missing:
                 self.log.append(f"weights the code reads but the module lacks: {missing[:5]}")
             verified = {}
-            for name, path in helpers.items():
-                vobs, *_ = self.step("verify_component", path=path, code=code, entry=name)
-                verified[name] = _passed(vobs)
-            vobs, *_ = self.step("verify_component", path=root, code=code, entry="forward")
-            verified["forward"] = _passed(vobs)
+            # each helper on its module, then the task, then the submit: what the budget allows
+            if self.left >= len(helpers) + 2:
+                for name, path in helpers.items():
+                    vobs, *_ = self.step("verify_component", path=path, code=code, entry=name)
+                    verified[name] = _passed(vobs)
+            elif helpers:
+                self.log.append("the step budget left no room to verify the helpers one by one")
+            if self.left >= 2:
+                vobs, *_ = self.step("verify_component", path=root, code=code, entry="forward")
+                verified["forward"] = _passed(vobs)
             result["verified"] = verified
         except (TracerError, FmxError) as e:
             self.log.append(f"{type(e).__name__}: {e}")

@@ -19,6 +19,7 @@ import pathlib
 import re
 import sqlite3
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -226,3 +227,38 @@ def test_fmx_trace_writes_verifies_and_refuses_old_packs(played, tmp_path):
     (old / "task.json").write_text(json.dumps(task))
     res = fmx("trace", old, "-o", tmp_path / "none.py")
     assert res.returncode == 2 and "export it again" in res.stderr and not (tmp_path / "none.py").exists()
+
+
+@contextlib.contextmanager
+def server(packs, db, *args):
+    """fmx serve on a private ipc socket; yields its address."""
+    addr = f"ipc://{db.parent}/fmx-{os.getpid()}.sock"
+    proc = subprocess.Popen([FMX, "serve", "--tasks", str(packs), "--db", str(db), "--bind", addr, *args],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield addr
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+
+
+def tracer(addr, task):
+    res = subprocess.run([sys.executable, "-m", "fmx.tracer", "--connect", addr, "--task", task], cwd=ROOT,
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT / "python")))
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.splitlines()[-1])
+
+
+def test_tracer_fits_its_steps_to_the_budget(played, tmp_path):
+    packs, _, _ = played
+    with server(packs, tmp_path / "fmx.db", "--max-steps", "24") as addr:
+        # qwen2 reads 19 traces: the weight list, the task's verify and the submit still fit, the
+        # seven helpers' verifies do not
+        r = tracer(addr, "qwen2")
+        assert r["correctness"] == 1.0 and r["steps"] <= 24 and r["verified"] == {"forward": True}
+        assert any("no room to verify the helpers" in n for n in r["notes"])
+    with server(packs, tmp_path / "small.db", "--max-steps", "8") as addr:
+        r = tracer(addr, "qwen2")  # not enough to read the model: submitted, graded 0, and why
+        assert r["steps"] == 8 and r["correctness"] == 0 and "budget ran out" in r["notes"][-1]
+    assert sql(tmp_path / "small.db", "SELECT status FROM episodes") == [("submitted",)]
