@@ -6,16 +6,20 @@ A baseline policy. It plays one episode through the server's tools:
    (a ModuleList's items after the first are not read: they share its code);
    the exporter's op trace carries dataflow, with sizes, dtypes and devices
    written as expressions of the inputs (docs/pack-format.md, "Op traces");
-2. `get_weight_info` once, to check every weight the code reads exists;
+2. `get_weight_info` once: the weights' shapes (instances of a class that
+   differ only in sizes share one helper) and a check that every weight the
+   entry reads exists;
 3. writes one function per distinct module body: each op becomes a line of
    TorchScript-compatible Python, weights looked up by name relative to the
    module (`weights[prefix + "q_proj.weight"]`), single-op children (Linear,
    activations) inlined at their call, ops that only copy or are no-ops in
    eval dropped, values used once folded into their user, and a run of
    ModuleList calls that threads one value through (layers.0, layers.1, ...)
-   rolled into `for i in range(N)`;
+   rolled into `for i in range(N)`, values nothing reads left out;
 4. `verify_component` on each helper's first instance (bottom up) and on the
-   whole task, then `submit`.
+   whole task, then `submit` — as far as the step budget goes (the submit
+   always fits; what cannot be written is submitted as an empty function
+   whose first comment says why).
 
     python3 -m fmx.tracer --connect ipc:///tmp/fmx.sock --task qwen2 [--print]
     fmx trace packs/qwen2 [--component model.layers.0.mlp] -o flat.py --verify
