@@ -253,9 +253,8 @@ class _Scope:
         return None
 
     def device_expr(self) -> Optional[Any]:
-        for key in self.keys + self.weights:
-            return {"device_of": self.ref(key)}
-        return None
+        keys = self.keys + self.weights
+        return {"device_of": self.ref(keys[0])} if keys else None
 
 
 def _is_ref(v: Any) -> bool:
@@ -321,12 +320,12 @@ def _minus_one(rec: Dict[str, Any]) -> None:
     """view/reshape: one size nothing explains, and no -1 yet, becomes -1."""
     if rec.get("op") not in _VIEW_OPS:
         return
-    xs = rec["x"][1:]
-    if len(xs) == 1 and isinstance(xs[0], dict) and ("tuple" in xs[0] or "list" in xs[0]):
-        xs = next(iter(xs[0].values()))
-    varies = [i for i, v in enumerate(xs) if isinstance(v, dict) and "varies" in v]
-    if len(varies) == 1 and -1 not in xs:
-        xs[varies[0]] = -1
+    sizes, first = rec["x"], 1  # view(x, a, b, c) ...
+    if len(sizes) == 2 and isinstance(sizes[1], dict) and ("tuple" in sizes[1] or "list" in sizes[1]):
+        sizes, first = next(iter(sizes[1].values())), 0  # ... or view(x, (a, b, c))
+    varies = [i for i in range(first, len(sizes)) if isinstance(sizes[i], dict) and "varies" in sizes[i]]
+    if len(varies) == 1 and -1 not in sizes[first:]:
+        sizes[varies[0]] = -1
 
 
 def _first_output(ops: Sequence[Dict[str, Any]], i: int, count: int) -> int:
@@ -339,7 +338,7 @@ def _first_output(ops: Sequence[Dict[str, Any]], i: int, count: int) -> int:
 def generalize(traces: Sequence[Dict[str, Any]], weight_sizes: bool = False) -> Dict[str, Any]:
     """The module's ops with probe-dependent numbers replaced by expressions (see the module doc).
 
-    `traces` are the same module's call on several probes (probe 0's first), each
+    `traces` are the same module's call on several probes (the one the pack shows first), each
     {"ops", "info", "order", "count", "aliases", "returns", "return_names", "inputs"}. Returns
     {"ops", "returns", "return_names", "inputs", "dataflow"}: `dataflow` is "general"
     when every difference was explained, else why not. With `weight_sizes` a number may also
@@ -375,7 +374,7 @@ def generalize(traces: Sequence[Dict[str, Any]], weight_sizes: bool = False) -> 
         returns = [_unify([t["returns"][j] for t in all_t], scope, errors) for j in range(len(base["returns"]))]
     if len(usable) < len(traces) - 1:
         status = (f"the ops differed on {len(traces) - 1 - len(usable)} of {len(traces) - 1} other probes: "
-                  "sizes and dtypes that vary may be written as probe 0's numbers")
+                  "sizes and dtypes that vary may be written as the first traced probe's numbers")
     elif not usable:
         status = "traced on one probe only: sizes and dtypes that vary may be written as its numbers"
     elif errors:

@@ -32,6 +32,13 @@ class Unexplained(nn.Module):
         return x.reshape(-1)[: x.shape[1] ** 2 - 1] * 3.0
 
 
+class Regroup(nn.Module):
+    """A reshape size no expression explains (b·t·2): the one such size of a view becomes -1."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0] * x.shape[1] * 2, 4) * 2.0
+
+
 class Branchy(nn.Module):
     """Other ops on longer inputs: the traces of two probes do not line up."""
 
@@ -77,6 +84,10 @@ def heads() -> nn.Module:
 
 def unexplained() -> nn.Module:
     return Unexplained()
+
+
+def regroup() -> nn.Module:
+    return Regroup()
 
 
 def branchy() -> nn.Module:
