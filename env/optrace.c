@@ -148,7 +148,7 @@ static void fmx__flow_targets(const cJSON *op, FILE *f) {
     if (i) fwrite(" = ", 1, 3, f);
 }
 
-void fmx_optrace_print(FILE *f, const fmx_pack *pack, const cJSON *ops) {
+void fmx_optrace_print(FILE *f, const fmx_pack *pack, const cJSON *ops, const cJSON *returns) {
     const cJSON *op;
     int i = 0;
     cJSON_ArrayForEach(op, ops) {
@@ -206,6 +206,12 @@ void fmx_optrace_print(FILE *f, const fmx_pack *pack, const cJSON *ops) {
             fmx__shapes(o, f);
         }
         fwrite("\n", 1, 1, f);
+    }
+    if (cJSON_GetArraySize(ops) == 0) fputs("  (no ops recorded)\n", f);
+    if (cJSON_IsArray(returns)) {
+        fputs("returns ", f);
+        fmx__flow_value(returns, f, 0);
+        fputc('\n', f);
     }
 }
 

@@ -21,9 +21,10 @@
 extern "C" {
 #endif
 
-/* Prints `ops` (a module's op records), one numbered line each, to f; child
- * calls are named with their class from pack (NULL: "?"). */
-void fmx_optrace_print(FILE *f, const fmx_pack *pack, const cJSON *ops);
+/* Prints `ops` (a module's op records), one numbered line each, to f, then
+ * `returns [v44]` when returns (the module's returned values) is a list;
+ * child calls are named with their class from pack (NULL: "?"). */
+void fmx_optrace_print(FILE *f, const fmx_pack *pack, const cJSON *ops, const cJSON *returns);
 
 /* Prints one dataflow value (a reference, an expression, a literal, a list). */
 void fmx_optrace_print_value(FILE *f, const cJSON *value);

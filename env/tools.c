@@ -833,7 +833,8 @@ static void fmx__emit_helpers(const cJSON *man, const cJSON *shown_classes, int 
     free(lines);
 }
 
-static void fmx__format_ops(const fmx_pack *pack, const cJSON *ops, fmx__sb *text);
+static void fmx__format_ops(const fmx_pack *pack, const cJSON *ops, const cJSON *returns,
+                            fmx__sb *text);
 
 /* The probe whose op traces the pack shows (task.json traced_probes[0]; p0 in older packs). */
 static const char *fmx__traced_probe(const fmx_pack *pack) {
@@ -894,7 +895,7 @@ static void fmx__read_module_source(const fmx_tool_ctx *ctx, const fmx__args *a,
         if (cJSON_IsArray(ops)) {
             fmx__sb_printf(text, "\nWhat it ran on probe %s (trace_ops):\n",
                            fmx__traced_probe(pack));
-            fmx__format_ops(pack, ops, text);
+            fmx__format_ops(pack, ops, NULL, text);
         }
     }
 }
@@ -1366,7 +1367,8 @@ static void fmx__capture_intermediate(const fmx_tool_ctx *ctx, const fmx__args *
 /* ---- trace_ops ---- */
 
 /* The op listing (env/optrace.h) into the observation's text. */
-static void fmx__format_ops(const fmx_pack *pack, const cJSON *ops, fmx__sb *text) {
+static void fmx__format_ops(const fmx_pack *pack, const cJSON *ops, const cJSON *returns,
+                            fmx__sb *text) {
     char *buf = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
@@ -1374,7 +1376,7 @@ static void fmx__format_ops(const fmx_pack *pack, const cJSON *ops, fmx__sb *tex
         text->oom = 1;
         return;
     }
-    fmx_optrace_print(f, pack, ops);
+    fmx_optrace_print(f, pack, ops, returns);
     fclose(f);
     fmx__sb_put(text, buf, len);
     free(buf);
@@ -1415,22 +1417,7 @@ static void fmx__trace_ops(const fmx_tool_ctx *ctx, const fmx__args *a, fmx_tool
                        "Ops inside %s (%s) during its first call on probe %s, in order (shapes "
                        "of tensor arguments -> results; T = a tensor argument):\n",
                        fmx__disp(mod->path), mod->cls, probe);
-    fmx__format_ops(pack, ops, text);
-    if (cJSON_GetArraySize(ops) == 0) fmx__sb_printf(text, "  (no ops recorded)\n");
-    const cJSON *returns = cJSON_GetObjectItemCaseSensitive(entry, "returns");
-    if (cJSON_IsArray(returns)) {
-        char *buf = NULL;
-        size_t len = 0;
-        FILE *f = open_memstream(&buf, &len);
-        if (f) {
-            fputs("returns ", f);
-            fmx_optrace_print_value(f, returns);
-            fputc('\n', f);
-            fclose(f);
-            fmx__sb_put(text, buf, len);
-            free(buf);
-        }
-    }
+    fmx__format_ops(pack, ops, cJSON_GetObjectItemCaseSensitive(entry, "returns"), text);
     if (cJSON_IsString(flow) && strcmp(flow->valuestring, "general") != 0)
         fmx__sb_printf(text, "Not every number could be generalized over the probes: %s\n",
                        flow->valuestring);

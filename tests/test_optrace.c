@@ -2,8 +2,8 @@
  * test_optrace.c — op traces as text (env/optrace.c): each kind of dataflow
  * value (references, sizes, products and offsets, dtypes, devices, finfo
  * limits, slices, constants, what varies), an op line with its values,
- * arguments and shapes, a child call with its inputs, and the older listing
- * of a pack without dataflow.
+ * arguments and shapes, a child call with its inputs, the older listing of a
+ * pack without dataflow, and the returns line.
  */
 #define _GNU_SOURCE
 #include <setjmp.h>
@@ -28,7 +28,7 @@ static char *printed(const char *json, int ops) {
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
     if (ops)
-        fmx_optrace_print(f, NULL, v);
+        fmx_optrace_print(f, NULL, v, NULL);
     else
         fmx_optrace_print_value(f, v);
     fclose(f);
@@ -97,11 +97,26 @@ static void test_older_listing_without_dataflow(void **state) {
     free(t);
 }
 
+static void test_returns_and_no_ops(void **state) {
+    (void)state;
+    cJSON *ops = cJSON_Parse("[]"), *returns = cJSON_Parse("[{\"in\": \"x\"}, {\"v\": 2}]");
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    fmx_optrace_print(f, NULL, ops, returns);
+    fclose(f);
+    assert_string_equal(buf, "  (no ops recorded)\nreturns [x, v2]\n");
+    free(buf);
+    cJSON_Delete(ops);
+    cJSON_Delete(returns);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_values),
         cmocka_unit_test(test_op_and_call_lines),
         cmocka_unit_test(test_older_listing_without_dataflow),
+        cmocka_unit_test(test_returns_and_no_ops),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

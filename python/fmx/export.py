@@ -682,13 +682,14 @@ class Capture:
             self.busy = True
             try:
                 call["outputs"] = self._outputs(call, out)
-                if flow is not None or (call_rec is not None and parent is not None and parent.flow is not None):
+                parent_flow = parent.flow if call_rec is not None and parent is not None else None
+                if flow is not None or parent_flow is not None:
                     out_leaves = [(leaf or "0", payload) for leaf, kind, payload in flatten("", out) if kind == "tensor"]
                     if flow is not None:
                         flow.returns = [flow.encode(t) for _, t in out_leaves]
                         flow.return_names = [name for name, _ in out_leaves]
-                    if call_rec is not None and parent is not None and parent.flow is not None:
-                        call_rec["y"] = [parent.flow.new_value(t) for _, t in out_leaves]
+                    if parent_flow is not None and call_rec is not None:
+                        call_rec["y"] = [parent_flow.new_value(t) for _, t in out_leaves]
                         call_rec["yn"] = [name for name, _ in out_leaves]
             finally:
                 self.busy = False
@@ -1265,7 +1266,8 @@ def _traced_probes(plan: Sequence[Probe]) -> List[int]:
     probe (a model may skip its mask when nothing is padded, and that path is not the general
     one), then a visible probe whose batch and sequence sizes both differ from it (else one whose
     shape differs), padded when one is: two shapes tell a size that follows the input from a
-    constant. The bfloat16 copy of the first padded probe is traced too (by the caller)."""
+    constant. The first bfloat16 copy (of a left-padded probe when there is one) is traced too,
+    by the caller."""
     visible = [i for i, p in enumerate(plan) if p.visible] or [0]
     padded = [i for i in visible if plan[i].padding != "none"]
     base = (padded or visible)[0]

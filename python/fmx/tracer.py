@@ -129,6 +129,7 @@ class Writer:
     def __init__(self, traces: Dict[str, Dict[str, Any]]) -> None:
         self.traces = traces
         self.helpers: Dict[str, str] = {}   # function name -> its source
+        self.params: Dict[str, List[str]] = {}  # function name -> its parameters ("x: Tensor", ...)
         self.by_body: Dict[str, str] = {}   # body text -> function name
         self.instance: Dict[str, str] = {}  # function name -> the module path it was written from
         self.order: List[str] = []          # helpers, callees first
@@ -303,7 +304,7 @@ class Writer:
         trace = self.traces[path]
         inputs = {leaf: _param(leaf) for leaf in trace.get("inputs") or []}
         body = Body("prefix + " if entry is None else "", inputs)
-        ctx = Ctx(self, path, body, "", None)
+        ctx = Ctx(self, path, "", None)
         self.emit_ops(trace, path, body, ctx)
         returns = [ctx.ref(r, body) for r in trace.get("returns") or []]
         if not returns:
@@ -319,7 +320,7 @@ class Writer:
         out_type = "Tensor" if len(returns) == 1 else "Tuple[" + ", ".join(["Tensor"] * len(returns)) + "]"
         lines = _render(body)
         text = "\n".join(lines)
-        if entry is None and text in self.by_body and _same_signature(self.helpers[self.by_body[text]], params):
+        if entry is None and text in self.by_body and self.params[self.by_body[text]] == params:
             return self.by_body[text]
         base = entry or _snake(trace.get("class") or path)
         name = base
@@ -328,6 +329,7 @@ class Writer:
             name, n = f"{base}_{n}", n + 1
         head = f"def {name}({', '.join(params)}) -> {out_type}:"
         self.helpers[name] = head + "\n" + text
+        self.params[name] = params
         self.instance[name] = path
         if entry is None:
             self.by_body[text] = name
@@ -361,14 +363,14 @@ class Writer:
         rel = child[len(path) + 1:] if path else child
         ops = trace.get("ops") or []
         if len(ops) <= 1 and not any("call" in o for o in ops):  # a leaf: inline its op
-            sub = Ctx(self, child, body, ctx.key_prefix + f"{rel}/", ctx, rec.get("x") or {}, rel)
+            sub = Ctx(self, child, ctx.key_prefix + f"{rel}/", ctx, rec.get("x") or {}, rel)
             for op in ops:
                 self.op(op, body, sub)
             for y, r in zip(rec.get("y") or [], trace.get("returns") or []):
                 body.env[ctx.key(f"v{y}")] = sub.ref(r, body)
             return None
         name = self.function(child)
-        params = self.helpers[name].split("(", 1)[1].split(") ->", 1)[0]
+        params = self.params[name]
         args = []
         given = rec.get("x") or {}
         for leaf in trace.get("inputs") or []:
@@ -376,11 +378,11 @@ class Writer:
                 if not isinstance(given.get(leaf), dict):
                     raise TracerError(f"{child} is called without its input {leaf} ({given.get(leaf)!r})")
                 args.append(self.arg(given[leaf], body, ctx)[0])
-        if "weights: Dict" in params:
+        if "weights: Dict[str, Tensor]" in params:
             body.uses_weights = True
             args.append("weights")
         key = prefix_code if prefix_code is not None else f"{body.prefix}{json.dumps(ctx.weight_rel + rel + '.')}"
-        if "prefix: str" in params:
+        if 'prefix: str = ""' in params:
             args.append(key)
         code = f"{name}({', '.join(args)})"
         if prefix_code is not None:
@@ -405,10 +407,6 @@ class Writer:
 def _param(leaf: str) -> str:
     name = re.sub(r"[^A-Za-z0-9_]", "_", leaf)
     return name if _IDENT.match(name) and name not in ("weights", "prefix") else f"in_{name}"
-
-
-def _same_signature(source: str, params: List[str]) -> bool:
-    return source.split("(", 1)[1].split(") ->", 1)[0] == ", ".join(params)
 
 
 def _layer_run(ops: Sequence[Dict[str, Any]], i: int) -> int:
@@ -440,9 +438,9 @@ def _carried(run: Sequence[Dict[str, Any]]) -> Optional[str]:
 class Ctx:
     """Where refs point while writing one module's ops into a body (a helper's, or inlined into a parent's)."""
 
-    def __init__(self, writer: Writer, path: str, body: Body, key_prefix: str, parent: Optional["Ctx"],
+    def __init__(self, writer: Writer, path: str, key_prefix: str, parent: Optional["Ctx"],
                  inputs: Optional[Dict[str, Any]] = None, rel: str = "") -> None:
-        self.writer, self.path, self.body, self.key_prefix, self.parent = writer, path, body, key_prefix, parent
+        self.writer, self.path, self.key_prefix, self.parent = writer, path, key_prefix, parent
         self.call_inputs = inputs  # an inlined child's inputs, in the parent's refs
         self.weight_rel = (parent.weight_rel + rel + ".") if parent is not None else ""
 
