@@ -76,6 +76,13 @@ struct fmx_pack {
     int naliases;
     fmx__weight_view *views;
     int nviews;
+    char *weights_path, *hidden_weights_path;
+    struct fmx__name_view {
+        char *path;
+        int n;
+        const char **rel, **file_key;
+    } *names;
+    int nnames;
 };
 
 static int fmx__fail(char *err, size_t errsz, int status, const char *fmt, ...) {
@@ -562,6 +569,11 @@ int fmx_pack_open(const char *dir, fmx_pack **out, char *err, size_t errsz) {
 
     snprintf(path, sizeof path, "%s/weights.safetensors", dir);
     if ((rc = fmx__st_open(path, &p->weights, err, errsz))) goto fail;
+    p->weights_path = realpath(path, NULL);
+    if (!p->weights_path) {
+        rc = fmx__fail(err, errsz, FMX_ENOMEM, "%s: %s", path, strerror(errno));
+        goto fail;
+    }
     snprintf(path, sizeof path, "%s/probes.safetensors", dir);
     if ((rc = fmx__st_open(path, &p->probes, err, errsz))) goto fail;
     if ((rc = fmx__load_modules(p, err, errsz))) goto fail;
@@ -590,6 +602,14 @@ void fmx_pack_close(fmx_pack *p) {
     for (int i = 0; i < p->nviews; i++)
         fmx__view_free(&p->views[i]);
     free(p->views);
+    for (int i = 0; i < p->nnames; i++) {
+        free(p->names[i].path);
+        free(p->names[i].rel);
+        free(p->names[i].file_key);
+    }
+    free(p->names);
+    free(p->weights_path);
+    free(p->hidden_weights_path);
     fmx__st_close(&p->weights);
     fmx__st_close(&p->probes);
     free(p->modules);
@@ -743,6 +763,54 @@ int fmx_pack_weights_as(fmx_pack *p, const char *path, int dt, const char *const
 int fmx_pack_weights(fmx_pack *p, const char *path, const char *const **keys,
                      const fmx_tensor *const **vals, char *err, size_t errsz) {
     return fmx_pack_weights_as(p, path, -1, keys, vals, err, errsz);
+}
+
+int fmx_pack_weight_names(fmx_pack *p, const char *path, const char *const **rel,
+                          const char *const **file_key, char *err, size_t errsz) {
+    pthread_mutex_lock(&p->lock);
+    int rc = FMX_OK;
+    for (int i = 0; i < p->nnames; i++)
+        if (strcmp(p->names[i].path, path) == 0) {
+            *rel = p->names[i].rel;
+            *file_key = p->names[i].file_key;
+            rc = p->names[i].n;
+            goto done;
+        }
+    size_t cap = (size_t)(p->weights.n + p->naliases) + 1;
+    struct fmx__name_view v = {strdup(path), 0, calloc(cap, sizeof(char *)),
+                               calloc(cap, sizeof(char *))};
+    struct fmx__name_view *grown = realloc(p->names, (size_t)(p->nnames + 1) * sizeof *p->names);
+    if (grown) p->names = grown;
+    if (!v.path || !v.rel || !v.file_key || !grown) {
+        free(v.path);
+        free(v.rel);
+        free(v.file_key);
+        rc = fmx__fail(err, errsz, FMX_ENOMEM, "out of memory");
+        goto done;
+    }
+    for (int i = 0; i < p->weights.n; i++) {
+        const char *r = fmx__under(p->weights.entries[i].name, path);
+        if (!r) continue;
+        v.rel[v.n] = r;
+        v.file_key[v.n++] = p->weights.entries[i].name;
+    }
+    for (int i = 0; i < p->naliases; i++) {
+        const char *r = fmx__under(p->alias_names[i], path);
+        if (!r) continue;
+        v.rel[v.n] = r;
+        v.file_key[v.n++] = p->alias_targets[i];
+    }
+    p->names[p->nnames++] = v;
+    *rel = v.rel;
+    *file_key = v.file_key;
+    rc = v.n;
+done:
+    pthread_mutex_unlock(&p->lock);
+    return rc;
+}
+
+const char *fmx_pack_weights_path(const fmx_pack *p, int hidden) {
+    return hidden && p->hidden_weights_path ? p->hidden_weights_path : p->weights_path;
 }
 
 static int fmx__edit_distance(const char *a, const char *b) {

@@ -125,6 +125,17 @@ int fmx_pack_weights(fmx_pack *p, const char *path, const char *const **keys,
 int fmx_pack_weights_as(fmx_pack *p, const char *path, int dt, const char *const **keys,
                         const fmx_tensor *const **vals, char *err, size_t errsz);
 
+/* The weights a component at path sees, by name: rel[i] (relative to path)
+ * is the tensor stored as file_key[i] in the weights file (aliases of tied
+ * weights included). Borrowed until fmx_pack_close; returns the count or a
+ * negative status. The evaluation process builds its weights dict from these
+ * names over its own mapping of the file (env/evaluator.c). */
+int fmx_pack_weight_names(fmx_pack *p, const char *path, const char *const **rel,
+                          const char *const **file_key, char *err, size_t errsz);
+/* Path of the weights file: hidden = 0 the public set (weights.safetensors),
+ * 1 the set hidden probes run under (the public one for a pack without a
+ * hidden set). Borrowed until fmx_pack_close. */
+const char *fmx_pack_weights_path(const fmx_pack *p, int hidden);
 /* Nearest module paths to path (by edit distance), for "did you mean". Writes
  * up to n indices; returns how many. */
 int fmx_pack_nearest_modules(const fmx_pack *p, const char *path, int *out, int n);
