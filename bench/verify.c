@@ -1,11 +1,16 @@
 /*
  * bench/verify.c — how fast `fmx verify` is and what it costs beyond running
  * the candidate. For each PACK SOLUTION pair it prints:
- *   compile ms        median over repeated compiles of the solution
- *   verify ms/probe   wall time of fmx_verify over all probes, per probe call
- *   forward ms/probe  the same compiled function's own run time (measured
- *                     inside the same verify, device-synchronised)
+ *   verify ms/probe   wall time of fmx_verify_source over the visible probes,
+ *                     per probe call: a fresh sandboxed Python process runs
+ *                     the file, this one grades its outputs
+ *   forward ms/probe  the same Python function's own run time (measured in
+ *                     that process, device-synchronised)
  *   ratio             verify / forward (target ≤ 1.2)
+ *   all ms/probe      every probe, hidden ones too (a process per hidden call)
+ *   check ms          what TorchScript's compile check adds (compile, graph
+ *                     facts, a run and the optimised re-run)
+ *   compile ms        median of TorchScript compiles alone
  *   peak RSS          against the bytes of weights.safetensors (mmapped)
  * Usage: bench_verify [--repeat N] PACK SOLUTION [PACK SOLUTION ...]
  */
@@ -65,34 +70,48 @@ static int bench_one(const char *pack_dir, const char *solution, int repeat) {
         }
         compile[i] = fmx_program_compile_ms(prog);
     }
-    /* Verify all probes `repeat` times; the first run warms caches. */
+    /* Verify `repeat` times; the first run warms caches (and starts the
+     * evaluation process). */
     fmx_verify_config cfg = fmx_verify_config_default();
-    cfg.all_probes = 1;
     double *verify = calloc((size_t)repeat, sizeof(double));
     double *forward = calloc((size_t)repeat, sizeof(double));
-    int calls = 0;
+    double *all = calloc((size_t)repeat, sizeof(double));
+    double *check = calloc((size_t)repeat, sizeof(double));
+    int calls = 0, all_calls = 0;
     for (int i = 0; i <= repeat; i++) {
-        cJSON *report = NULL;
-        double t0 = now_ms();
-        int rc = fmx_verify(pack, prog, &cfg, &report);
-        double t1 = now_ms();
-        if (rc != FMX_OK) {
-            char *text = cJSON_Print(report);
-            fprintf(stderr, "bench_verify: %s does not verify:\n%s\n", solution, text);
-            free(text);
-            return 2;
-        }
-        double fwd = 0;
-        calls = 0;
-        const cJSON *r;
-        cJSON_ArrayForEach(r, cJSON_GetObjectItem(report, "probes")) {
-            fwd += cJSON_GetObjectItem(r, "ms")->valuedouble;
-            calls++;
-        }
-        cJSON_Delete(report);
-        if (i > 0) {
-            verify[i - 1] = (t1 - t0) / calls;
-            forward[i - 1] = fwd / calls;
+        for (int mode = 0; mode < 3; mode++) {
+            cfg.all_probes = mode == 1;
+            cfg.compile_check = mode == 2;
+            cJSON *report = NULL;
+            double t0 = now_ms();
+            int rc = fmx_verify_source(pack, src, len, solution, &cfg, &report);
+            double t1 = now_ms();
+            if (rc != FMX_OK) {
+                char *text = cJSON_Print(report);
+                fprintf(stderr, "bench_verify: %s does not verify:\n%s\n", solution, text);
+                free(text);
+                return 2;
+            }
+            double fwd = 0;
+            int n = 0;
+            const cJSON *r;
+            cJSON_ArrayForEach(r, cJSON_GetObjectItem(report, "probes")) {
+                const cJSON *ms = cJSON_GetObjectItem(r, "ms");
+                fwd += ms ? ms->valuedouble : 0;
+                n++;
+            }
+            cJSON_Delete(report);
+            if (i == 0) continue;
+            if (mode == 0) {
+                calls = n;
+                verify[i - 1] = (t1 - t0) / n;
+                forward[i - 1] = fwd / n;
+            } else if (mode == 1) {
+                all_calls = n;
+                all[i - 1] = (t1 - t0) / n;
+            } else {
+                check[i - 1] = (t1 - t0) - verify[i - 1] * calls;
+            }
         }
     }
     struct rusage ru;
@@ -102,14 +121,18 @@ static int bench_one(const char *pack_dir, const char *solution, int repeat) {
     struct stat st;
     stat(wpath, &st);
     double c = median(compile, repeat), v = median(verify, repeat), f = median(forward, repeat);
-    printf("%-24s %-10s compile %7.2f ms  verify %9.2f ms/probe  forward %9.2f ms/probe  "
-           "ratio %.3f  peak RSS %7.1f MiB  weights %7.1f MiB  (%d probes, %s)\n",
-           fmx_pack_name(pack), fmx_pack_dtype(pack), c, v, f, v / f, ru.ru_maxrss / 1024.0,
-           st.st_size / 1048576.0, calls, fmx_engine_version());
+    double a = median(all, repeat), k = median(check, repeat);
+    printf("%-24s %-10s verify %9.2f ms/probe  forward %9.2f ms/probe  ratio %.3f  "
+           "all %9.2f ms/probe (%d)  check %7.2f ms  compile %6.2f ms  grader RSS %7.1f MiB  "
+           "weights %7.1f MiB  (%d visible probes, %s)\n",
+           fmx_pack_name(pack), fmx_pack_dtype(pack), v, f, v / f, a, all_calls, k, c,
+           ru.ru_maxrss / 1024.0, st.st_size / 1048576.0, calls, fmx_engine_version());
     fflush(stdout);
     free(compile);
     free(verify);
     free(forward);
+    free(all);
+    free(check);
     free(src);
     fmx_program_destroy(prog);
     fmx_pack_close(pack);

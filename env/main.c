@@ -189,6 +189,7 @@ static void fmx__arm_timeout(double secs, const char *pack, const char *file, in
 
 static int cmd_verify(int argc, char **argv) {
     fmx_verify_config cfg = fmx_verify_config_default();
+    cfg.compile_check = 1;
     const char *pos[2] = {0};
     int npos = 0, json = 0;
     const char *device = "cpu";

@@ -1442,6 +1442,7 @@ static void fmx__verify_component(const fmx_tool_ctx *ctx, const fmx__args *a, f
     cfg.component = fmx_pack_module(pack, m)->path;
     cfg.entry = a->entry;
     cfg.all_probes = 0;
+    cfg.compile_check = 1;
     cJSON *report = NULL;
     fmx_verify_source(pack, a->code, strlen(a->code), "candidate.py", &cfg, &report);
     if (!report) {
@@ -1479,15 +1480,10 @@ int fmx_tools_grade(const fmx_tool_ctx *ctx, const char *code, size_t len, const
     cfg.component = ctx->task->path;
     cfg.entry = entry ? entry : "forward";
     cfg.all_probes = 1;
+    cfg.compile_check = 1;
     cJSON *report = NULL;
-    /* Compiled once: the program is verified, then its graph facts read. */
-    fmx_program *prog = NULL;
-    if (fmx_verify_compile(pack, code, len, "candidate.py", &cfg, &prog, &report) == FMX_OK)
-        fmx_verify(pack, prog, &cfg, &report);
-    if (!report) {
-        fmx_program_destroy(prog);
-        return FMX_ENOMEM;
-    }
+    fmx_verify_source(pack, code, len, "candidate.py", &cfg, &report);
+    if (!report) return FMX_ENOMEM;
     const cJSON *err = cJSON_GetObjectItemCaseSensitive(report, "error");
     const char *stage = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(err, "stage"));
     const char *msg = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(err, "message"));
@@ -1530,7 +1526,6 @@ int fmx_tools_grade(const fmx_tool_ctx *ctx, const char *code, size_t len, const
         free(called);
         free(failed);
         cJSON_Delete(report);
-        fmx_program_destroy(prog);
         return FMX_ENOMEM;
     }
     const cJSON *r;
@@ -1556,33 +1551,37 @@ int fmx_tools_grade(const fmx_tool_ctx *ctx, const char *code, size_t len, const
     }
 
     fmx_grade_facts *f = &g->facts;
-    f->compiled = !stage || (strcmp(stage, "compile") != 0);
+    /* Correctness is the Python run's; the compile facts are TorchScript's
+     * (the report's compile_check, verify.h): "compiled" means it compiles
+     * the file with the same meaning and runs it. */
+    const cJSON *cc = cJSON_GetObjectItemCaseSensitive(report, "compile_check");
+    int loads = !stage || (strcmp(stage, "compile") != 0 && strcmp(stage, "entry") != 0);
+    f->compiled = loads && cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(cc, "compiled")) &&
+                  cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(cc, "ran")) &&
+                  cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(cc, "same_meaning"));
     f->correctness = g->graded_probes ? (double)g->passed_probes / (double)g->graded_probes : 0.0;
     f->loc = fmx_reward_count_loc(code, len);
     f->target_loc = (long)ctx->task->target_loc;
     /* Run errors (bind, run), a missing entry or nothing to run: not every
      * shape ran. */
-    f->runs_all_shapes = f->compiled && g->graded_probes > 0 && !stage;
-    /* Graph facts (engine.h): host syncs and data-dependent flow from the
-     * entry's inlined graph; surviving optimisation from one optimised
-     * re-run of the first visible probe call against its unoptimised run.
-     * Code that does not compile or has no entry gets no facts (and no
-     * compile score). */
-    fmx_program_facts pf = {0};
-    char opt_why[512] = "";
-    if (prog && fmx_program_facts_get(prog, cfg.entry, &pf, opt_why, sizeof opt_why) == FMX_OK) {
-        f->host_syncs = pf.host_syncs;
-        f->data_dependent_flow = pf.data_dependent_flow;
-        int same = 0;
-        fmx_verify_optimized(pack, prog, &cfg, &same, opt_why, sizeof opt_why);
-        f->survives_optimization = same;
-        /* With no visible call the re-run used a hidden probe: say no more
-         * than whether it survived. */
-        if (!any_visible && !same)
-            snprintf(opt_why, sizeof opt_why,
-                     "the optimized re-run (on a hidden probe) differs or fails; details withheld");
+    f->runs_all_shapes = loads && g->graded_probes > 0 && !stage;
+    char first_problem[256] = "", opt_why[512] = "", compile_error[1024] = "";
+    if (cc) {
+        f->host_syncs =
+            (int)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(cc, "host_syncs"));
+        f->data_dependent_flow =
+            (int)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(cc, "data_dependent_flow"));
+        f->survives_optimization =
+            cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(cc, "survives_optimization"));
+        const char *s1 =
+            cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(cc, "first_problem"));
+        const char *s2 =
+            cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(cc, "optimized_why"));
+        const char *s3 = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(cc, "error"));
+        snprintf(first_problem, sizeof first_problem, "%s", s1 ? s1 : "");
+        snprintf(opt_why, sizeof opt_why, "%s", s2 ? s2 : "");
+        snprintf(compile_error, sizeof compile_error, "%s", s3 ? s3 : "");
     }
-    fmx_program_destroy(prog);
     g->score = fmx_reward_score(ctx->reward, f);
     fmx_reward_breakdown_json(ctx->reward, f, &g->score, g->breakdown, sizeof g->breakdown);
 
@@ -1598,7 +1597,8 @@ int fmx_tools_grade(const fmx_tool_ctx *ctx, const char *code, size_t len, const
     cJSON_AddNumberToObject(sum, "host_syncs", f->host_syncs);
     cJSON_AddNumberToObject(sum, "data_dependent_flow", f->data_dependent_flow);
     cJSON_AddBoolToObject(sum, "survives_optimization", f->survives_optimization);
-    if (pf.first_problem[0]) cJSON_AddStringToObject(sum, "first_problem", pf.first_problem);
+    if (first_problem[0]) cJSON_AddStringToObject(sum, "first_problem", first_problem);
+    if (compile_error[0]) cJSON_AddStringToObject(sum, "compile_error", compile_error);
     fmx_proto_add_float(sum, "loc_score", g->score.loc_score);
     fmx_proto_add_float(sum, "compile_score", g->score.compile_score);
     cJSON *bd = cJSON_Parse(g->breakdown);
@@ -1620,13 +1620,13 @@ int fmx_tools_grade(const fmx_tool_ctx *ctx, const char *code, size_t len, const
                        cJSON_IsTrue(cJSON_GetObjectItem(r, "visible")) ? "" : " (hidden)",
                        cJSON_IsTrue(cJSON_GetObjectItem(r, "pass")) ? "ok" : "FAIL");
     fmx__sb_printf(&t, "\nlines of code: %ld logical (target %ld)\n", f->loc, f->target_loc);
-    fmx__sb_printf(&t, "compile: %s, runs on every probe shape: %s\n",
+    fmx__sb_printf(&t, "compile (TorchScript): %s%s%s, runs on every probe shape: %s\n",
                    f->compiled ? "compiles" : "does not compile",
+                   !f->compiled && compile_error[0] ? ": " : "", f->compiled ? "" : compile_error,
                    f->runs_all_shapes ? "yes" : "no");
     if (f->compiled) {
         fmx__sb_printf(&t, "host syncs: %d, data-dependent branches/loops: %d%s%s\n", f->host_syncs,
-                       f->data_dependent_flow, pf.first_problem[0] ? "; first: " : "",
-                       pf.first_problem);
+                       f->data_dependent_flow, first_problem[0] ? "; first: " : "", first_problem);
         fmx__sb_printf(&t, "survives graph optimization: %s%s%s\n",
                        f->survives_optimization ? "yes" : "no",
                        !f->survives_optimization && opt_why[0] ? ": " : "",

@@ -17,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "evaluator.h"
+#include "proto.h"
 #include "status.h"
 
 #define FMX__MAX_PARAMS 64
@@ -52,85 +54,6 @@ static void fmx__errorf(cJSON *report, const char *stage, const char *fmt, ...) 
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
     fmx__error(report, stage, msg);
-}
-
-/* Comma-separated list of a call's input names, for error messages. */
-static void fmx__input_names(const fmx_call *call, char *buf, size_t n) {
-    buf[0] = '\0';
-    size_t used = 0;
-    for (int i = 0; i < call->ninputs && used < n; i++)
-        used += (size_t)snprintf(buf + used, n - used, "%s%s", i ? ", " : "", call->inputs[i].name);
-}
-
-static const char *fmx__kind_name(fmx_param_kind k) {
-    static const char *names[] = {
-        "Tensor", "Optional[Tensor]", "Dict[str, Tensor]", "int", "float", "bool",
-        "str",    "another type"};
-    return names[k];
-}
-
-/* Binds the call's captured inputs to the entry's parameters. */
-static int fmx__bind(fmx_pack *pack, const fmx_param *params, int np, const fmx_call *call,
-                     const char *entry, const char *component, const char *const *wkeys,
-                     const fmx_tensor *const *wvals, int nw, fmx_args *args, char *err,
-                     size_t errsz) {
-    const fmx_module *mod = fmx_pack_module(pack, call->module);
-    fmx_args_clear(args);
-    for (int i = 0; i < np; i++) {
-        const fmx_param *pr = &params[i];
-        if (pr->kind == FMX_PARAM_WEIGHTS) {
-            fmx_args_weights(args, pr->name, wkeys, wvals, nw);
-            continue;
-        }
-        const fmx_io *in = NULL;
-        for (int k = 0; k < call->ninputs; k++)
-            if (strcmp(call->inputs[k].name, pr->name) == 0) in = &call->inputs[k];
-        if (!in) {
-            if (pr->has_default) continue;
-            char names[1024];
-            fmx__input_names(call, names, sizeof names);
-            snprintf(err, errsz,
-                     "parameter '%s' of %s() is not an input of %s ('%s'); its inputs are: %s; "
-                     "weights come in a Dict[str, Tensor] parameter",
-                     pr->name, entry, mod->cls, component, names);
-            return FMX_EINVAL;
-        }
-        int ok = 1;
-        switch (in->kind) {
-        case FMX_IO_TENSOR:
-            ok = pr->kind == FMX_PARAM_TENSOR || pr->kind == FMX_PARAM_OPT_TENSOR;
-            if (ok) fmx_args_tensor(args, pr->name, fmx_pack_capture(pack, in->key));
-            break;
-        case FMX_IO_NONE:
-            ok = pr->kind == FMX_PARAM_OPT_TENSOR || pr->has_default;
-            if (ok && pr->kind == FMX_PARAM_OPT_TENSOR) fmx_args_none(args, pr->name);
-            break;
-        case FMX_IO_VALUE:
-            if (pr->kind == FMX_PARAM_INT && in->vtype == FMX_VAL_INT)
-                fmx_args_int(args, pr->name, in->i);
-            else if (pr->kind == FMX_PARAM_BOOL && in->vtype == FMX_VAL_BOOL)
-                fmx_args_bool(args, pr->name, (int)in->i);
-            else if (pr->kind == FMX_PARAM_FLOAT &&
-                     (in->vtype == FMX_VAL_FLOAT || in->vtype == FMX_VAL_INT))
-                fmx_args_float(args, pr->name, in->f);
-            else if (pr->kind == FMX_PARAM_STR && in->vtype == FMX_VAL_STR)
-                fmx_args_str(args, pr->name, in->s);
-            else
-                ok = 0;
-            break;
-        default:
-            ok = pr->has_default;
-            break;
-        }
-        if (!ok) {
-            static const char *what[] = {"a tensor", "a value", "None", "a cache", "an object"};
-            snprintf(err, errsz,
-                     "parameter '%s' of %s() is declared %s, but input '%s' of %s is %s", pr->name,
-                     entry, fmx__kind_name(pr->kind), in->name, mod->cls, what[in->kind]);
-            return FMX_EINVAL;
-        }
-    }
-    return FMX_OK;
 }
 
 /* Compares got against want (masked if token-aligned); adds a result object
@@ -197,15 +120,17 @@ static int fmx__tap_module(const fmx_pack *pack, const char *component, const ch
     return fmx_pack_find_module(pack, name);
 }
 
-/* Grades the taps of one run; returns the first failing tap's name or NULL. */
+/* Grades the taps of one call (names[i], tensors[i], in call order);
+ * returns the first failing tap's name or NULL. */
 static const char *fmx__grade_taps(fmx_pack *pack, const fmx_verify_config *cfg, int probe_i,
-                                   const fmx_run *run, cJSON *taps) {
+                                   const char *const *names, fmx_tensor *const *vals, int n,
+                                   cJSON *taps) {
     const fmx_probe *probe = fmx_pack_probe(pack, probe_i);
-    int n = fmx_run_ntaps(run);
     int *seen_module = calloc((size_t)n + 1, sizeof(int));
+    if (!seen_module) return NULL;
     const char *first_bad = NULL;
     for (int i = 0; i < n; i++) {
-        const char *name = fmx_run_tap_name(run, i);
+        const char *name = names[i];
         int m = fmx__tap_module(pack, cfg->component, name);
         seen_module[i] = m;
         int k = 0; /* occurrence of this module among earlier taps */
@@ -216,16 +141,18 @@ static const char *fmx__grade_taps(fmx_pack *pack, const fmx_verify_config *cfg,
         const fmx_io *out0 = NULL;
         for (int j = 0; call && j < call->noutputs && !out0; j++)
             if (call->outputs[j].kind == FMX_IO_TENSOR) out0 = &call->outputs[j];
-        if (!out0) {
+        if (!out0 || !vals[i]) {
             cJSON *o = cJSON_CreateObject();
             cJSON_AddStringToObject(o, "name", name);
             cJSON_AddStringToObject(o, "note",
-                                    m < 0 ? "no module has this path; not graded"
-                                          : "module has no such call; not graded");
+                                    !vals[i] ? "the tapped value could not be read; not graded"
+                                    : m < 0  ? "no module has this path (relative to the "
+                                               "component, or absolute); not graded"
+                                             : "module has no such call; not graded");
             cJSON_AddItemToArray(taps, o);
             continue;
         }
-        int ok = fmx__grade(pack, cfg, probe, out0, fmx_run_tap(run, i), name, taps);
+        int ok = fmx__grade(pack, cfg, probe, out0, vals[i], name, taps);
         cJSON *o = cJSON_GetArrayItem(taps, cJSON_GetArraySize(taps) - 1);
         cJSON_AddStringToObject(o, "module", fmx_pack_module(pack, m)->path);
         cJSON_AddStringToObject(o, "class", fmx_pack_module(pack, m)->cls);
@@ -235,8 +162,296 @@ static const char *fmx__grade_taps(fmx_pack *pack, const fmx_verify_config *cfg,
     return first_bad;
 }
 
-int fmx_verify(fmx_pack *pack, fmx_program *program, const fmx_verify_config *cfg_in,
-               cJSON **report_out) {
+/* ---- evaluation jobs ---- */
+
+/* One input of a call in the job's form (python/fmx/evaluate.py). */
+static int fmx__job_input(fmx_pack *pack, fmx_eval_job *job, const fmx_io *io, cJSON *arr) {
+    static const char *kinds[] = {"tensor", "value", "none", "cache", "other"};
+    cJSON *o = cJSON_CreateObject();
+    if (!o) return FMX_ENOMEM;
+    cJSON_AddItemToArray(arr, o);
+    cJSON_AddStringToObject(o, "name", io->name);
+    cJSON_AddStringToObject(o, "kind", kinds[io->kind]);
+    if (io->kind == FMX_IO_TENSOR) {
+        int t = fmx_eval_job_tensor(job, fmx_pack_capture(pack, io->key));
+        if (t < 0) return t;
+        cJSON_AddNumberToObject(o, "tensor", t);
+    } else if (io->kind == FMX_IO_VALUE) {
+        static const char *types[] = {"int", "float", "bool", "str"};
+        cJSON_AddStringToObject(o, "type", types[io->vtype]);
+        if (io->vtype == FMX_VAL_STR)
+            cJSON_AddStringToObject(o, "value", io->s ? io->s : "");
+        else if (io->vtype == FMX_VAL_BOOL)
+            cJSON_AddBoolToObject(o, "value", io->i != 0);
+        else if (io->vtype == FMX_VAL_INT)
+            cJSON_AddNumberToObject(o, "value", (double)io->i);
+        else
+            fmx_proto_add_float(o, "value", io->f);
+    }
+    return FMX_OK;
+}
+
+/* Runs calls[0..n) of the component in one fresh evaluation process: under
+ * the hidden weight set when hidden, with TorchScript's compile check on
+ * calls[0] when check. FMX_OK with *out set, or a negative status (err). */
+static int fmx__run_job(fmx_pack *pack, const char *source, size_t len, const char *filename,
+                        const fmx_verify_config *cfg, const fmx_module *mod, const int *calls,
+                        int n, int hidden, int check, fmx_eval_result **out, char *err,
+                        size_t errsz) {
+    *out = NULL;
+    fmx_evaluator *ev = fmx_evaluator_shared(err, errsz);
+    if (!ev) return FMX_EIO;
+    fmx_eval_job *job = fmx_eval_job_create();
+    char *code = malloc(len + 1);
+    if (!job || !code) {
+        fmx_eval_job_destroy(job);
+        free(code);
+        snprintf(err, errsz, "out of memory");
+        return FMX_ENOMEM;
+    }
+    memcpy(code, source, len);
+    code[len] = '\0';
+    cJSON *h = fmx_eval_job_header(job);
+    cJSON_AddStringToObject(h, "code", code);
+    free(code);
+    cJSON_AddStringToObject(h, "filename", filename ? filename : "candidate.py");
+    cJSON_AddStringToObject(h, "entry", cfg->entry);
+    cJSON_AddStringToObject(h, "component", cfg->component);
+    cJSON_AddStringToObject(h, "module_class", mod->cls);
+    cJSON_AddStringToObject(h, "pack_dtype", fmx_pack_dtype(pack));
+    cJSON_AddStringToObject(h, "weights_path", fmx_pack_weights_path(pack, hidden));
+    cJSON_AddBoolToObject(h, "run", 1);
+    cJSON_AddBoolToObject(h, "check", check);
+    cJSON_AddNumberToObject(h, "max_taps", FMX_VERIFY_MAX_TAPS);
+    const char *const *rel = NULL, *const *key = NULL;
+    int nw = fmx_pack_weight_names(pack, cfg->component, &rel, &key, err, errsz);
+    int rc = nw < 0 ? nw : FMX_OK;
+    cJSON *w = cJSON_AddArrayToObject(h, "weights");
+    for (int i = 0; rc == FMX_OK && i < nw; i++) {
+        cJSON *pair = cJSON_CreateArray();
+        cJSON_AddItemToArray(pair, cJSON_CreateString(rel[i]));
+        cJSON_AddItemToArray(pair, cJSON_CreateString(key[i]));
+        cJSON_AddItemToArray(w, pair);
+    }
+    cJSON *arr = cJSON_AddArrayToObject(h, "calls");
+    for (int i = 0; rc == FMX_OK && i < n; i++) {
+        const fmx_call *call = fmx_pack_call(pack, calls[i]);
+        cJSON *c = cJSON_CreateObject();
+        cJSON_AddItemToArray(arr, c);
+        cJSON_AddStringToObject(c, "dtype",
+                                fmx_dtype_name(fmx_pack_probe(pack, call->probe)->dtype));
+        cJSON *ins = cJSON_AddArrayToObject(c, "inputs");
+        for (int k = 0; rc == FMX_OK && k < call->ninputs; k++)
+            rc = fmx__job_input(pack, job, &call->inputs[k], ins);
+    }
+    if (rc == FMX_OK)
+        rc = fmx_evaluator_run(ev, job, out, err, errsz);
+    else if (rc != FMX_EINVAL || !err[0])
+        snprintf(err, errsz, "building the job: %s", fmx_strerror(rc));
+    fmx_eval_job_destroy(job);
+    return rc;
+}
+
+/* The result object of call i of a job, or NULL. */
+static const cJSON *fmx__call_result(const fmx_eval_result *r, int i) {
+    const cJSON *h = r ? fmx_eval_result_header(r) : NULL;
+    return cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(h, "calls"), i);
+}
+
+/* Grades one call from its result in the job; adds the probe's report r.
+ * Returns 1 passed, 0 failed; *stage_out is set on a bind/run/fate error. */
+static int fmx__grade_call(fmx_pack *pack, const fmx_verify_config *cfg, const fmx_module *mod,
+                           const fmx_call *call, fmx_eval_result *res, int i, cJSON *r,
+                           cJSON *report, int *err_status, const char **first_div) {
+    const fmx_probe *probe = fmx_pack_probe(pack, call->probe);
+    char err[FMX__ERR];
+    if (!res || fmx_eval_result_fate(res) != FMX_EVAL_OK) {
+        const char *fate = res ? fmx_eval_fate_name(fmx_eval_result_fate(res)) : "crashed";
+        snprintf(err, sizeof err, "%s: the candidate's evaluation %s", fate,
+                 res ? fmx_eval_result_why(res) : "could not run");
+        cJSON_AddBoolToObject(r, "pass", 0);
+        cJSON_AddStringToObject(r, "error", err);
+        cJSON_AddStringToObject(r, "stage", fate);
+        fmx__error(report, fate, err);
+        if (!*err_status) *err_status = FMX_ERUNTIME;
+        return 0;
+    }
+    const cJSON *cr = fmx__call_result(res, i);
+    if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(cr, "ok"))) {
+        const char *stage = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(cr, "stage"));
+        const char *msg = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(cr, "error"));
+        if (!stage || strcmp(stage, "bind") != 0) stage = "run";
+        if (!msg) msg = "the evaluation process gave no result for this call";
+        cJSON_AddBoolToObject(r, "pass", 0);
+        cJSON_AddStringToObject(r, "error", msg);
+        cJSON_AddStringToObject(r, "stage", stage);
+        fmx__error(report, stage, msg);
+        if (!*err_status) *err_status = strcmp(stage, "bind") == 0 ? FMX_EINVAL : FMX_ERUNTIME;
+        return 0;
+    }
+    if (probe->visible)
+        cJSON_AddNumberToObject(r, "ms",
+                                cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(cr, "ms")));
+
+    /* Graded outputs: the call's tensor outputs, in order. */
+    const cJSON *got = cJSON_GetObjectItemCaseSensitive(cr, "outputs");
+    int nwant = 0;
+    for (int j = 0; j < call->noutputs; j++)
+        nwant += call->outputs[j].kind == FMX_IO_TENSOR;
+    int ngot = cJSON_GetArraySize(got);
+    int ok = 1;
+    cJSON *outs = cJSON_AddArrayToObject(r, "outputs");
+    if (ngot != nwant) {
+        char names[512] = "";
+        size_t used = 0;
+        for (int j = 0; j < call->noutputs; j++)
+            if (call->outputs[j].kind == FMX_IO_TENSOR && used < sizeof names)
+                used += (size_t)snprintf(names + used, sizeof names - used, "%s%s",
+                                         used ? ", " : "", call->outputs[j].name);
+        snprintf(err, sizeof err, "%s() returned %d output%s; %s returns %d (%s)", cfg->entry, ngot,
+                 ngot == 1 ? "" : "s", mod->cls, nwant, names);
+        cJSON_AddStringToObject(r, "error", err);
+        ok = 0;
+    } else {
+        for (int j = 0, k = 0; j < call->noutputs; j++) {
+            if (call->outputs[j].kind != FMX_IO_TENSOR) continue;
+            fmx_tensor *t = NULL;
+            if (fmx_eval_result_tensor(res, cJSON_GetArrayItem(got, k++), &t, err, sizeof err)) {
+                cJSON *o = cJSON_CreateObject();
+                cJSON_AddStringToObject(o, "name", call->outputs[j].name);
+                cJSON_AddBoolToObject(o, "pass", 0);
+                cJSON_AddStringToObject(o, "error", err);
+                cJSON_AddItemToArray(outs, o);
+                ok = 0;
+                continue;
+            }
+            ok &= fmx__grade(pack, cfg, probe, &call->outputs[j], t, call->outputs[j].name, outs);
+            fmx_tensor_destroy(t);
+        }
+    }
+    /* taps */
+    const cJSON *tl = cJSON_GetObjectItemCaseSensitive(cr, "taps");
+    int nt = cJSON_GetArraySize(tl);
+    const char **tnames = calloc((size_t)nt + 1, sizeof *tnames);
+    fmx_tensor **tvals = calloc((size_t)nt + 1, sizeof *tvals);
+    cJSON *taps = cJSON_AddArrayToObject(r, "taps");
+    const char *tap_bad = NULL;
+    if (tnames && tvals) {
+        for (int j = 0; j < nt; j++) {
+            const cJSON *b = cJSON_GetArrayItem(tl, j);
+            const char *nm = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(b, "name"));
+            tnames[j] = nm ? nm : "";
+            if (fmx_eval_result_tensor(res, b, &tvals[j], err, sizeof err)) tvals[j] = NULL;
+        }
+        tap_bad = fmx__grade_taps(pack, cfg, call->probe, tnames, tvals, nt, taps);
+    }
+    double cut = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(cr, "taps_cut"));
+    if (cut > 0) {
+        char note[160];
+        snprintf(note, sizeof note, "%.0f more tap() calls were not recorded (at most %d per call)",
+                 cut, FMX_VERIFY_MAX_TAPS);
+        cJSON_AddStringToObject(r, "taps_note", note);
+    }
+    cJSON_AddBoolToObject(r, "pass", ok);
+    if (!ok) {
+        /* The first divergence is the first failing tap, else the output. */
+        const char *div = tap_bad ? tap_bad : (mod->path[0] ? mod->path : "output");
+        cJSON_AddStringToObject(r, "first_divergence", div);
+        if (!*first_div) *first_div = cJSON_GetObjectItem(r, "first_divergence")->valuestring;
+    }
+    for (int j = 0; tvals && j < nt; j++)
+        fmx_tensor_destroy(tvals[j]);
+    free(tnames);
+    free(tvals);
+    return ok;
+}
+
+/* The compile check's report: TorchScript's facts, and whether its run of
+ * the job's first call computed what the Python run did. withhold: the check
+ * ran on a hidden probe (say no more than yes or no). */
+static void fmx__compile_check(fmx_pack *pack, fmx_eval_result *res, int withhold, cJSON *report) {
+    const cJSON *h = res ? fmx_eval_result_header(res) : NULL;
+    const cJSON *c = cJSON_GetObjectItemCaseSensitive(h, "check");
+    if (!cJSON_IsObject(c)) return;
+    cJSON *o = cJSON_AddObjectToObject(report, "compile_check");
+    int compiled = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(c, "compiled")) &&
+                   cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(c, "entry"));
+    int ran = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(c, "ran"));
+    const char *error = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "error"));
+    const char *why = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "why"));
+    const char *problem =
+        cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "first_problem"));
+    /* same meaning: TorchScript's outputs against Python's on that call */
+    char meaning[FMX__ERR] = "";
+    int same = 0;
+    const cJSON *py = fmx__call_result(res, 0);
+    const cJSON *pyo = cJSON_GetObjectItemCaseSensitive(py, "outputs");
+    const cJSON *tso = cJSON_GetObjectItemCaseSensitive(c, "outputs");
+    if (!ran) {
+        snprintf(meaning, sizeof meaning, "TorchScript could not run it");
+    } else if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(py, "ok"))) {
+        snprintf(meaning, sizeof meaning, "the Python run failed, so there is nothing to match");
+    } else if (cJSON_GetArraySize(pyo) != cJSON_GetArraySize(tso)) {
+        snprintf(meaning, sizeof meaning,
+                 "TorchScript's version returns %d outputs where Python's returns %d",
+                 cJSON_GetArraySize(tso), cJSON_GetArraySize(pyo));
+    } else {
+        same = 1;
+        for (int i = 0; same && i < cJSON_GetArraySize(pyo); i++) {
+            fmx_tensor *a = NULL, *b = NULL;
+            char err[256];
+            fmx_compare_result cr;
+            int64_t shape[FMX_MAX_DIMS];
+            fmx_dtype dt = FMX_DT_F32;
+            int rc = fmx_eval_result_tensor(res, cJSON_GetArrayItem(pyo, i), &a, err, sizeof err);
+            if (!rc)
+                rc = fmx_eval_result_tensor(res, cJSON_GetArrayItem(tso, i), &b, err, sizeof err);
+            if (!rc) fmx_tensor_shape(a, shape, &dt);
+            if (!rc)
+                rc = fmx_compare(b, a, NULL, fmx_pack_tolerance(pack, dt), &cr, err, sizeof err);
+            if (rc || !cr.pass) {
+                same = 0;
+                if (rc)
+                    snprintf(meaning, sizeof meaning, "output %d: %s", i, err);
+                else if (!cr.shape_ok || !cr.dtype_ok)
+                    snprintf(meaning, sizeof meaning,
+                             "TorchScript gives output %d another %s than Python (it compiles "
+                             "some construct with another meaning)",
+                             i, cr.shape_ok ? "dtype" : "shape");
+                else
+                    snprintf(meaning, sizeof meaning,
+                             "TorchScript computes other numbers than Python for output %d "
+                             "(max_rel %.3g): it compiles some construct with another meaning",
+                             i, cr.max_rel);
+            }
+            fmx_tensor_destroy(a);
+            fmx_tensor_destroy(b);
+        }
+    }
+    cJSON_AddBoolToObject(o, "compiled", compiled);
+    cJSON_AddBoolToObject(o, "ran", ran);
+    cJSON_AddBoolToObject(o, "same_meaning", same);
+    cJSON_AddNumberToObject(
+        o, "host_syncs", cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(c, "host_syncs")));
+    cJSON_AddNumberToObject(
+        o, "data_dependent_flow",
+        cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(c, "data_dependent_flow")));
+    cJSON_AddBoolToObject(
+        o, "survives_optimization",
+        cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(c, "survives_optimization")));
+    if (problem && problem[0]) cJSON_AddStringToObject(o, "first_problem", problem);
+    const char *msg = !compiled || !ran ? error : !same ? meaning : NULL;
+    if (msg && msg[0])
+        cJSON_AddStringToObject(o, "error", withhold ? "details withheld (a hidden probe)" : msg);
+    if (ran && why && why[0])
+        cJSON_AddStringToObject(o, "optimized_why",
+                                withhold ? "the optimized re-run (on a hidden probe) differs or "
+                                           "fails; details withheld"
+                                         : why);
+}
+
+int fmx_verify_source(fmx_pack *pack, const char *source, size_t len, const char *filename,
+                      const fmx_verify_config *cfg_in, cJSON **report_out) {
     fmx_verify_config cfg = cfg_in ? *cfg_in : fmx_verify_config_default();
     if (!cfg.component) cfg.component = "";
     if (!cfg.entry) cfg.entry = "forward";
@@ -255,7 +470,6 @@ int fmx_verify(fmx_pack *pack, fmx_program *program, const fmx_verify_config *cf
                             cfg.override_tol            ? "command line"
                             : fmx_pack_same_build(pack) ? "same build"
                                                         : "cross build");
-    if (program) cJSON_AddNumberToObject(report, "compile_ms", fmx_program_compile_ms(program));
 
     int m = fmx_pack_find_module(pack, cfg.component);
     if (m < 0) {
@@ -273,31 +487,76 @@ int fmx_verify(fmx_pack *pack, fmx_program *program, const fmx_verify_config *cf
     const fmx_module *mod = fmx_pack_module(pack, m);
     cJSON_AddStringToObject(report, "class", mod->cls);
 
-    fmx_param params[FMX__MAX_PARAMS];
-    int np = fmx_program_params(program, cfg.entry, params, FMX__MAX_PARAMS);
-    if (np < 0) {
-        char names[1024] = "";
-        size_t used = 0;
-        for (int i = 0; i < fmx_program_nfunctions(program) && used < sizeof names; i++)
-            used += (size_t)snprintf(names + used, sizeof names - used, "%s%s", i ? ", " : "",
-                                     fmx_program_function(program, i));
-        fmx__errorf(report, "entry", "the candidate has no function '%s'; it defines: %s",
-                    cfg.entry, names[0] ? names : "(nothing)");
-        return FMX_ENOTFOUND;
+    /* The calls to grade: visible ones run together in one process; each
+     * hidden one alone, under the hidden weight set. */
+    int ncalls = fmx_pack_ncalls(pack), nvis = 0, nhid = 0;
+    int *vis = calloc((size_t)ncalls + 1, sizeof *vis);
+    int *hid = calloc((size_t)ncalls + 1, sizeof *hid);
+    fmx_eval_result **hres = calloc((size_t)ncalls + 1, sizeof *hres);
+    if (!vis || !hid || !hres) {
+        free(vis);
+        free(hid);
+        free(hres);
+        return FMX_ENOMEM;
     }
-    if (np > FMX__MAX_PARAMS) np = FMX__MAX_PARAMS;
-
-    char err[FMX__ERR];
-
-    fmx_args *args = fmx_args_create();
-    cJSON *results = cJSON_AddArrayToObject(report, "probes");
-    int status = FMX_OK, err_status = FMX_OK, graded = 0, passed = 0;
-    const char *first_div = NULL;
-    const char *first_div_probe = NULL;
-    for (int c = 0; c < fmx_pack_ncalls(pack); c++) {
+    for (int c = 0; c < ncalls; c++) {
         const fmx_call *call = fmx_pack_call(pack, c);
         const fmx_probe *probe = fmx_pack_probe(pack, call->probe);
-        if (call->module != m || call->raised || (!probe->visible && !cfg.all_probes)) continue;
+        if (call->module != m || call->raised) continue;
+        if (probe->visible)
+            vis[nvis++] = c;
+        else if (cfg.all_probes)
+            hid[nhid++] = c;
+    }
+    int status = FMX_OK, err_status = FMX_OK, graded = 0, passed = 0;
+    char err[FMX__ERR] = "";
+    fmx_eval_result *vres = NULL;
+    if (nvis == 0 && nhid == 0) {
+        fmx__errorf(report, "probes",
+                    "module '%s' was never called on the %s probes; nothing to grade",
+                    cfg.component, cfg.all_probes ? "" : "visible");
+        err_status = FMX_ENOTFOUND;
+        goto done;
+    }
+    int rc = FMX_OK;
+    if (nvis)
+        rc = fmx__run_job(pack, source, len, filename, &cfg, mod, vis, nvis, 0, cfg.compile_check,
+                          &vres, err, sizeof err);
+    for (int i = 0; rc == FMX_OK && i < nhid; i++)
+        rc = fmx__run_job(pack, source, len, filename, &cfg, mod, &hid[i], 1, 1,
+                          cfg.compile_check && nvis == 0 && i == 0, &hres[i], err, sizeof err);
+    if (rc != FMX_OK) {
+        fmx__error(report, "evaluator", err);
+        err_status = rc;
+        goto done;
+    }
+    /* Errors of the whole file (it does not load, no entry) come from the
+     * first process that ran. */
+    fmx_eval_result *first = nvis ? vres : hres[0];
+    const cJSON *fh = fmx_eval_result_header(first);
+    if (fh) {
+        double load_ms = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(fh, "load_ms"));
+        if (load_ms == load_ms) cJSON_AddNumberToObject(report, "load_ms", load_ms);
+        const cJSON *e = cJSON_GetObjectItemCaseSensitive(fh, "error");
+        if (e) {
+            const char *stage = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(e, "stage"));
+            const char *msg = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(e, "message"));
+            int entry = stage && strcmp(stage, "entry") == 0;
+            fmx__error(report, entry ? "entry" : "compile", msg ? msg : "the file does not load");
+            fmx__compile_check(pack, first, nvis == 0, report);
+            err_status = entry ? FMX_ENOTFOUND : FMX_ECOMPILE;
+            goto done;
+        }
+    }
+    fmx__compile_check(pack, first, nvis == 0, report);
+
+    cJSON *results = cJSON_AddArrayToObject(report, "probes");
+    const char *first_div = NULL, *first_div_probe = NULL;
+    for (int c = 0, iv = 0, ih = 0; c < ncalls; c++) {
+        int in_vis = iv < nvis && vis[iv] == c, in_hid = ih < nhid && hid[ih] == c;
+        if (!in_vis && !in_hid) continue;
+        const fmx_call *call = fmx_pack_call(pack, c);
+        const fmx_probe *probe = fmx_pack_probe(pack, call->probe);
         cJSON *r = cJSON_CreateObject();
         cJSON_AddItemToArray(results, r);
         cJSON_AddStringToObject(r, "probe", probe->name);
@@ -308,101 +567,24 @@ int fmx_verify(fmx_pack *pack, fmx_program *program, const fmx_verify_config *cf
         cJSON_AddStringToObject(r, "shape", shape);
         cJSON_AddStringToObject(r, "dtype", fmx_dtype_name(probe->dtype));
         graded++;
-
-        /* A bind or run error fails this probe call; the others are still
-         * graded (submit needs every probe's verdict), and the report's
-         * status stays "error" with the first error in "error". */
-        /* Weights in the probe's dtype (a bfloat16 probe of a float32 pack). */
-        const char *const *wkeys = NULL;
-        const fmx_tensor *const *wvals = NULL;
-        int nw = fmx_pack_weights_as(pack, cfg.component, (int)probe->dtype, &wkeys, &wvals, err,
-                                     sizeof err);
-        if (nw < 0) {
-            cJSON_AddBoolToObject(r, "pass", 0);
-            fmx__error(report, "weights", err);
-            err_status = nw;
-            break;
-        }
-        int rc = fmx__bind(pack, params, np, call, cfg.entry, cfg.component, wkeys, wvals, nw, args,
-                           err, sizeof err);
-        if (rc) {
-            cJSON_AddBoolToObject(r, "pass", 0);
-            cJSON_AddStringToObject(r, "error", err);
-            cJSON_AddStringToObject(r, "stage", "bind");
-            fmx__error(report, "bind", err);
-            if (!err_status) err_status = rc;
-            continue;
-        }
-        fmx_run *run = NULL;
-        rc = fmx_program_run(program, cfg.entry, args, &run, err, sizeof err);
-        if (rc) {
-            cJSON_AddBoolToObject(r, "pass", 0);
-            cJSON_AddStringToObject(r, "error", err);
-            cJSON_AddStringToObject(r, "stage", "run");
-            fmx__error(report, "run", err);
-            if (!err_status) err_status = rc;
-            continue;
-        }
-        cJSON_AddNumberToObject(r, "ms", fmx_run_ms(run));
-
-        /* Graded outputs: the call's tensor outputs, in order. */
-        int nwant = 0;
-        for (int j = 0; j < call->noutputs; j++)
-            nwant += call->outputs[j].kind == FMX_IO_TENSOR;
-        int ngot = fmx_run_noutputs(run);
-        int ok = 1;
-        cJSON *outs = cJSON_AddArrayToObject(r, "outputs");
-        if (ngot != nwant) {
-            char names[512] = "";
-            size_t used = 0;
-            for (int j = 0; j < call->noutputs; j++)
-                if (call->outputs[j].kind == FMX_IO_TENSOR)
-                    used += (size_t)snprintf(names + used, sizeof names - used, "%s%s",
-                                             used ? ", " : "", call->outputs[j].name);
-            char msg[1024];
-            snprintf(msg, sizeof msg, "%s() returned %d output%s; %s returns %d (%s)", cfg.entry,
-                     ngot, ngot == 1 ? "" : "s", mod->cls, nwant, names);
-            cJSON_AddStringToObject(r, "error", msg);
-            ok = 0;
-        } else {
-            for (int j = 0, k = 0; j < call->noutputs; j++) {
-                if (call->outputs[j].kind != FMX_IO_TENSOR) continue;
-                ok &= fmx__grade(pack, &cfg, probe, &call->outputs[j], fmx_run_output(run, k++),
-                                 call->outputs[j].name, outs);
-            }
-        }
-        cJSON *taps = cJSON_AddArrayToObject(r, "taps");
-        const char *tap_bad = fmx__grade_taps(pack, &cfg, call->probe, run, taps);
-        cJSON_AddBoolToObject(r, "pass", ok);
-        if (!ok) {
-            /* The first divergence is the first failing tap, else the output. */
-            const char *div = tap_bad ? tap_bad : (mod->path[0] ? mod->path : "output");
-            cJSON_AddStringToObject(r, "first_divergence", div);
+        const char *div = NULL;
+        int ok = in_vis ? fmx__grade_call(pack, &cfg, mod, call, vres, iv++, r, report, &err_status,
+                                          &div)
+                        : fmx__grade_call(pack, &cfg, mod, call, hres[ih++], 0, r, report,
+                                          &err_status, &div);
+        if (ok) {
+            passed++;
+        } else if (cJSON_GetObjectItemCaseSensitive(r, "first_divergence")) {
+            status = FMX_EMISMATCH;
             if (!first_div) {
-                first_div = cJSON_GetObjectItem(r, "first_divergence")->valuestring;
+                first_div = div;
                 first_div_probe = probe->name;
             }
-            status = FMX_EMISMATCH;
-        } else {
-            passed++;
         }
-        fmx_run_destroy(run); /* tap names are borrowed from the run until here */
-    }
-    fmx_args_destroy(args);
-    if (err_status) {
-        cJSON_AddNumberToObject(report, "graded", graded);
-        cJSON_AddNumberToObject(report, "passed", passed);
-        return err_status;
-    }
-    if (graded == 0 && status == FMX_OK) {
-        fmx__errorf(report, "probes",
-                    "module '%s' was never called on the %s probes; nothing to grade",
-                    cfg.component, cfg.all_probes ? "" : "visible");
-        return FMX_ENOTFOUND;
     }
     cJSON_AddNumberToObject(report, "graded", graded);
     cJSON_AddNumberToObject(report, "passed", passed);
-    if (status == FMX_EMISMATCH) {
+    if (!err_status && status == FMX_EMISMATCH) {
         cJSON_ReplaceItemInObjectCaseSensitive(report, "status", cJSON_CreateString("mismatch"));
         cJSON *d = cJSON_AddObjectToObject(report, "first_divergence");
         cJSON_AddStringToObject(d, "name", first_div);
@@ -410,89 +592,14 @@ int fmx_verify(fmx_pack *pack, fmx_program *program, const fmx_verify_config *cf
         int dm = fmx__tap_module(pack, cfg.component, first_div);
         if (dm >= 0) cJSON_AddStringToObject(d, "class", fmx_pack_module(pack, dm)->cls);
     }
-    return status;
-}
-
-int fmx_verify_compile(fmx_pack *pack, const char *source, size_t len, const char *filename,
-                       const fmx_verify_config *cfg, fmx_program **program, cJSON **report) {
-    char err[FMX__ERR];
-    *program = NULL;
-    *report = NULL;
-    int rc = fmx_program_compile(source, len, filename, program, err, sizeof err);
-    if (rc == FMX_OK) return FMX_OK;
-    cJSON *r = cJSON_CreateObject();
-    *report = r;
-    if (!r) return FMX_ENOMEM;
-    cJSON_AddStringToObject(r, "status", "error");
-    cJSON_AddStringToObject(r, "pack", fmx_pack_name(pack));
-    cJSON_AddStringToObject(r, "component", cfg && cfg->component ? cfg->component : "");
-    cJSON_AddStringToObject(r, "entry", cfg && cfg->entry ? cfg->entry : "forward");
-    cJSON_AddStringToObject(r, "engine", fmx_engine_version());
-    cJSON_AddStringToObject(r, "device", fmx_engine_device());
-    fmx__error(r, "compile", err);
-    return rc;
-}
-
-int fmx_verify_source(fmx_pack *pack, const char *source, size_t len, const char *filename,
-                      const fmx_verify_config *cfg, cJSON **report) {
-    fmx_program *prog = NULL;
-    int rc = fmx_verify_compile(pack, source, len, filename, cfg, &prog, report);
-    if (rc) return rc;
-    rc = fmx_verify(pack, prog, cfg, report);
-    fmx_program_destroy(prog);
-    return rc;
-}
-
-int fmx_verify_optimized(fmx_pack *pack, fmx_program *program, const fmx_verify_config *cfg_in,
-                         int *same, char *err, size_t errsz) {
-    fmx_verify_config cfg = cfg_in ? *cfg_in : fmx_verify_config_default();
-    if (!cfg.component) cfg.component = "";
-    if (!cfg.entry) cfg.entry = "forward";
-    *same = 0;
-    if (errsz) err[0] = '\0';
-    int m = fmx_pack_find_module(pack, cfg.component);
-    if (m < 0) {
-        snprintf(err, errsz, "no module at path '%s' in pack %s", cfg.component,
-                 fmx_pack_name(pack));
-        return FMX_ENOTFOUND;
-    }
-    fmx_param params[FMX__MAX_PARAMS];
-    int np = fmx_program_params(program, cfg.entry, params, FMX__MAX_PARAMS);
-    if (np < 0) {
-        snprintf(err, errsz, "the candidate has no function '%s'", cfg.entry);
-        return FMX_ENOTFOUND;
-    }
-    if (np > FMX__MAX_PARAMS) np = FMX__MAX_PARAMS;
-    /* The first graded call: on a visible probe, else (all probes) any. */
-    const fmx_call *call = NULL;
-    for (int pass = 0; pass < (cfg.all_probes ? 2 : 1) && !call; pass++)
-        for (int c = 0; c < fmx_pack_ncalls(pack) && !call; c++) {
-            const fmx_call *k = fmx_pack_call(pack, c);
-            if (k->module != m || k->raised) continue;
-            if (pass == 0 && !fmx_pack_probe(pack, k->probe)->visible) continue;
-            call = k;
-        }
-    if (!call) {
-        snprintf(err, errsz, "module '%s' was never called on the %s probes", cfg.component,
-                 cfg.all_probes ? "" : "visible");
-        return FMX_ENOTFOUND;
-    }
-    const fmx_probe *probe = fmx_pack_probe(pack, call->probe);
-    const char *const *wkeys = NULL;
-    const fmx_tensor *const *wvals = NULL;
-    int nw =
-        fmx_pack_weights_as(pack, cfg.component, (int)probe->dtype, &wkeys, &wvals, err, errsz);
-    if (nw < 0) return nw;
-    fmx_args *args = fmx_args_create();
-    if (!args) return FMX_ENOMEM;
-    fmx_run *ref = NULL;
-    int rc = fmx__bind(pack, params, np, call, cfg.entry, cfg.component, wkeys, wvals, nw, args,
-                       err, errsz);
-    if (!rc) rc = fmx_program_run(program, cfg.entry, args, &ref, err, errsz);
-    if (!rc) rc = fmx_program_check_optimized(program, cfg.entry, args, ref, same, err, errsz);
-    fmx_run_destroy(ref);
-    fmx_args_destroy(args);
-    return rc;
+done:
+    fmx_eval_result_destroy(vres);
+    for (int i = 0; i < nhid; i++)
+        fmx_eval_result_destroy(hres[i]);
+    free(vis);
+    free(hid);
+    free(hres);
+    return err_status ? err_status : status;
 }
 
 /* ---- text report ---- */
@@ -574,8 +681,8 @@ void fmx_verify_print(FILE *out, const cJSON *report, int color) {
     fprintf(out, "pack %s · %s%s%s%s · entry %s() · %s\n", fmx__s(report, "pack"),
             component[0] ? component : "whole model", cls[0] ? " (" : "", cls, cls[0] ? ")" : "",
             fmx__s(report, "entry"), fmx__s(report, "engine"));
-    if (cJSON_GetObjectItem(report, "compile_ms"))
-        fprintf(out, "compiled in %.1f ms · %s tolerances\n", fmx__n(report, "compile_ms"),
+    if (cJSON_GetObjectItem(report, "load_ms"))
+        fprintf(out, "loaded in %.1f ms · %s tolerances\n", fmx__n(report, "load_ms"),
                 fmx__s(report, "tolerance_table"));
     const cJSON *probes = cJSON_GetObjectItem(report, "probes");
     const cJSON *r;
@@ -593,8 +700,27 @@ void fmx_verify_print(FILE *out, const cJSON *report, int color) {
             fprintf(out, "  %s\n", fmx__s(r, "error"));
         cJSON_ArrayForEach(o, cJSON_GetObjectItem(r, "outputs"))
             fmx__print_result(out, o, "  out ", color);
+        if (cJSON_GetObjectItem(r, "taps_note")) fprintf(out, "  %s\n", fmx__s(r, "taps_note"));
     }
     fputc('\n', out);
+    /* TorchScript's view (the compile score), after the grade it does not change */
+    const cJSON *cc = cJSON_GetObjectItem(report, "compile_check");
+    if (cc) {
+        if (!fmx__b(cc, "compiled") || !fmx__b(cc, "ran") || !fmx__b(cc, "same_meaning"))
+            fprintf(out, "compile check: TorchScript %s: %s\n",
+                    !fmx__b(cc, "compiled") ? "does not compile it"
+                    : !fmx__b(cc, "ran")    ? "compiles it but cannot run it"
+                                            : "compiles it with another meaning",
+                    fmx__s(cc, "error"));
+        else
+            fprintf(out,
+                    "compile check: TorchScript compiles it · host syncs %.0f · data-dependent "
+                    "flow %.0f · %s\n",
+                    fmx__n(cc, "host_syncs"), fmx__n(cc, "data_dependent_flow"),
+                    fmx__b(cc, "survives_optimization") ? "survives optimization"
+                                                        : "differs when optimized");
+        if (fmx__s(cc, "first_problem")[0]) fprintf(out, "  %s\n", fmx__s(cc, "first_problem"));
+    }
     if (strcmp(status, "match") == 0) {
         fprintf(out, "%sMATCH%s: %.0f/%.0f %s probe calls, every output within tolerance\n",
                 color ? "\033[1;32m" : "", color ? "\033[0m" : "", fmx__n(report, "passed"),

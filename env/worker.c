@@ -32,6 +32,8 @@
 #include <unistd.h>
 
 #include "engine/engine.h"
+#include "evaluator.h"
+#include "sandbox.h"
 #include "proto.h"
 #include "status.h"
 #include "tools.h"
@@ -552,6 +554,8 @@ typedef struct {
     double cpu_s;
     int cpu_device;  /* 1 on cpu: RLIMIT_AS and the open() filter apply */
     int full_warmup; /* exec mode: nothing was warmed up before */
+    double eval_timeout_s;
+    const char *device;
 } fmx__wctx;
 
 static size_t fmx__oom_probe; /* bytes the fatal-signal handler tries to reserve */
@@ -664,96 +668,6 @@ static void fmx__unmap_shared(void) {
     }
 }
 
-/* The seccomp filter of worker.h. Returns 0 or a negative errno. */
-static int fmx__seccomp(int deny_open) {
-    scmp_filter_ctx f = seccomp_init(SCMP_ACT_ALLOW);
-    if (!f) return -ENOMEM;
-    const uint32_t eperm = SCMP_ACT_ERRNO(EPERM);
-    int rc = 0;
-#define FMX__DENY(name)                                                                            \
-    do {                                                                                           \
-        int r_ = seccomp_rule_add(f, eperm, SCMP_SYS(name), 0);                                    \
-        if (r_ != 0 && r_ != -EDOM && !rc) rc = r_; /* -EDOM: not on this arch */                  \
-    } while (0)
-    /* network (no socket of any family: the channel is pre-opened) */
-    FMX__DENY(socket);
-    FMX__DENY(socketpair);
-    FMX__DENY(bind);
-    FMX__DENY(connect);
-    FMX__DENY(listen);
-    FMX__DENY(accept);
-    FMX__DENY(accept4);
-    /* processes */
-    FMX__DENY(fork);
-    FMX__DENY(vfork);
-    FMX__DENY(execve);
-    FMX__DENY(execveat);
-    FMX__DENY(ptrace);
-    FMX__DENY(process_vm_readv);
-    FMX__DENY(process_vm_writev);
-    FMX__DENY(bpf);
-    FMX__DENY(perf_event_open);
-    FMX__DENY(userfaultfd);
-    FMX__DENY(kexec_load);
-    FMX__DENY(mount);
-    FMX__DENY(umount2);
-    FMX__DENY(pivot_root);
-    FMX__DENY(chroot);
-    FMX__DENY(setns);
-    FMX__DENY(unshare);
-    FMX__DENY(io_uring_setup);
-    FMX__DENY(io_uring_enter);
-    FMX__DENY(io_uring_register);
-    /* files */
-    if (deny_open) {
-        FMX__DENY(open);
-        FMX__DENY(openat);
-        FMX__DENY(openat2);
-        FMX__DENY(creat);
-        FMX__DENY(open_by_handle_at);
-        FMX__DENY(name_to_handle_at);
-    }
-    FMX__DENY(unlink);
-    FMX__DENY(unlinkat);
-    FMX__DENY(rename);
-    FMX__DENY(renameat);
-    FMX__DENY(renameat2);
-    FMX__DENY(mkdir);
-    FMX__DENY(mkdirat);
-    FMX__DENY(rmdir);
-    FMX__DENY(link);
-    FMX__DENY(linkat);
-    FMX__DENY(symlink);
-    FMX__DENY(symlinkat);
-    FMX__DENY(chmod);
-    FMX__DENY(fchmodat);
-    FMX__DENY(chown);
-    FMX__DENY(lchown);
-    FMX__DENY(fchownat);
-    FMX__DENY(truncate);
-    FMX__DENY(mknod);
-    FMX__DENY(mknodat);
-#undef FMX__DENY
-    /* clone: threads only (CLONE_THREAD set); clone3's flags are out of
-     * reach in memory, so it says ENOSYS and glibc falls back to clone */
-    int r = seccomp_rule_add(f, eperm, SCMP_SYS(clone), 1,
-                             SCMP_A0(SCMP_CMP_MASKED_EQ, CLONE_THREAD, 0));
-    if (r && !rc) rc = r;
-    r = seccomp_rule_add(f, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(clone3), 0);
-    if (r && r != -EDOM && !rc) rc = r;
-    /* signals to itself only (abort() and raise() use tgkill) */
-    pid_t me = getpid();
-    r = seccomp_rule_add(f, eperm, SCMP_SYS(kill), 1, SCMP_A0(SCMP_CMP_NE, (scmp_datum_t)me));
-    if (r && !rc) rc = r;
-    r = seccomp_rule_add(f, eperm, SCMP_SYS(tgkill), 1, SCMP_A0(SCMP_CMP_NE, (scmp_datum_t)me));
-    if (r && !rc) rc = r;
-    r = seccomp_rule_add(f, eperm, SCMP_SYS(tkill), 0);
-    if (r && r != -EDOM && !rc) rc = r;
-    if (!rc) rc = seccomp_load(f); /* sets no_new_privs itself (SCMP_FLTATR_CTL_NNP) */
-    seccomp_release(f);
-    return rc;
-}
-
 /* Locks the worker down (worker.h). Returns 0, or -1 with err set. */
 static int fmx__sandbox(const fmx__wctx *w, char *err, size_t errsz, size_t *vm, size_t *limit) {
     /* (after exec too: execve makes a process dumpable again) */
@@ -762,8 +676,22 @@ static int fmx__sandbox(const fmx__wctx *w, char *err, size_t errsz, size_t *vm,
     struct rlimit core = {0, 0};
     setrlimit(RLIMIT_CORE, &core);
     fmx__set_threads(w->threads > 0 ? w->threads : 1);
+    /* The evaluation process (candidate code runs there, never here) starts
+     * now, while this worker may still fork and exec; warm-up grades a
+     * trivial candidate on every pack through it. */
+    fmx_evaluator_config ec = fmx_evaluator_config_default();
+    ec.threads = w->threads > 0 ? w->threads : 1;
+    ec.mem_mb = w->mem_mb;
+    ec.cpu_s = w->cpu_s;
+    ec.timeout_s = w->eval_timeout_s;
+    ec.device = w->device ? w->device : "cpu";
+    fmx_evaluator_configure(&ec);
     char werr[1024] = "";
-    if (fmx__warmup(w->full_warmup ? w->tasks : NULL, w->reward, werr, sizeof werr) != FMX_OK)
+    if (!fmx_evaluator_shared(werr, sizeof werr)) {
+        snprintf(err, errsz, "%s", werr);
+        return -1;
+    }
+    if (fmx__warmup(w->tasks, w->reward, werr, sizeof werr) != FMX_OK)
         fprintf(stderr, "fmx worker %d: warm-up: %s\n", (int)getpid(), werr);
     *vm = fmx__vm_size();
     *limit = 0;
@@ -793,7 +721,7 @@ static int fmx__sandbox(const fmx__wctx *w, char *err, size_t errsz, size_t *vm,
         snprintf(err, errsz, "prctl(PR_SET_NO_NEW_PRIVS): %s", strerror(errno));
         return -1;
     }
-    int rc = fmx__seccomp(w->cpu_device);
+    int rc = fmx_sandbox_seccomp(w->cpu_device);
     if (rc != 0) {
         snprintf(err, errsz, "seccomp: %s", strerror(-rc));
         return -1;
@@ -921,11 +849,24 @@ static void __attribute__((noreturn)) fmx__worker_run(int fd, const fmx__wctx *w
         free(msg);
         if (!rq) _exit(FMX__EXIT_OOM); /* the server's encoding is sound: out of memory */
         fmx__arm_cpu(w->cpu_s);
+        /* the pool kills this worker at eval_timeout_s: evaluations end first */
+        double budget = w->eval_timeout_s > 2 ? w->eval_timeout_s - 1.0 : w->eval_timeout_s * 0.5;
+        fmx_evaluator_set_deadline(w->eval_timeout_s > 0 ? fmx_evaluator_now() + budget : 0);
+        fmx_evaluator_take_fate(NULL, 0);
         cJSON *reply = fmx__job(w, rq);
         cJSON_Delete(rq);
         if (!reply) _exit(FMX__EXIT_OOM);
+        char why[256];
+        fmx_eval_fate fate = fmx_evaluator_take_fate(why, sizeof why);
+        if (fate != FMX_EVAL_OK) { /* the step's fate, as if the worker had died of it */
+            cJSON_Delete(reply);
+            reply = cJSON_CreateObject();
+            cJSON_AddStringToObject(reply, "fate", fmx_eval_fate_name(fate));
+            cJSON_AddStringToObject(reply, "why", why);
+        }
         fmx__send_tree(fd, reply);
         cJSON_Delete(reply);
+        if (!fmx_evaluator_shared_ok()) _exit(0); /* no evaluation process: be replaced */
     }
 }
 
@@ -1003,7 +944,8 @@ static double fmx__cpu_budget(const fmx_pool_config *c) {
 /* Builds `fmx worker ...` for exec mode. */
 static int fmx__build_argv(fmx_pool *p) {
     const fmx_pool_config *c = &p->cfg;
-    char num[4][32];
+    char num[5][32];
+    snprintf(num[4], sizeof num[4], "%.17g", c->eval_timeout_s);
     snprintf(num[0], sizeof num[0], "%d", FMX__CHANNEL_FD);
     snprintf(num[1], sizeof num[1], "%ld", c->mem_mb);
     snprintf(num[2], sizeof num[2], "%d", c->threads > 0 ? c->threads : 1);
@@ -1024,6 +966,8 @@ static int fmx__build_argv(fmx_pool *p) {
     v[k++] = num[2];
     v[k++] = "--cpu";
     v[k++] = num[3];
+    v[k++] = "--timeout";
+    v[k++] = num[4];
     if (c->reward_path) {
         v[k++] = "--reward";
         v[k++] = c->reward_path;
@@ -1451,6 +1395,21 @@ int fmx_pool_service(fmx_pool *p, fmx_pool_done_fn done, void *ctx) {
             }
             fmx__pjob *job = w->job;
             fmx_pool_result res = {.fate = FMX_FATE_OK, .ms = (now - w->t0) * 1e3, .reply = m};
+            /* {"fate", "why"}: the job's candidate timed out, ran out of
+             * memory or crashed in its evaluation process (the worker lives) */
+            const char *fate = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "fate"));
+            if (fate) {
+                res.fate = strcmp(fate, "timeout") == 0 ? FMX_FATE_TIMEOUT
+                           : strcmp(fate, "oom") == 0   ? FMX_FATE_OOM
+                                                        : FMX_FATE_CRASHED;
+                const char *why = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(m, "why"));
+                snprintf(res.why, sizeof res.why, "%s", why ? why : fate);
+                if (res.fate == FMX_FATE_TIMEOUT) p->stats.timeouts++;
+                if (res.fate == FMX_FATE_OOM) p->stats.ooms++;
+                if (res.fate == FMX_FATE_CRASHED) p->stats.crashes++;
+                cJSON_Delete(m);
+                res.reply = NULL;
+            }
             w->job = NULL;
             w->state = FMX__IDLE;
             cJSON_Delete(job->request);
@@ -1610,7 +1569,9 @@ int fmx_pool_create(const fmx_pool_config *cfg, const fmx_tasks *tasks,
                           .mem_mb = p->cfg.mem_mb,
                           .cpu_s = fmx__cpu_budget(&p->cfg),
                           .cpu_device = fmx__is_cpu(p->cfg.device),
-                          .full_warmup = 0};
+                          .full_warmup = 0,
+                          .eval_timeout_s = p->cfg.eval_timeout_s,
+                          .device = p->cfg.device};
     p->n = p->cfg.workers;
     p->procs = calloc((size_t)p->n, sizeof *p->procs);
     if (!p->procs || (p->cfg.exec && (!p->cfg.tasks_dir || fmx__build_argv(p) != FMX_OK))) {
@@ -1623,7 +1584,7 @@ int fmx_pool_create(const fmx_pool_config *cfg, const fmx_tasks *tasks,
     if (!p->cfg.exec) {
         /* Warm up here: the workers inherit it (and the packs' state). */
         char werr[1024] = "";
-        if (fmx__warmup(tasks, reward, werr, sizeof werr) != FMX_OK)
+        if (fmx__warmup(NULL, reward, werr, sizeof werr) != FMX_OK)
             fprintf(stderr, "fmx serve: warm-up: %s (continuing)\n", werr);
         fmx__spawner_start(p);
     }
@@ -2028,7 +1989,7 @@ int fmx_worker_main(int argc, char **argv) {
     const char *tasks_dir = NULL, *device = "cpu", *reward_path = NULL;
     int fd = -1, threads = 1;
     long mem_mb = 4096;
-    double cpu_s = 31;
+    double cpu_s = 31, timeout_s = 30;
     for (int i = 1; i + 1 < argc; i += 2) {
         const char *a = argv[i], *v = argv[i + 1];
         if (strcmp(a, "--fd") == 0)
@@ -2045,6 +2006,8 @@ int fmx_worker_main(int argc, char **argv) {
             threads = atoi(v);
         else if (strcmp(a, "--cpu") == 0)
             cpu_s = atof(v);
+        else if (strcmp(a, "--timeout") == 0)
+            timeout_s = atof(v);
     }
     if (fd < 0 || fcntl(fd, F_GETFD) < 0 || !tasks_dir) {
         fprintf(stderr,
@@ -2071,6 +2034,8 @@ int fmx_worker_main(int argc, char **argv) {
                    .mem_mb = mem_mb,
                    .cpu_s = cpu_s,
                    .cpu_device = fmx__is_cpu(device),
-                   .full_warmup = 1};
+                   .full_warmup = 1,
+                   .eval_timeout_s = timeout_s,
+                   .device = device};
     fmx__worker_run(fd, &w);
 }
