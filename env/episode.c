@@ -414,7 +414,9 @@ int fmx_episode_apply(fmx_episode *ep, const fmx_step_plan *plan, fmx_step_outco
     cJSON_AddNumberToObject(res->info, "step", (double)ep->steps);
     cJSON_AddNumberToObject(res->info, "steps_left", ep->budget.max_steps - ep->steps);
     cJSON_AddStringToObject(res->info, "status", fmx_episode_status_name(ep->status));
-    fmx_proto_add_float(res->info, "ms", outcome->ms);
+    /* A graded step's time includes the hidden probes' runs: hidden probes say
+     * pass or fail, nothing else, so no time is reported for it. */
+    if (!res->graded) fmx_proto_add_float(res->info, "ms", outcome->ms);
     if (res->error) cJSON_AddStringToObject(res->info, "error", res->error);
     if (res->graded && res->grade->summary)
         cJSON_AddItemToObject(res->info, "grade", cJSON_Duplicate(res->grade->summary, 1));
