@@ -337,10 +337,27 @@ static int cmd_info(int argc, char **argv) {
         fmx_pack_close(pack);
         return rc;
     }
+    /* The pack opened, so a hidden set it names is there and matches the public one. */
+    const char *hidden = fmx_pack_weights_path(pack, 1) != fmx_pack_weights_path(pack, 0)
+                             ? cJSON_GetStringValue(cJSON_GetObjectItem(man, "hidden_weights"))
+                             : NULL;
+    const cJSON *constants = cJSON_GetObjectItem(man, "constants");
+    const cJSON *unseen = cJSON_GetObjectItem(man, "unseen_constants");
     if (json) {
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "name", fmx_pack_name(pack));
         cJSON_AddStringToObject(o, "dtype", fmx_pack_dtype(pack));
+        if (hidden)
+            cJSON_AddStringToObject(o, "hidden_weights", hidden);
+        else
+            cJSON_AddNullToObject(o, "hidden_weights");
+        /* null when the pack was exported without measuring them */
+        cJSON_AddItemToObject(o, "constants",
+                              cJSON_IsArray(constants) ? cJSON_Duplicate(constants, 1)
+                                                       : cJSON_CreateNull());
+        cJSON_AddItemToObject(o, "unseen_constants",
+                              cJSON_IsArray(unseen) ? cJSON_Duplicate(unseen, 1)
+                                                    : cJSON_CreateNull());
         cJSON *mods = cJSON_AddArrayToObject(o, "modules");
         for (int i = 0; i < fmx_pack_nmodules(pack); i++) {
             cJSON *m = cJSON_CreateObject();
@@ -366,6 +383,26 @@ static int cmd_info(int argc, char **argv) {
            cJSON_GetStringValue(cJSON_GetObjectItem(man, "root_class")), fmx_pack_dtype(pack),
            cJSON_GetStringValue(cJSON_GetObjectItem(by, "torch")),
            cJSON_GetStringValue(cJSON_GetObjectItem(by, "device")));
+    if (hidden)
+        printf("hidden weights: %s (hidden probes run under it)\n", hidden);
+    else
+        printf("hidden weights: none (hidden probes run under the public weights)\n");
+    if (!cJSON_IsArray(constants) || !cJSON_IsArray(unseen))
+        printf("constants: not measured\n");
+    else if (cJSON_GetArraySize(unseen) == 0)
+        printf("constants: each of %d eps-like constants, x1.5 and /1.5, moves some probe past the "
+               "tolerance\n",
+               cJSON_GetArraySize(constants));
+    else {
+        printf("unseen constants (%d of %d): no probe moves past the tolerance when they change\n",
+               cJSON_GetArraySize(unseen), cJSON_GetArraySize(constants));
+        const cJSON *u;
+        cJSON_ArrayForEach(u, unseen) {
+            printf("  %s %s: %s\n", cJSON_GetStringValue(cJSON_GetObjectItem(u, "module")),
+                   cJSON_GetStringValue(cJSON_GetObjectItem(u, "constant")),
+                   cJSON_GetStringValue(cJSON_GetObjectItem(u, "why")));
+        }
+    }
     printf("\nprobes:\n");
     for (int i = 0; i < fmx_pack_nprobes(pack); i++) {
         const fmx_probe *p = fmx_pack_probe(pack, i);

@@ -224,6 +224,14 @@ static const fmx_tensor *fmx__st_tensor(fmx__st_entry *e) {
     return e->wrapped;
 }
 
+/* "float32 [2, 3]" */
+static void fmx__shape_text(const fmx__st_entry *e, char *buf, size_t n) {
+    size_t at = (size_t)snprintf(buf, n, "%s [", fmx_dtype_name(e->dt));
+    for (int d = 0; d < e->ndim && at < n; d++)
+        at += (size_t)snprintf(buf + at, n - at, "%s%lld", d ? ", " : "", (long long)e->shape[d]);
+    if (at < n) snprintf(buf + at, n - at, "]");
+}
+
 /* ---- manifest ---- */
 
 static const char *fmx__str(const cJSON *obj, const char *key) {
@@ -508,6 +516,59 @@ static int fmx__load_aliases(fmx_pack *p, char *err, size_t errsz) {
     return FMX_OK;
 }
 
+/* The hidden weight set task.json names ("hidden_weights": a file in the pack
+ * directory): a valid safetensors file with exactly the public set's tensor
+ * names, dtypes and shapes. Only its path is kept; whoever runs the hidden
+ * probes maps it. No field: the public set stands in (fmx_pack_weights_path). */
+static int fmx__load_hidden_weights(fmx_pack *p, char *err, size_t errsz) {
+    const cJSON *field = cJSON_GetObjectItemCaseSensitive(p->manifest, "hidden_weights");
+    if (!field || cJSON_IsNull(field)) return FMX_OK;
+    const char *name = cJSON_GetStringValue(field);
+    if (!name || !name[0] || strchr(name, '/') || strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
+        return fmx__fail(err, errsz, FMX_EFORMAT,
+                         "task.json: hidden_weights must name a file in the pack directory, "
+                         "e.g. \"weights_hidden.safetensors\"");
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", p->dir, name);
+    fmx__st_file h;
+    int rc = fmx__st_open(path, &h, err, errsz);
+    if (rc) return rc;
+    const fmx__st_file *w = &p->weights;
+    for (int i = 0, k = 0; i < w->n || k < h.n;) {
+        /* Both lists are sorted by name: walk them together. */
+        int c = i == w->n ? 1 : k == h.n ? -1 : strcmp(w->entries[i].name, h.entries[k].name);
+        if (c != 0) {
+            rc = fmx__fail(err, errsz, FMX_EFORMAT,
+                           "%s: tensor '%s' is %s weights.safetensors: the hidden set must have "
+                           "the same names as the public one",
+                           path, c < 0 ? w->entries[i].name : h.entries[k].name,
+                           c < 0 ? "missing here but in" : "here but not in");
+            break;
+        }
+        const fmx__st_entry *a = &w->entries[i++], *b = &h.entries[k++];
+        int same = a->dt == b->dt && a->ndim == b->ndim;
+        for (int d = 0; same && d < a->ndim; d++)
+            same = a->shape[d] == b->shape[d];
+        if (!same) {
+            char want[128], got[128];
+            fmx__shape_text(a, want, sizeof want);
+            fmx__shape_text(b, got, sizeof got);
+            rc = fmx__fail(
+                err, errsz, FMX_EFORMAT,
+                "%s: tensor '%s' is %s here but %s in weights.safetensors: the hidden set "
+                "must have the public one's dtypes and shapes",
+                path, a->name, got, want);
+            break;
+        }
+    }
+    fmx__st_close(&h);
+    if (rc) return rc;
+    p->hidden_weights_path = realpath(path, NULL);
+    if (!p->hidden_weights_path)
+        return fmx__fail(err, errsz, FMX_ENOMEM, "%s: %s", path, strerror(errno));
+    return FMX_OK;
+}
+
 int fmx_pack_open(const char *dir, fmx_pack **out, char *err, size_t errsz) {
     *out = NULL;
     fmx_pack *p = calloc(1, sizeof *p);
@@ -580,6 +641,7 @@ int fmx_pack_open(const char *dir, fmx_pack **out, char *err, size_t errsz) {
     if ((rc = fmx__load_probes(p, err, errsz))) goto fail;
     if ((rc = fmx__load_calls(p, err, errsz))) goto fail;
     if ((rc = fmx__load_aliases(p, err, errsz))) goto fail;
+    if ((rc = fmx__load_hidden_weights(p, err, errsz))) goto fail;
     fmx__load_tolerance(p);
     *out = p;
     return FMX_OK;

@@ -133,8 +133,10 @@ int fmx_pack_weights_as(fmx_pack *p, const char *path, int dt, const char *const
 int fmx_pack_weight_names(fmx_pack *p, const char *path, const char *const **rel,
                           const char *const **file_key, char *err, size_t errsz);
 /* Path of the weights file: hidden = 0 the public set (weights.safetensors),
- * 1 the set hidden probes run under (the public one for a pack without a
- * hidden set). Borrowed until fmx_pack_close. */
+ * 1 the set hidden probes run under (task.json's "hidden_weights", checked at
+ * open to hold the public set's names, dtypes and shapes; the public one for a
+ * pack without a hidden set, so the two pointers are equal then). Borrowed
+ * until fmx_pack_close. */
 const char *fmx_pack_weights_path(const fmx_pack *p, int hidden);
 /* Nearest module paths to path (by edit distance), for "did you mean". Writes
  * up to n indices; returns how many. */

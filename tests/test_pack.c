@@ -2,8 +2,9 @@
  * test_pack.c — the pack loader (env/pack.c): a pack written here byte by byte
  * opens, its tensors read back bit-exact, weights are keyed relative to a
  * module with aliases, and every kind of malformed pack is refused at open
- * with a message naming what is wrong. Packs written by the real exporter are
- * covered by tests/python/test_verify.py.
+ * with a message naming what is wrong, a hidden weight set included. Packs
+ * written by the real exporter are covered by tests/python/test_verify.py and
+ * tests/python/test_hidden_weights.py.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -105,9 +106,10 @@ static int setup(void **state) {
 }
 
 static int teardown(void **state) {
-    const char *names[] = {"task.json", "weights.safetensors", "probes.safetensors"};
+    const char *names[] = {"task.json", "weights.safetensors", "probes.safetensors",
+                           "weights_hidden.safetensors"};
     char path[512];
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 4; i++) {
         snprintf(path, sizeof path, "%s/%s", dir, names[i]);
         unlink(path);
     }
@@ -341,6 +343,88 @@ static void test_alias_to_nothing(void **state) {
     expect_refused(FMX_EFORMAT, "alias 'head.weight'");
 }
 
+/* The manifest with "hidden_weights": name, and a hidden set whose norm
+ * weight has the given header entry. */
+static void write_hidden(const char *name, const char *norm_entry) {
+    char *m = malloc(strlen(MANIFEST) + 256);
+    sprintf(m, "{\"hidden_weights\":\"%s\",%s", name, MANIFEST + 1);
+    write_text("task.json", m);
+    free(m);
+    char header[512];
+    snprintf(header, sizeof header,
+             "{\"model.embed.weight\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,24]},"
+             "\"model.norm.weight\":%s}",
+             norm_entry);
+    float data[9] = {-1.5f, 2.0f, -0.25f, -3.0f, 0.125f, -7.0f, -0.5f, -1.0f, 1.0f};
+    write_st("weights_hidden.safetensors", header, data, sizeof data, 0);
+}
+
+static const char *NORM_OK = "{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[24,36]}";
+
+static void test_hidden_weights_path(void **state) {
+    /* No hidden set: hidden probes run under the public weights. */
+    char err[512];
+    fmx_pack *p = NULL;
+    assert_int_equal(fmx_pack_open(dir, &p, err, sizeof err), FMX_OK);
+    assert_ptr_equal(fmx_pack_weights_path(p, 1), fmx_pack_weights_path(p, 0));
+    const char *pub = strrchr(fmx_pack_weights_path(p, 0), '/');
+    assert_string_equal(pub, "/weights.safetensors");
+    fmx_pack_close(p);
+
+    /* A hidden set with the public names, dtypes and shapes: its own path. */
+    write_hidden("weights_hidden.safetensors", NORM_OK);
+    assert_int_equal(fmx_pack_open(dir, &p, err, sizeof err), FMX_OK);
+    const char *hidden = fmx_pack_weights_path(p, 1);
+    assert_ptr_not_equal(hidden, fmx_pack_weights_path(p, 0));
+    assert_string_equal(strrchr(hidden, '/'), "/weights_hidden.safetensors");
+    assert_true(hidden[0] == '/'); /* a real path: the evaluation process maps it by name */
+    /* The public tensors are still the public values. */
+    const char *const *keys;
+    const fmx_tensor *const *vals;
+    assert_int_equal(fmx_pack_weights(p, "model.embed", &keys, &vals, err, sizeof err), 1);
+    float buf[6];
+    assert_int_equal(fmx_tensor_read(vals[0], buf, sizeof buf, err, sizeof err), FMX_OK);
+    assert_memory_equal(buf, W_EMBED, sizeof W_EMBED);
+    fmx_pack_close(p);
+}
+
+static void test_hidden_weights_wrong_shape(void **state) {
+    write_hidden("weights_hidden.safetensors",
+                 "{\"dtype\":\"F32\",\"shape\":[1,3],\"data_offsets\":[24,36]}");
+    expect_refused(FMX_EFORMAT, "tensor 'model.norm.weight' is float32 [1, 3] here but float32 [3] "
+                                "in weights.safetensors");
+}
+
+static void test_hidden_weights_wrong_dtype(void **state) {
+    write_hidden("weights_hidden.safetensors",
+                 "{\"dtype\":\"I32\",\"shape\":[3],\"data_offsets\":[24,36]}");
+    expect_refused(FMX_EFORMAT, "the public one's dtypes and shapes");
+}
+
+static void test_hidden_weights_other_names(void **state) {
+    char *m = malloc(strlen(MANIFEST) + 64);
+    sprintf(m, "{\"hidden_weights\":\"weights_hidden.safetensors\",%s", MANIFEST + 1);
+    write_text("task.json", m);
+    free(m);
+    float data[6] = {0};
+    write_st("weights_hidden.safetensors",
+             "{\"model.embed.weight\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,24]}}",
+             data, sizeof data, 0);
+    expect_refused(FMX_EFORMAT,
+                   "tensor 'model.norm.weight' is missing here but in weights.safetensors");
+}
+
+static void test_hidden_weights_bounds_and_name(void **state) {
+    /* The hidden file gets the same safetensors checks as the public one. */
+    write_hidden("weights_hidden.safetensors",
+                 "{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[24,4000]}");
+    expect_refused(FMX_EFORMAT, "data_offsets");
+    write_hidden("../weights_hidden.safetensors", NORM_OK);
+    expect_refused(FMX_EFORMAT, "hidden_weights must name a file in the pack directory");
+    write_hidden("absent.safetensors", NORM_OK);
+    expect_refused(FMX_EIO, "absent.safetensors");
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_open_reads_everything, setup, teardown),
@@ -357,6 +441,11 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_call_names_missing_tensor, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mask_shape_checked, setup, teardown),
         cmocka_unit_test_setup_teardown(test_alias_to_nothing, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hidden_weights_path, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hidden_weights_wrong_shape, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hidden_weights_wrong_dtype, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hidden_weights_other_names, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hidden_weights_bounds_and_name, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

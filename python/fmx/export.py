@@ -1,15 +1,18 @@
 """The fmx exporter: run a class-based PyTorch model on probe inputs and write a task pack.
 
 A pack (docs/pack-format.md) is `task.json` + `weights.safetensors` +
-`probes.safetensors`. The exporter builds the model from a Python file
-(`FILE.py:NAME`) or a local transformers snapshot, runs it on visible and hidden
-probes (a float32 model also on a bfloat16 copy, for two of them), and records:
-the module tree, every module call's inputs and outputs (tensors streamed to disk
-as they arrive, byte-identical ones stored once), per-line coverage of the model's
-package, a function-level op trace per module on the first probe, the class
-sources and line ranges, and every parameter and buffer with its ties. With
-`--sensitive-init` (always with random transformers weights) it first redraws the
-weights so that every op moves the output (`sensitive_init`).
+`weights_hidden.safetensors` + `probes.safetensors`. The exporter builds the model
+from a Python file (`FILE.py:NAME`) or a local transformers snapshot, runs it on
+visible and hidden probes (a float32 model also on a bfloat16 copy, for two of
+them), and records: the module tree, every module call's inputs and outputs
+(tensors streamed to disk as they arrive, byte-identical ones stored once),
+per-line coverage of the model's package, a function-level op trace per module on
+the first probe, the class sources and line ranges, and every parameter and buffer
+with its ties. With `--sensitive-init` (always with random transformers weights) it
+first redraws the weights so that every op moves the output (`sensitive_init`).
+Hidden probes run under a second, independent draw of the weights (hidden.py), and
+every norm's eps is rerun changed to say which constants no probe sees
+(constants.py).
 
 It is not a verifier and never runs candidate code; the C server does that.
 
@@ -42,6 +45,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from . import __version__
+from . import hidden as hidden_set
+from .constants import ConstantCheck
 from .dataflow import Flow, generalize, record_op
 from .safetensors import Writer, dtype_name, is_storable, save_file
 
@@ -62,6 +67,7 @@ HIDDEN_SHAPES = [(2, 17, "right"), (1, 64, "none"), (3, 11, "left")]
 LONG_PROBE = 64      # a pack should have a probe at least this long (the hidden 1x64)
 MAX_WINDOW = 512     # a sliding window up to this long gets a hidden probe past it
 LOW_PRECISION = "bfloat16"  # the reduced-precision copy probed in a float32 pack
+HIDDEN_WEIGHTS = "weights_hidden.safetensors"  # the weights hidden probes run under
 
 InputsFn = Callable[[nn.Module, int, int, str, torch.Generator], Dict[str, Any]]
 
@@ -241,6 +247,28 @@ def sensitive_init(model: nn.Module, seed: int = 0, residual_std: float = RESIDU
                 p.copy_(value.to(p.device, p.dtype))
                 counts[role] = counts.get(role, 0) + 1
     return counts
+
+
+def residual_stream(model: nn.Module) -> List[str]:
+    """Names of the parameters that set the residual stream's scale in a pre-norm model, by the
+    roles of `sensitive_init`: embeddings and the weights and biases of projections into the
+    stream (a tied parameter by the role of its first name). Scaling them all by s scales the
+    stream by s, which every norm divides out but for its eps."""
+    names: List[str] = []
+    done: set = set()
+    for path, module in model.named_modules():
+        kind = type(module).__name__.lower()
+        residual = bool(RESIDUAL_OUT.search(path)) and not RESIDUAL_OUT_EXCLUDE.search(path)
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in done or not p.is_floating_point() or p.numel() == 0:
+                continue
+            done.add(id(p))
+            if "norm" in kind:
+                continue
+            if ("embedding" in kind and pname == "weight" and p.dim() == 2) or \
+                    (residual and (pname == "weight" and p.dim() >= 2 or pname == "bias" and p.dim() == 1)):
+                names.append(f"{path}.{pname}" if path else pname)
+    return names
 
 
 def _embed_scale(module: nn.Module) -> float:
@@ -588,11 +616,15 @@ class _Frame:
 
 
 class Capture:
-    """Wraps every submodule's forward to record its calls into `calls` and `writer`."""
+    """Wraps every submodule's forward to record its calls into `calls` and `writer`; with
+    `constants`, also reruns every call of a module with an eps-like constant changed."""
 
-    def __init__(self, model: nn.Module, writer: Writer) -> None:
+    def __init__(self, model: nn.Module, writer: Writer, constants: Optional[ConstantCheck] = None) -> None:
         self.model = model
         self.writer = writer
+        self.constants = constants
+        self.replaying = False  # a constants rerun: calls inside it are not the model's
+        self.mask: Optional[Tensor] = None  # the probe's (B, T) keep flags
         self.calls: List[Dict[str, Any]] = []
         self.ops: Dict[str, List[Dict[str, Any]]] = {}  # module path -> op trace of its first call
         self.flows: Dict[str, Flow] = {}  # module path -> dataflow of that call
@@ -613,7 +645,7 @@ class Capture:
             sig = _signature(module)
             self.signatures[path] = sig
             self._saved.append((module, module.__dict__.get("forward")))
-            module.forward = self._wrapper(path, orig, sig)
+            module.forward = self._wrapper(path, module, orig, sig)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -624,8 +656,8 @@ class Capture:
                 module.forward = previous
         self._saved.clear()
 
-    def start_probe(self, probe: int, batch: int, seq: int, trace_ops: bool) -> None:
-        self.probe, self.batch, self.seq, self.trace_ops = probe, batch, seq, trace_ops
+    def start_probe(self, probe: int, batch: int, seq: int, trace_ops: bool, mask: Optional[Tensor] = None) -> None:
+        self.probe, self.batch, self.seq, self.trace_ops, self.mask = probe, batch, seq, trace_ops, mask
         self._counts = {}
         if trace_ops:
             self.ops, self.flows = {}, {}
@@ -643,8 +675,11 @@ class Capture:
         self.ops, self.flows = {}, {}
         return out
 
-    def _wrapper(self, path: str, orig: Callable[..., Any], sig: Optional[inspect.Signature]) -> Callable[..., Any]:
+    def _wrapper(self, path: str, module: nn.Module, orig: Callable[..., Any],
+                 sig: Optional[inspect.Signature]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
+            if self.replaying:
+                return orig(*args, **kwargs)
             index = self._counts.get(path, 0)
             self._counts[path] = index + 1
             ops = None
@@ -693,10 +728,25 @@ class Capture:
                         call_rec["yn"] = [name for name, _ in out_leaves]
             finally:
                 self.busy = False
+            if self.constants is not None and self.constants.watches(path):
+                self._check_constants(path, module, orig, args, kwargs, out)
             return out
 
         forward.__wrapped__ = orig  # type: ignore[attr-defined]
         return forward
+
+    def _check_constants(self, path: str, module: nn.Module, orig: Callable[..., Any], args: Tuple[Any, ...],
+                         kwargs: Dict[str, Any], out: Any) -> None:
+        """Reruns the call with its constants changed, unseen by the op trace, coverage and the call list."""
+        assert self.constants is not None
+        tracer = sys.gettrace()
+        self.busy = self.replaying = True
+        sys.settrace(None)
+        try:
+            self.constants.check(path, module, orig, args, kwargs, out, f"p{self.probe}", self.mask)
+        finally:
+            sys.settrace(tracer)
+            self.busy = self.replaying = False
 
     # -- recording
     def _key(self, call: Mapping[str, Any], side: str, name: str) -> str:
@@ -1149,9 +1199,13 @@ def export(spec_or_model: Any, out_dir: str, *, overrides: Optional[Mapping[str,
         raise
     if not quiet:
         n_visible = sum(1 for p in manifest["probes"] if p["visible"])
-        sizes = [os.path.getsize(os.path.join(out.out, f)) for f in ("weights.safetensors", "probes.safetensors")]
+        sizes = [os.path.getsize(os.path.join(out.out, f))
+                 for f in ("weights.safetensors", HIDDEN_WEIGHTS, "probes.safetensors")]
         print(f"wrote {out_dir}: {n_visible}+{len(manifest['probes']) - n_visible} probes, {len(manifest['calls'])} calls, "
-              f"{_mb(sizes[0])} weights, {_mb(sizes[1])} captures ({time.perf_counter() - t_start:.1f}s)", file=sys.stderr)
+              f"{_mb(sizes[0])} weights, {_mb(sizes[1])} hidden weights, {_mb(sizes[2])} captures "
+              f"({time.perf_counter() - t_start:.1f}s)", file=sys.stderr)
+        for line in _constants_summary(manifest):
+            print(line, file=sys.stderr)
     return manifest
 
 
@@ -1187,6 +1241,10 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
     elif window is not None:
         window_note += " (not added: --hidden 0)"
     copies = low_precision_copies(plan, LOW_PRECISION) if low_precision else []
+    public, secret, hidden_init = _draw_hidden(model, spec_or_model, overrides, init, seed, plan, inputs_fn, device,
+                                               dtype, tolerance)
+    weights_of = {True: public, False: secret}  # by probe visibility
+    constants = ConstantCheck(model, tolerance)
 
     writer = Writer(out.path("probes.safetensors"), metadata={"format": FORMAT, "fmx": __version__})
     coverage = Coverage(folders)
@@ -1196,17 +1254,25 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
     traced = _traced_probes(plan)
     traces_of: Dict[int, Dict[str, Dict[str, Any]]] = {}  # per traced probe: module path -> its trace
     try:
-        with torch.no_grad(), Capture(model, writer) as capture:
+        with torch.no_grad(), Capture(model, writer, constants) as capture:
+            loaded = True  # the model holds the public weights
             for i, probe in enumerate(plan):
+                if probe.visible != loaded:  # hidden probes run under the hidden set
+                    hidden_set.load(model, weights_of[probe.visible])
+                    loaded = probe.visible
                 probe_entries.append(run(model, capture, i, probe, trace=i in traced))
                 if i in traced:
                     traces_of[i] = capture.trace()
             signatures = dict(capture.signatures)
-        if copies:
+        for visible in (True, False):  # copies: visible ones first, as low_precision_copies orders them
+            group = [(i, probe) for i, probe in enumerate(copies, start=len(plan)) if probe.visible == visible]
+            if not group:
+                continue
+            hidden_set.load(model, weights_of[visible])
             low = _low_precision_copy(model, DTYPES[LOW_PRECISION])
-            with torch.no_grad(), Capture(low, writer) as low_capture:
+            with torch.no_grad(), Capture(low, writer, constants) as low_capture:
                 low_capture.calls = capture.calls  # one call list, in the order calls started
-                for i, probe in enumerate(copies, start=len(plan)):
+                for i, probe in group:
                     probe_entries.append(run(low, low_capture, i, probe, trace=i == len(plan)))
                     if i == len(plan):
                         traces_of[i] = low_capture.trace()
@@ -1217,6 +1283,8 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
     except BaseException:
         writer.abort()
         raise
+    finally:
+        hidden_set.load(model, public)
 
     traces = [traces_of[i] for i in traced]  # the first is the one the pack shows
     flows = {path: generalize([t[path] for t in traces if path in t]) for path in traces[0]}
@@ -1231,6 +1299,9 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
 
     stored, aliases, buffers, non_persistent = collect_weights(model)
     save_file(stored, out.path("weights.safetensors"), metadata={"format": FORMAT, "fmx": __version__})
+    save_file({k: secret.get(k, t) for k, t in stored.items()}, out.path(HIDDEN_WEIGHTS),  # buffers: as public
+              metadata={"format": FORMAT, "fmx": __version__})
+    checks, unseen = constants.report()
 
     manifest = {
         "format": FORMAT,
@@ -1244,6 +1315,10 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
         "seed": seed,
         "init": {"kind": "sensitive", "residual_std": RESIDUAL_STD, "roles": roles} if roles is not None
                 else {"kind": "model"},
+        "hidden_weights": HIDDEN_WEIGHTS,
+        "hidden_init": hidden_init,
+        "constants": checks,
+        "unseen_constants": unseen,
         "tolerance": tolerance,
         "tolerance_cross_build": TOLERANCE_CROSS_BUILD,
         "probe_power": _probe_power(plan, copies, window_name, window_note),
@@ -1259,6 +1334,59 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
         json.dump(manifest, f, indent=1, allow_nan=False)
         f.write("\n")
     return manifest
+
+
+def _draw_hidden(model: nn.Module, spec_or_model: Any, overrides: Mapping[str, Any], init: bool, seed: int,
+                 plan: Sequence[Probe], inputs_fn: InputsFn, device: str, dtype: str,
+                 tolerance: Mapping[str, Mapping[str, float]]
+                 ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor], Dict[str, Any]]:
+    """(the public parameters, the hidden set, task.json's hidden_init), drawn by the pack's init
+    policy (hidden.py) with the scales that make every norm's eps matter tuned on the first hidden
+    probe's inputs."""
+    redraw: Optional[Callable[[int], Any]]
+    if init:
+        kind, redraw = "sensitive", functools.partial(sensitive_init, model)
+    elif isinstance(spec_or_model, str):
+        kind, redraw = "model", functools.partial(_rebuild_into, model, spec_or_model, overrides)
+    else:
+        kind, redraw = "perturbed", None
+    i = next((k for k, p in enumerate(plan) if not p.visible), 0)
+    probe = plan[i]
+    inputs = inputs_fn(model, probe.batch, probe.seq, probe.padding,
+                       torch.Generator().manual_seed(seed * 1_000_003 + i + 1))  # probe i's own inputs
+    if not isinstance(inputs, Mapping):
+        raise ExportError(f"probe inputs must be a dict of forward arguments, got {type(inputs).__name__}")
+    inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+    target = max(hidden_set.EPS_TARGET, hidden_set.TARGET_OVER_RTOL * tolerance.get(dtype, {}).get("rtol", 0.0))
+    return hidden_set.draw(model, kind, seed, redraw, residual_stream(model), lambda: model(**inputs), target)
+
+
+def _rebuild_into(model: nn.Module, spec: str, overrides: Mapping[str, Any], seed: int) -> None:
+    """The model file's own init drawn again: SPEC built after torch.manual_seed(seed), its
+    parameters copied into `model` (the global generator is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        other, _, _ = build_from_spec(spec, overrides)
+    theirs = hidden_set.parameters(other)
+    with torch.no_grad():
+        for name, p in hidden_set.parameters(model).items():
+            q = theirs.get(name)
+            if q is not None and q.shape == p.shape and q.is_floating_point():
+                p.copy_(q.detach().to(p.device, p.dtype))
+
+
+def _constants_summary(manifest: Mapping[str, Any]) -> List[str]:
+    """The export summary's lines about constants: the unseen ones, else the least seen."""
+    checks, unseen = manifest["constants"], manifest["unseen_constants"]
+    if unseen:
+        return [f"unseen constants ({len(unseen)} of {len(checks)}): no probe's output moves past the tolerance "
+                "when one changes by x1.5 or /1.5"] + [f"  {u['module']} {u['constant']}: {u['why']}" for u in unseen]
+    moves = [(min(c[k]["exceeds"] for k in ("times_1.5", "over_1.5")), c) for c in checks]
+    if not moves:
+        return ["constants: no module has an eps-like constant"]
+    least, c = min(moves, key=lambda m: m[0])
+    return [f"constants: each of {len(checks)} eps-like constants x1.5 and /1.5 moves some probe past the tolerance "
+            f"(least: {c['module'] or '(root)'} {c['constant']}, {least:.3g}x the tolerance)"]
 
 
 def _traced_probes(plan: Sequence[Probe]) -> List[int]:
@@ -1287,12 +1415,13 @@ def _run_probe(model: nn.Module, capture: Capture, i: int, probe: Probe, *, writ
     inputs = inputs_fn(model, probe.batch, probe.seq, probe.padding, generator)
     if not isinstance(inputs, Mapping):
         raise ExportError(f"probe inputs must be a dict of forward arguments, got {type(inputs).__name__}")
-    mask_key = writer.add(f"{probe.name}/mask", _mask_of(inputs, probe.batch, probe.seq), dedupe=True)
+    mask = _mask_of(inputs, probe.batch, probe.seq)
+    mask_key = writer.add(f"{probe.name}/mask", mask, dedupe=True)
     inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
     if probe.dtype is not None:  # a reduced-precision copy: floating inputs in its dtype too
         inputs = {k: v.to(DTYPES[probe.dtype]) if isinstance(v, Tensor) and v.is_floating_point() else v
                   for k, v in inputs.items()}
-    capture.start_probe(i, probe.batch, probe.seq, trace_ops=trace)
+    capture.start_probe(i, probe.batch, probe.seq, trace_ops=trace, mask=mask)
     with coverage, (OpTrace(capture) if trace else contextlib.nullcontext()):
         result = model(**inputs)
     del result, inputs

@@ -114,7 +114,8 @@ def tiny(tmp_path_factory):
         on_disk = json.load(f)
     assert on_disk == manifest
     return {"dir": out, "m": manifest, "probes": load_file(os.path.join(out, "probes.safetensors")),
-            "weights": load_file(os.path.join(out, "weights.safetensors"))}
+            "weights": load_file(os.path.join(out, "weights.safetensors")),
+            "hidden": load_file(os.path.join(out, manifest["hidden_weights"]))}
 
 
 def _calls(m: Dict[str, Any], module: str, probe: int = 0) -> List[Dict[str, Any]]:
@@ -234,11 +235,12 @@ def test_token_aligned_flags(tiny):
 def test_captured_values_are_consistent(tiny):
     import tiny_model
 
-    m, probes, weights = tiny["m"], tiny["probes"], tiny["weights"]
+    m, probes = tiny["m"], tiny["probes"]
     for probe in range(len(m["probes"])):
         ln = _calls(m, "model.layers.0.input_layernorm", probe)[0]
         attn = _calls(m, "model.layers.0.self_attn", probe)[0]
         x = probes[ln["inputs"][0]["key"]]  # float32, or bfloat16 on the reduced-precision probes
+        weights = tiny["weights"] if m["probes"][probe]["visible"] else tiny["hidden"]  # hidden probes: hidden set
         w = weights["model.layers.0.input_layernorm.weight"]
         ref = tiny_model.TinyRMSNorm(32, 1e-6)
         ref.weight.data.copy_(w)
@@ -248,13 +250,12 @@ def test_captured_values_are_consistent(tiny):
         assert torch.equal(probes[attn["inputs"][0]["key"]], probes[ln["outputs"][0]["key"]])
 
 
-def _rerun_root(pack: str, build) -> None:
-    """Load the pack's weights into a differently seeded model and rerun the root calls; a
-    reduced-precision probe reruns on a copy in its dtype (weights cast, as the verifier casts them)."""
+def load_pack_model(pack: str, build, hidden: bool = False) -> torch.nn.Module:
+    """A differently seeded model built by `build` holding the pack's weights (its hidden set with
+    `hidden`), ties restored from the aliases."""
     with open(os.path.join(pack, "task.json")) as f:
         m = json.load(f)
-    probes = load_file(os.path.join(pack, "probes.safetensors"))
-    weights = dict(load_file(os.path.join(pack, "weights.safetensors")))
+    weights = dict(load_file(os.path.join(pack, m["hidden_weights"] if hidden else "weights.safetensors")))
     for alias, target in m["weights"]["aliases"].items():
         weights[alias] = weights[target]
     torch.manual_seed(12345)
@@ -266,18 +267,32 @@ def _rerun_root(pack: str, build) -> None:
     for name in m["weights"]["non_persistent"]:
         owner, _, leaf = name.rpartition(".")
         model.get_submodule(owner)._buffers[leaf].copy_(weights[name])
-    models = {m["dtype"]: model}
-    for p in m["probes"]:
-        if p.get("dtype", m["dtype"]) not in models:
-            models[p["dtype"]] = copy.deepcopy(model).to(getattr(torch, p["dtype"]))
+    return model
+
+
+def _rerun_root(pack: str, build) -> None:
+    """Load the pack's weights into a differently seeded model and rerun the root calls; a hidden
+    probe reruns under the hidden weight set, a reduced-precision probe on a copy in its dtype
+    (weights cast, as the verifier casts them)."""
+    with open(os.path.join(pack, "task.json")) as f:
+        m = json.load(f)
+    probes = load_file(os.path.join(pack, "probes.safetensors"))
+    models = {}
+    for visible in (True, False):
+        model = load_pack_model(pack, build, hidden=not visible)
+        models[(visible, m["dtype"])] = model
+        for p in m["probes"]:
+            if p.get("dtype", m["dtype"]) != m["dtype"]:
+                models[(visible, p["dtype"])] = copy.deepcopy(model).to(getattr(torch, p["dtype"]))
     for call in [c for c in m["calls"] if c["module"] == ""]:
         kwargs = {}
         for e in call["inputs"]:
             if e.get("default"):
                 continue
             kwargs[e["name"]] = probes[e["key"]] if e["kind"] == "tensor" else e.get("value")
+        probe = m["probes"][call["probe"]]
         with torch.no_grad():
-            out = models[m["probes"][call["probe"]].get("dtype", m["dtype"])](**kwargs)
+            out = models[(probe["visible"], probe.get("dtype", m["dtype"]))](**kwargs)
         for e in call["outputs"]:
             if e["kind"] == "tensor":
                 got = getattr(out, e["name"]) if not e["name"].isdigit() else out[int(e["name"])]
