@@ -26,6 +26,7 @@
 #include "engine/engine.h"
 #include "pack.h"
 #include "pyexec.h"
+#include "evaluator.h"
 #include "status.h"
 #include "verify.h"
 
@@ -522,6 +523,12 @@ int fmx_mutate_main(int argc, char **argv) {
     double t0 = fmx__now_ms();
 
     char err[FMX__ERR];
+    /* each mutant runs in a sandboxed evaluation process with a time limit
+     * (a mutated loop bound can make it endless) */
+    fmx_evaluator_config ec = fmx_evaluator_config_default();
+    ec.timeout_s = 60;
+    ec.device = o.device ? o.device : "cpu";
+    fmx_evaluator_configure(&ec);
     if (fmx_engine_set_device(o.device, err, sizeof err) != 0)
         return fmx__error_out(&o, "device", err);
     fmx_pack *pack = NULL;

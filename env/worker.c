@@ -850,7 +850,7 @@ static void __attribute__((noreturn)) fmx__worker_run(int fd, const fmx__wctx *w
         if (!rq) _exit(FMX__EXIT_OOM); /* the server's encoding is sound: out of memory */
         fmx__arm_cpu(w->cpu_s);
         /* the pool kills this worker at eval_timeout_s: evaluations end first */
-        double budget = w->eval_timeout_s > 2 ? w->eval_timeout_s - 1.0 : w->eval_timeout_s * 0.5;
+        double budget = w->eval_timeout_s > 1 ? w->eval_timeout_s - 0.25 : w->eval_timeout_s * 0.75;
         fmx_evaluator_set_deadline(w->eval_timeout_s > 0 ? fmx_evaluator_now() + budget : 0);
         fmx_evaluator_take_fate(NULL, 0);
         cJSON *reply = fmx__job(w, rq);

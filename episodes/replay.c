@@ -22,6 +22,7 @@
 
 #include "engine/engine.h"
 #include "env/episode.h"
+#include "env/evaluator.h"
 #include "env/status.h"
 #include "env/tasks.h"
 #include "env/tools.h"
@@ -45,6 +46,18 @@ int fmx_replay_open_db(const char *db_path, int readonly, sqlite3 **out, char *e
 }
 
 /* A prepare failure: "no such table" means the file is not an fmx log. */
+#define FMX_REPLAY_EVAL_TIMEOUT_S 30.0
+
+/* Logged code runs as the server ran it: in sandboxed evaluation processes
+ * (env/evaluator.c) with the server's default limits, so a logged endless
+ * loop ends at its deadline. */
+static void fmx__sandboxed_evaluations(const char *device) {
+    fmx_evaluator_config ec = fmx_evaluator_config_default();
+    ec.timeout_s = FMX_REPLAY_EVAL_TIMEOUT_S;
+    ec.device = device ? device : "cpu";
+    fmx_evaluator_configure(&ec);
+}
+
 static int fmx__prepare(sqlite3 *db, const char *sql, sqlite3_stmt **st, char *err, size_t errsz) {
     int rc = sqlite3_prepare_v2(db, sql, -1, st, NULL);
     if (rc == SQLITE_OK) return FMX_OK;
@@ -546,6 +559,7 @@ static int fmx__reexecute(FILE *f, const fmx_transcript *t, const fmx__replay_op
     } else if (t->breakdown && fmx_replay_reward_of(t->breakdown, &reward) == FMX_OK) {
         reward_from = "the episode's stored breakdown";
     }
+    fmx__sandboxed_evaluations(o->device);
     int rc = fmx_engine_set_device(o->device, err, errsz);
     if (rc) return rc;
     fmx_tasks *tasks = NULL;
@@ -880,6 +894,7 @@ int fmx_regrade_main(int argc, char **argv) {
         return 2;
     }
     fmx_tasks *tasks = NULL;
+    if (rerun) fmx__sandboxed_evaluations(device);
     if (rerun && (fmx_engine_set_device(device, err, sizeof err) != FMX_OK ||
                   fmx_tasks_open(tasks_dir, &tasks, stderr, err, sizeof err) != FMX_OK)) {
         fprintf(stderr, "fmx regrade: %s\n", err);

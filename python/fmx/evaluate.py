@@ -80,6 +80,11 @@ DATA_START = 64
 ALLOWED_MODULES = ("torch", "torch.nn", "torch.nn.functional", "math", "typing",
                    "__future__")
 
+# What torch itself may import lazily while a candidate runs.
+INTERNAL_MODULES = {"torch", "math", "typing", "__future__", "numpy", "collections", "functools",
+                    "itertools", "numbers", "warnings", "copyreg", "enum", "contextlib", "abc",
+                    "operator", "weakref", "types", "dataclasses", "re", "string"}
+
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16",
                       "BF16": "bfloat16", "I64": "int64", "I32": "int32", "I16": "int16",
                       "I8": "int8", "U8": "uint8", "BOOL": "bool"}
@@ -566,14 +571,15 @@ def load_candidate(job):
                                                              (e.offset or 1) - 1, lines,
                                                              f"SyntaxError: {e.msg}")}
     except (ValueError, RecursionError, MemoryError) as e:
-        return None, {"stage": "compile", "message": f"{filename}: cannot be parsed: {e}"}
+        return None, {"stage": "compile", "message": f"{filename}: cannot be parsed: "
+                                          f"{type(e).__name__}: {e}"}
     bad = check_imports(tree)
     if bad:
         node, what = bad
         return None, {"stage": "compile", "message": located(
             filename, node.lineno, node.col_offset, lines,
-            f"import of '{what}' is not allowed: fmx files import only torch "
-            "(torch.nn, torch.nn.functional), math and typing, so they stay self-contained")}
+            f"import not allowed: '{what}' (fmx files import only torch, torch.nn, "
+            "torch.nn.functional, math and typing, so they stay self-contained)")}
     taps = TapRecorder(int(job.get("max_taps") or 1024), int(job.get("max_tap_bytes") or 0))
     g = {"__name__": "fmx_candidate", "__file__": filename,
          "__builtins__": candidate_builtins(), "tap": taps}
@@ -616,7 +622,11 @@ def candidate_builtins():
     b = dict(vars(builtins))
 
     def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
-        if level or name not in ALLOWED_MODULES:
+        # torch imports its own modules lazily through the caller's builtins
+        # (torch.tensor(list) imports torch.storage): those, and the stdlib
+        # helpers they use, pass; anything else a file reaches for does not
+        top = name.split(".")[0]
+        if level or (top not in INTERNAL_MODULES and not top.startswith("_")):
             raise ImportError(f"import of '{name}' is not allowed in an fmx file")
         return __import__(name, globals, locals, fromlist, level)
     b["__import__"] = guarded_import

@@ -182,23 +182,36 @@ def candidate(body):
     return HEADER + body
 
 
-@pytest.mark.parametrize("body,code,needle,line", [
-    ("def forward(input_ids: Tensor) -> Tensor:\n    return input_ids +\n", 2, "", 7),
-    ("import os\n", 2, "import not allowed", 6),
+@pytest.mark.parametrize("body,stage,needle,line", [
+    ("def forward(input_ids: Tensor) -> Tensor:\n    return input_ids +\n", "compile",
+     "SyntaxError", 7),
+    ("import os\n", "compile", "import not allowed", 6),
+    ("from os import path\n", "compile", "import not allowed", 6),
+    # Python, run in the sandbox: no file can be opened or written
     ("def forward(input_ids: Tensor) -> Tensor:\n"
-     "    return torch.from_file('/etc/passwd', size=4)\n", 2, "from_file", 7),
+     "    return torch.from_file('/etc/passwd', size=4)\n", "run", "from_file", 7),
     ("def forward(input_ids: Tensor) -> Tensor:\n"
-     "    torch.save(input_ids, '/tmp/x')\n    return input_ids\n", 2, "save", 7),
+     "    torch.save(input_ids, '/tmp/x')\n    return input_ids\n", "run", "save", 7),
     ("def forward(input_ids: Tensor) -> Tensor:\n"
-     "    return torch.ops.aten.relu(input_ids)\n", 2, "torch.ops", 7),
-], ids=["syntax_error", "import_not_allowed", "from_file", "save", "torch_ops"])
-def test_language_rule_refused_with_line(packs, tmp_path, body, code, needle, line):
+     "    return __import__('os').listdir('/')\n", "run", "import", 7),
+], ids=["syntax_error", "import_not_allowed", "from_import", "from_file", "save",
+        "dynamic_import"])
+def test_refused_with_its_line(packs, tmp_path, body, stage, needle, line):
     res, report = verify(packs["qwen2"], candidate(body), tmp_path=tmp_path)
-    assert res.returncode == code, res.stdout + res.stderr
-    assert report["status"] == "error" and report["error"]["stage"] == "compile"
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert report["status"] == "error" and report["error"]["stage"] == stage
     msg = report["error"]["message"]
     assert needle in msg
     assert f"candidate.py:{line}" in msg, msg
+
+
+def test_torch_ops_run_with_their_python_meaning(packs, tmp_path):
+    # torch.ops.aten.* is ordinary Python: graded on what it computes
+    res, report = verify(packs["qwen2"], candidate(
+        "def forward(input_ids: Tensor) -> Tensor:\n"
+        "    return torch.ops.aten.relu(input_ids)\n"), tmp_path=tmp_path)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert report["status"] == "mismatch"
 
 
 def test_missing_weight_key_names_the_key_and_line(packs, tmp_path):
