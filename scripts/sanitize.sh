@@ -25,7 +25,7 @@ start=$(date +%s)
 # ---- 1. build ----
 engine_args=(-DFMX_ENGINE_LIBRARY=)
 if [ "${FMX_SANITIZE_ENGINE:-0}" != 1 ] && [ -f "$build/CMakeCache.txt" ]; then
-  cmake --build "$build" --target fmx_engine -j"$(nproc)" >/dev/null
+  cmake --build "$build" --target fmx_engine fmx_eval -j"$(nproc)" >/dev/null
   engine_args=(-DFMX_ENGINE_LIBRARY="$(cd "$build" && pwd)/env/engine/libfmx_engine.a")
   # the same libtorch the bridge was compiled against (a CUDA one, say)
   torch_dir=$(sed -n 's/^Torch_DIR:PATH=//p' "$build/CMakeCache.txt")
