@@ -244,6 +244,15 @@ fmx_evaluator *fmx_evaluator_shared(char *err, size_t errsz) {
     return fmx__shared;
 }
 
+int fmx_evaluator_shared_fd(void) {
+    return fmx__shared ? fmx__shared->fd : -1;
+}
+
+void fmx_evaluator_shutdown(void) {
+    fmx_evaluator_close(fmx__shared);
+    fmx__shared = NULL;
+}
+
 int fmx_evaluator_shared_ok(void) {
     return !fmx__shared_broken && (!fmx__shared || fmx__shared->fd >= 0);
 }

@@ -53,6 +53,10 @@ fmx_evaluator *fmx_evaluator_shared(char *err, size_t errsz);
 /* Whether the shared evaluator can still serve (its zygote lives, or none
  * was started yet). A sandboxed worker whose zygote died cannot start one. */
 int fmx_evaluator_shared_ok(void);
+/* The shared evaluator's socket to its zygote (-1: none); closes it and
+ * kills the zygote. */
+int fmx_evaluator_shared_fd(void);
+void fmx_evaluator_shutdown(void);
 /* Evaluations of the shared evaluator that start from now on end by this
  * CLOCK_MONOTONIC time (seconds; 0: no deadline but timeout_s). */
 void fmx_evaluator_set_deadline(double mono_s);

@@ -105,8 +105,7 @@ int fmx_sandbox_seccomp(int deny_open) {
     return rc;
 }
 
-/* VmSize in bytes, from /proc/self/statm; 0 if unknown. */
-static size_t fmx__vm_bytes(void) {
+size_t fmx_sandbox_vm_bytes(void) {
     FILE *f = fopen("/proc/self/statm", "r");
     unsigned long pages = 0;
     if (f) {
@@ -122,7 +121,7 @@ int fmx_sandbox_enter(long mem_mb, double cpu_s, int deny_open, char *err, size_
     setrlimit(RLIMIT_CORE, &core);
     if (mem_mb > 0) {
         struct rlimit as;
-        as.rlim_cur = as.rlim_max = (rlim_t)(fmx__vm_bytes() + (size_t)mem_mb * (1u << 20));
+        as.rlim_cur = as.rlim_max = (rlim_t)(fmx_sandbox_vm_bytes() + (size_t)mem_mb * (1u << 20));
         if (setrlimit(RLIMIT_AS, &as) != 0) {
             snprintf(err, errsz, "setrlimit(RLIMIT_AS): %s", strerror(errno));
             return -1;

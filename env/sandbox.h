@@ -27,6 +27,9 @@ extern "C" {
 /* Loads the filter (sets no_new_privs). Returns 0 or a negative errno. */
 int fmx_sandbox_seccomp(int deny_open);
 
+/* VmSize of this process in bytes (/proc/self/statm); 0 if unknown. */
+size_t fmx_sandbox_vm_bytes(void);
+
 /* The evaluation child's lock-down, in order: not dumpable, no core files,
  * RLIMIT_AS = its address space now + mem_mb MiB (0: none), RLIMIT_CPU = CPU
  * time used so far + cpu_s (0: none; SIGXCPU ends it), no_new_privs, the

@@ -572,17 +572,6 @@ static void fmx__on_fatal(int sig) {
     raise(sig);
 }
 
-/* VmSize in bytes, from /proc/self/statm; 0 if unknown. */
-static size_t fmx__vm_size(void) {
-    FILE *f = fopen("/proc/self/statm", "r");
-    unsigned long pages = 0;
-    if (f) {
-        if (fscanf(f, "%lu", &pages) != 1) pages = 0;
-        fclose(f);
-    }
-    return (size_t)pages * (size_t)sysconf(_SC_PAGESIZE);
-}
-
 /* Sets libtorch's intra-op threads: at::set_num_threads (C++, found by its
  * mangled name: nothing outside env/engine includes libtorch), else
  * OpenMP's. A forked worker so never uses the thread pools of the server. */
@@ -693,7 +682,7 @@ static int fmx__sandbox(const fmx__wctx *w, char *err, size_t errsz, size_t *vm,
     }
     if (fmx__warmup(w->tasks, w->reward, werr, sizeof werr) != FMX_OK)
         fprintf(stderr, "fmx worker %d: warm-up: %s\n", (int)getpid(), werr);
-    *vm = fmx__vm_size();
+    *vm = fmx_sandbox_vm_bytes();
     *limit = 0;
     if (w->cpu_device && w->mem_mb > 0) {
         struct rlimit as;
@@ -1876,10 +1865,11 @@ int fmx_worker_selftest(const char *what, char *detail, size_t n) {
         return ok;
     }
     if (strcmp(what, "fds") == 0) {
-        /* only stdio and the channel are open (probed: /proc cannot be opened) */
+        /* only stdio, the channel and the evaluation process's socket are
+         * open (probed: /proc cannot be opened) */
         for (int fd = 0; fd < 4096; fd++) {
             if (fcntl(fd, F_GETFD) < 0) continue;
-            if (fd <= FMX__CHANNEL_FD) {
+            if (fd <= FMX__CHANNEL_FD || fd == fmx_evaluator_shared_fd()) {
                 if (used < n)
                     used += (size_t)snprintf(detail + used, n - used, "%s%d",
                                              used ? " " : "open: ", fd);
