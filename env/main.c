@@ -33,10 +33,12 @@
 #include "mutate.h"
 #include "pack.h"
 #include "pyexec.h"
+#include "pysource.h"
 #include "episodes/export.h"
 #include "episodes/leaderboard.h"
 #include "episodes/replay.h"
 #include "policies/run.h"
+#include "rewards/reward.h"
 #include "server.h"
 #include "status.h"
 #include "verify.h"
@@ -437,6 +439,9 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "info") == 0) return cmd_info(argc - 1, argv + 1);
     if (strcmp(cmd, "serve") == 0) return fmx_serve_main(argc - 1, argv + 1);
     if (strcmp(cmd, "keygen") == 0) return fmx_serve_keygen_main(argc - 1, argv + 1);
+    /* hidden: fmx's model of a Python file as JSON, for tests (env/pysource.h) */
+    if (strcmp(cmd, "pysource") == 0)
+        return fmx_pysource_main(argc - 1, argv + 1, fmx_reward_count_loc);
     /* hidden: a worker process of `fmx serve --worker-exec` (env/worker.h) */
     if (strcmp(cmd, "worker") == 0) return fmx_worker_main(argc - 1, argv + 1);
     if (strcmp(cmd, "run") == 0) return fmx_run_main(argc - 1, argv + 1);

@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "proto.h"
+#include "pysource.h"
 #include "status.h"
 #include "verify.h"
 
@@ -425,154 +426,145 @@ static const char *fmx__disp(const char *path) {
 
 /* ---- read_module_source ---- */
 
-/* Lines of a source text: pointers into it and lengths. */
+/* A source file as fmx's one Python model (pysource.h) and what marking
+ * needs of each physical line: its text, its logical line, whether it is
+ * a comment-only line. */
 typedef struct {
-    const char *s;
-    int len;
-} fmx__line;
+    fmx_pysource *ps;
+    const fmx_py_physline *phys;
+    long nphys;
+    const fmx_py_line *lines;
+    long nlines;
+    const fmx_py_token *tok;
+    long ntok;
+    unsigned char *comment; /* per physical line: holds a comment */
+} fmx__src;
 
-/* Lines first..last (1-based, inclusive) of src; returns how many were found. */
-static int fmx__lines(const char *src, int first, int last, fmx__line *out) {
-    int no = 1, n = 0;
-    const char *p = src;
-    while (*p && no <= last) {
-        const char *e = strchr(p, '\n');
-        int len = e ? (int)(e - p) : (int)strlen(p);
-        if (no >= first) out[n++] = (fmx__line){p, len};
-        no++;
-        if (!e) break;
-        p = e + 1;
+static int fmx__src_open(const char *src, fmx__src *m) {
+    memset(m, 0, sizeof *m);
+    if (fmx_pysource_open(src, strlen(src), &m->ps) != FMX_OK) return -1;
+    m->nphys = fmx_pysource_physlines(m->ps, &m->phys);
+    m->nlines = fmx_pysource_lines(m->ps, &m->lines);
+    m->ntok = fmx_pysource_tokens(m->ps, &m->tok);
+    m->comment = calloc((size_t)m->nphys + 1, 1);
+    if (!m->comment) {
+        fmx_pysource_close(m->ps);
+        return -1;
     }
-    return n;
+    for (long k = 0; k < m->ntok; k++)
+        if (m->tok[k].kind == FMX_PY_COMMENT && m->tok[k].line <= m->nphys)
+            m->comment[m->tok[k].line - 1] = 1;
+    return 0;
 }
 
-static int fmx__indent(const fmx__line *l) {
+static void fmx__src_close(fmx__src *m) {
+    fmx_pysource_close(m->ps);
+    free(m->comment);
+}
+
+/* Physical line no (1-based): its text. */
+static const char *fmx__text(const fmx__src *m, long no, int *len) {
+    const fmx_py_physline *p = &m->phys[no - 1];
+    *len = (int)(p->end - p->start);
+    return fmx_pysource_text(m->ps) + p->start;
+}
+
+/* Leading spaces and tabs of a line's text (for display). */
+static int fmx__indent(const fmx__src *m, long no) {
+    int len;
+    const char *s = fmx__text(m, no, &len);
     int i = 0;
-    while (i < l->len && (l->s[i] == ' ' || l->s[i] == '\t'))
+    while (i < len && (s[i] == ' ' || s[i] == '\t'))
         i++;
     return i;
 }
 
-static int fmx__blank(const fmx__line *l) {
-    return fmx__indent(l) == l->len;
+/* Not part of a statement and without a comment. */
+static int fmx__blank(const fmx__src *m, long no) {
+    return m->phys[no - 1].logical < 0 && !m->comment[no - 1];
 }
 
-static int fmx__comment(const fmx__line *l) {
-    int i = fmx__indent(l);
-    return i < l->len && l->s[i] == '#';
+/* A comment-only line between statements. */
+static int fmx__comment(const fmx__src *m, long no) {
+    return m->phys[no - 1].logical < 0 && m->comment[no - 1];
 }
 
-/* For each line, whether it continues the statement of the line above
- * (open brackets, a trailing backslash, or inside a triple-quoted string). */
-static void fmx__continuations(const fmx__line *lines, int n, int *cont) {
-    int depth = 0, backslash = 0;
-    char triple = 0;
-    for (int i = 0; i < n; i++) {
-        cont[i] = depth > 0 || backslash || triple;
-        backslash = 0;
-        const char *s = lines[i].s;
-        int len = lines[i].len;
-        for (int k = 0; k < len; k++) {
-            char c = s[k];
-            if (triple) {
-                if (c == '\\') {
-                    k++;
-                } else if (c == triple && k + 2 < len && s[k + 1] == c && s[k + 2] == c) {
-                    triple = 0;
-                    k += 2;
-                }
-                continue;
-            }
-            if (c == '#') break;
-            if (c == '"' || c == '\'') {
-                if (k + 2 < len && s[k + 1] == c && s[k + 2] == c) {
-                    triple = c;
-                    k += 2;
-                    continue;
-                }
-                for (k++; k < len && s[k] != c; k++)
-                    if (s[k] == '\\') k++;
-                continue;
-            }
-            if (c == '(' || c == '[' || c == '{') depth++;
-            if ((c == ')' || c == ']' || c == '}') && depth > 0) depth--;
-            if (c == '\\' && k == len - 1) backslash = 1;
-        }
-    }
+/* The logical line that physical line no starts, or -1 (a blank line, a
+ * comment, or a continuation of the statement above). */
+static long fmx__starts(const fmx__src *m, long no) {
+    long l = m->phys[no - 1].logical;
+    return l >= 0 && m->lines[l].first == no ? l : -1;
 }
 
-/* Does the statement on this line open a block (def, if, else, ...)? */
-static int fmx__is_header(const fmx__line *l) {
-    static const char *kw[] = {"def ", "async ", "class ", "if ",  "elif ",  "else:",  "else ",
-                               "for ", "while ", "with ",  "try:", "except", "finally"};
-    int i = fmx__indent(l);
-    for (size_t k = 0; k < sizeof kw / sizeof kw[0]; k++)
-        if ((size_t)(l->len - i) >= strlen(kw[k]) && strncmp(l->s + i, kw[k], strlen(kw[k])) == 0)
-            return 1;
+/* Does logical line l open a block (def, if, else, ...)? */
+static int fmx__is_header(const fmx__src *m, long l) {
+    static const char *kw[] = {"def", "async", "class", "if",  "elif",   "else",
+                               "for", "while", "with",  "try", "except", "finally"};
+    const fmx_py_token *t = fmx_pysource_first_code(m->ps, l);
+    for (size_t k = 0; t && k < sizeof kw / sizeof kw[0]; k++)
+        if (fmx_pysource_tok_is(m->ps, t, FMX_PY_NAME, kw[k])) return 1;
     return 0;
 }
 
-static int fmx__decorator(const fmx__line *l) {
-    int i = fmx__indent(l);
-    return i < l->len && l->s[i] == '@';
+static int fmx__decorator(const fmx__src *m, long l) {
+    const fmx_py_token *t = fmx_pysource_first_code(m->ps, l);
+    return t && fmx_pysource_tok_is(m->ps, t, FMX_PY_OP, "@");
 }
 
-/* Which lines "live" mode keeps: the lines of statements that ran, block
- * headers (def/if/else/..., with their decorators) around code that ran, and
- * comments just above kept code. The class line is always kept. */
-static void fmx__live_lines(const fmx__line *lines, int n, const int64_t *count, int *keep) {
-    int *cont = calloc((size_t)n + 1, sizeof *cont);
+/* Which of physical lines start..start+n-1 "live" mode keeps: the lines of
+ * statements that ran, block headers (def/if/else/..., with their
+ * decorators) around code that ran, and comments just above kept code. The
+ * first line (the class line) is always kept. */
+static void fmx__live_lines(const fmx__src *m, int start, int n, const int64_t *count, int *keep) {
     int *ran = calloc((size_t)n + 1, sizeof *ran);
-    if (!cont || !ran) {
+    if (!ran) {
         for (int i = 0; i < n; i++)
             keep[i] = 1;
-        free(cont);
-        free(ran);
         return;
     }
-    fmx__continuations(lines, n, cont);
     /* A statement ran if any of its lines has a count. */
+    for (int i = 0; i < n; i++)
+        ran[i] = count[i] > 0;
     for (int i = 0; i < n;) {
+        long l = m->phys[start + i - 1].logical;
         int j = i + 1;
-        while (j < n && cont[j])
+        while (l >= 0 && j < n && m->phys[start + j - 1].logical == l)
             j++;
         int r = 0;
         for (int k = i; k < j; k++)
-            r |= count[k] > 0;
+            r |= ran[k];
         for (int k = i; k < j; k++)
             ran[k] = r;
         i = j;
     }
     for (int i = 0; i < n; i++)
         keep[i] = ran[i];
-    /* A header is kept when anything in its block ran. Its block: the lines
-     * after it that are blank, comments, continuations or indented deeper. */
+    /* A header is kept when anything in its block ran: the lines after it
+     * up to the next statement not indented deeper. */
     for (int i = 0; i < n; i++) {
-        if (cont[i] || !fmx__is_header(&lines[i])) continue;
-        int ind = fmx__indent(&lines[i]);
-        int j = i + 1;
-        while (j < n && cont[j])
-            j++;
+        long l = fmx__starts(m, start + i);
+        if (l < 0 || !fmx__is_header(m, l)) continue;
+        long after = fmx_pysource_block_end(m->ps, l);
+        long stop = after < m->nlines ? m->lines[after].first : m->nphys + 1;
+        int hdr_end = (int)(m->lines[l].last - start + 1); /* lines of the header */
         int any = 0;
-        for (int k = j; k < n; k++) {
-            if (!cont[k] && !fmx__blank(&lines[k]) && !fmx__comment(&lines[k]) &&
-                fmx__indent(&lines[k]) <= ind)
-                break;
+        for (int k = hdr_end; k < n && start + k < stop; k++)
             any |= ran[k];
-        }
         if (any)
-            for (int k = i; k < j; k++)
+            for (int k = i; k < hdr_end && k < n; k++)
                 keep[k] = 1;
     }
     /* Decorators go with the def below them; comments with the code below. */
     for (int i = n - 1; i >= 0; i--) {
-        if (cont[i] || i + 1 >= n) continue;
-        int next = i + 1;
-        if (fmx__decorator(&lines[i]) && keep[next]) keep[i] = 1;
-        if (fmx__comment(&lines[i]) && keep[next]) keep[i] = 1;
+        long l = fmx__starts(m, start + i);
+        if (l >= 0 && fmx__decorator(m, l)) {
+            int next = (int)(m->lines[l].last - start + 1);
+            if (next < n && keep[next]) keep[i] = 1;
+        } else if (fmx__comment(m, start + i) && i + 1 < n && keep[i + 1]) {
+            keep[i] = 1;
+        }
     }
     if (n > 0) keep[0] = 1;
-    free(cont);
     free(ran);
 }
 
@@ -581,18 +573,23 @@ static void fmx__live_lines(const fmx__line *lines, int n, const int64_t *count,
 static void fmx__emit_range(const char *file, const cJSON *f, const char *label, int start, int end,
                             int live, fmx__sb *text, cJSON *o) {
     const char *src = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(f, "source"));
-    int n = end - start + 1;
-    fmx__line *lines = calloc((size_t)n, sizeof *lines);
-    int64_t *count = calloc((size_t)n, sizeof *count);
-    int *keep = calloc((size_t)n, sizeof *keep);
-    if (!lines || !count || !keep || !src) {
-        free(lines);
-        free(count);
-        free(keep);
+    fmx__src m;
+    if (!src || fmx__src_open(src, &m) != 0) {
         text->oom |= src != NULL;
         return;
     }
-    n = fmx__lines(src, start, end, lines);
+    if (start < 1) start = 1;
+    if (end > m.nphys) end = (int)m.nphys;
+    int n = end >= start ? end - start + 1 : 0;
+    int64_t *count = calloc((size_t)n + 1, sizeof *count);
+    int *keep = calloc((size_t)n + 1, sizeof *keep);
+    if (!count || !keep) {
+        free(count);
+        free(keep);
+        fmx__src_close(&m);
+        text->oom = 1;
+        return;
+    }
     const cJSON *cov = cJSON_GetObjectItemCaseSensitive(f, "coverage");
     int ran = 0;
     for (int i = 0; i < n; i++) {
@@ -603,7 +600,7 @@ static void fmx__emit_range(const char *file, const cJSON *f, const char *label,
         ran += count[i] > 0;
     }
     if (live)
-        fmx__live_lines(lines, n, count, keep);
+        fmx__live_lines(&m, start, n, count, keep);
     else
         for (int i = 0; i < n; i++)
             keep[i] = 1;
@@ -617,10 +614,10 @@ static void fmx__emit_range(const char *file, const cJSON *f, const char *label,
         if (!keep[i]) {
             int j = i, nonblank = 0;
             while (j < n && !keep[j])
-                nonblank += !fmx__blank(&lines[j++]);
+                nonblank += !fmx__blank(&m, start + j++);
             if (nonblank)
-                fmx__sb_printf(text, "%6s | %*s... %d line%s not run\n", "", fmx__indent(&lines[i]),
-                               "", nonblank, nonblank == 1 ? "" : "s");
+                fmx__sb_printf(text, "%6s | %*s... %d line%s not run\n", "",
+                               fmx__indent(&m, start + i), "", nonblank, nonblank == 1 ? "" : "s");
             i = j;
             continue;
         }
@@ -629,20 +626,22 @@ static void fmx__emit_range(const char *file, const cJSON *f, const char *label,
             snprintf(c, sizeof c, "%lld", (long long)count[i]);
         else
             snprintf(c, sizeof c, "\u00b7");
-        fmx__sb_printf(text, "%*s | %.*s\n", count[i] > 0 ? 6 : 7, c, lines[i].len, lines[i].s);
+        int len;
+        const char *s = fmx__text(&m, start + i, &len);
+        fmx__sb_printf(text, "%*s | %.*s\n", count[i] > 0 ? 6 : 7, c, len, s);
         cJSON *row = cJSON_CreateArray();
         cJSON_AddItemToArray(row, cJSON_CreateNumber(start + i));
         cJSON_AddItemToArray(row, count[i] > 0 ? cJSON_CreateNumber((double)count[i])
                                                : cJSON_CreateNull());
-        char *t = strndup(lines[i].s, (size_t)lines[i].len);
+        char *t = strndup(s, (size_t)len);
         cJSON_AddItemToArray(row, cJSON_CreateString(t ? t : ""));
         free(t);
         cJSON_AddItemToArray(jl, row);
         i++;
     }
-    free(lines);
     free(count);
     free(keep);
+    fmx__src_close(&m);
 }
 
 /* Emits one class: header, then its lines with counts. */
@@ -680,62 +679,52 @@ typedef struct {
     int ran, shown;
 } fmx__fn;
 
-static int fmx__ident_char(char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_';
-}
-
-/* Does the identifier name (not an attribute: no '.' before it) occur in s? */
-static int fmx__mentions(const char *s, size_t n, const char *name, int len) {
-    for (size_t i = 0; i + (size_t)len <= n; i++) {
-        if (memcmp(s + i, name, (size_t)len) != 0) continue;
-        if (i > 0 && (fmx__ident_char(s[i - 1]) || s[i - 1] == '.')) continue;
-        if (i + (size_t)len < n && fmx__ident_char(s[i + (size_t)len])) continue;
-        return 1;
+/* Does the name occur in physical lines a..b (1-based) as a name that is
+ * not an attribute (no '.' before it)? */
+static int fmx__mentions(const fmx__src *m, int a, int b, const char *name, int len) {
+    const char *src = fmx_pysource_text(m->ps);
+    /* the first token on line a or after (tokens are in line order), and
+     * the code token before it */
+    long lo = 0, hi = m->ntok;
+    while (lo < hi) {
+        long mid = lo + (hi - lo) / 2;
+        if (m->tok[mid].line < a)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    const fmx_py_token *prev = NULL;
+    for (long k = lo - 1; k >= 0 && !prev; k--)
+        if (fmx_py_is_code(&m->tok[k])) prev = &m->tok[k];
+    for (long k = lo; k < m->ntok; k++) {
+        const fmx_py_token *t = &m->tok[k];
+        if (t->line > b) break;
+        if (!fmx_py_is_code(t)) continue;
+        if (t->kind == FMX_PY_NAME && t->end - t->start == (size_t)len &&
+            memcmp(src + t->start, name, (size_t)len) == 0 &&
+            !(prev && fmx_pysource_tok_is(m->ps, prev, FMX_PY_OP, ".")))
+            return 1;
+        prev = t;
     }
     return 0;
 }
 
-/* Top-level functions of a file: name, extent, whether any line ran. */
-static int fmx__top_functions(const char *src, const cJSON *cov, fmx__fn *out, int cap,
-                              fmx__line **lines_out, int *nlines) {
-    int n = 1;
-    for (const char *p = src; *p; p++)
-        n += *p == '\n';
-    fmx__line *lines = calloc((size_t)n, sizeof *lines);
-    int *cont = calloc((size_t)n, sizeof *cont);
-    if (!lines || !cont) {
-        free(lines);
-        free(cont);
-        return -1;
-    }
-    n = fmx__lines(src, 1, n, lines);
-    fmx__continuations(lines, n, cont);
+/* Top-level functions of a file (the model's def blocks): name, extent,
+ * whether any line ran. */
+static int fmx__top_functions(const fmx__src *m, const cJSON *cov, fmx__fn *out, int cap) {
+    const fmx_py_block *blocks;
+    long nb = fmx_pysource_blocks(m->ps, &blocks);
     int found = 0;
-    for (int i = 0; i < n && found < cap; i++) {
-        const fmx__line *l = &lines[i];
-        int skip = l->len >= 4 && memcmp(l->s, "def ", 4) == 0           ? 4
-                   : l->len >= 10 && memcmp(l->s, "async def ", 10) == 0 ? 10
-                                                                         : 0;
-        if (cont[i] || !skip) continue;
-        int k = skip;
-        while (k < l->len && fmx__ident_char(l->s[k]))
-            k++;
-        if (k == skip) continue;
+    for (long i = 0; i < nb && found < cap; i++) {
+        const fmx_py_block *b = &blocks[i];
+        if (b->kind != FMX_PY_BLOCK_DEF || m->lines[b->header].indent != 0) continue;
+        const fmx_py_token *name = &m->tok[b->name];
         fmx__fn *fn = &out[found++];
-        fn->name = l->s + skip;
-        fn->name_len = k - skip;
-        fn->def = i + 1;
-        fn->start = i + 1;
-        while (fn->start >= 2 && !cont[fn->start - 2] && lines[fn->start - 2].len > 0 &&
-               lines[fn->start - 2].s[0] == '@')
-            fn->start--;
-        int j = i + 1;
-        while (j < n && (cont[j] || fmx__blank(&lines[j]) || fmx__indent(&lines[j]) > 0 ||
-                         fmx__comment(&lines[j])))
-            j++;
-        while (j - 1 > i && (fmx__blank(&lines[j - 1]) || fmx__comment(&lines[j - 1])))
-            j--;
-        fn->end = j; /* line j (1-based) is lines[j - 1] */
+        fn->name = fmx_pysource_text(m->ps) + name->start;
+        fn->name_len = (int)(name->end - name->start);
+        fn->start = (int)m->lines[b->line].first;
+        fn->def = (int)m->lines[b->header].first;
+        fn->end = (int)m->lines[b->line + b->nlines - 1].last;
         fn->ran = 0;
         fn->shown = 0;
         for (int ln = fn->def; ln <= fn->end && !fn->ran; ln++) {
@@ -745,18 +734,7 @@ static int fmx__top_functions(const char *src, const cJSON *cov, fmx__fn *out, i
             fn->ran = cJSON_IsNumber(c) && c->valuedouble > 0;
         }
     }
-    free(cont);
-    *lines_out = lines;
-    *nlines = n;
     return found;
-}
-
-/* Text of lines a..b (1-based) of a split file. */
-static void fmx__span(const fmx__line *lines, int n, int a, int b, const char **s, size_t *len) {
-    if (a < 1) a = 1;
-    if (b > n) b = n;
-    *s = lines[a - 1].s;
-    *len = (size_t)(lines[b - 1].s + lines[b - 1].len - lines[a - 1].s);
 }
 
 /* The file's top-level functions that the shown class ranges call, directly
@@ -769,13 +747,15 @@ static void fmx__emit_helpers(const cJSON *man, const cJSON *shown_classes, int 
         cJSON_GetObjectItemCaseSensitive(man, "files"), file ? file : "");
     const char *src = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(f, "source"));
     if (!src) return;
+    fmx__src m;
+    if (fmx__src_open(src, &m) != 0) {
+        text->oom = 1;
+        return;
+    }
     fmx__fn fns[256];
-    fmx__line *lines = NULL;
-    int nl = 0;
-    int nf = fmx__top_functions(src, cJSON_GetObjectItemCaseSensitive(f, "coverage"), fns, 256,
-                                &lines, &nl);
+    int nf = fmx__top_functions(&m, cJSON_GetObjectItemCaseSensitive(f, "coverage"), fns, 256);
     if (nf <= 0) {
-        free(lines);
+        fmx__src_close(&m);
         return;
     }
     /* Seeds: the shown classes of this file; then functions, to a fixed point. */
@@ -784,23 +764,19 @@ static void fmx__emit_helpers(const cJSON *man, const cJSON *shown_classes, int 
     cJSON_ArrayForEach(c, shown_classes) {
         const char *cf = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(c, "file"));
         if (!cf || strcmp(cf, file) != 0) continue;
-        const char *s;
-        size_t len;
-        fmx__span(lines, nl, cJSON_GetObjectItemCaseSensitive(c, "start")->valueint,
-                  cJSON_GetObjectItemCaseSensitive(c, "end")->valueint, &s, &len);
+        int a = cJSON_GetObjectItemCaseSensitive(c, "start")->valueint;
+        int b = cJSON_GetObjectItemCaseSensitive(c, "end")->valueint;
         for (int i = 0; i < nf; i++)
-            referenced[i] |= fmx__mentions(s, len, fns[i].name, fns[i].name_len);
+            referenced[i] |= fmx__mentions(&m, a, b, fns[i].name, fns[i].name_len);
     }
     for (int changed = 1, rounds = 0; changed && rounds < 8; rounds++) {
         changed = 0;
         for (int i = 0; i < nf; i++) {
             if (!referenced[i] || !fns[i].ran || fns[i].shown) continue;
             fns[i].shown = 1;
-            const char *s;
-            size_t len;
-            fmx__span(lines, nl, fns[i].def, fns[i].end, &s, &len);
             for (int k = 0; k < nf; k++)
-                if (!referenced[k] && fmx__mentions(s, len, fns[k].name, fns[k].name_len)) {
+                if (!referenced[k] &&
+                    fmx__mentions(&m, fns[i].def, fns[i].end, fns[k].name, fns[k].name_len)) {
                     referenced[k] = 1;
                     changed = 1;
                 }
@@ -830,7 +806,7 @@ static void fmx__emit_helpers(const cJSON *man, const cJSON *shown_classes, int 
                        fns[i].name);
     }
     if (unrun) fmx__sb_printf(text, "\n");
-    free(lines);
+    fmx__src_close(&m);
 }
 
 static void fmx__format_ops(const fmx_pack *pack, const cJSON *ops, const cJSON *returns,

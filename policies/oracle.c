@@ -8,11 +8,11 @@
  *
  * The submitted file is the reference trimmed to what the task's entry
  * function reaches (fmx_oracle_trim): a component task is graded on its own
- * functions' lines, not the whole model's.
+ * functions' lines, not the whole model's. The trimming reads the file
+ * through fmx's one Python model (env/pysource.h), as the LOC counter does.
  */
 #define _GNU_SOURCE
 #include <cjson/cJSON.h>
-#include <ctype.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,6 +20,7 @@
 #include <sys/stat.h>
 
 #include "env/file.h"
+#include "env/pysource.h"
 #include "env/status.h"
 #include "run.h"
 
@@ -133,196 +134,88 @@ int fmx_oracle_solution(const fmx_policy_ctx *ctx, const cJSON *task, char **cod
 
 /* ---- trimming a solution to one entry ---- */
 
-/* src with string contents and comments blanked (newlines kept), so that
- * brackets, quotes and names can be found by looking at characters. */
-static char *fmx__mask(const char *src, size_t n) {
-    char *m = malloc(n + 1);
-    if (!m) return NULL;
-    memcpy(m, src, n + 1);
-    size_t i = 0;
-    while (i < n) {
-        char c = src[i];
-        if (c == '#') {
-            while (i < n && src[i] != '\n')
-                m[i++] = ' ';
-        } else if (c == '"' || c == '\'') {
-            int triple = i + 2 < n && src[i + 1] == c && src[i + 2] == c;
-            size_t q = triple ? 3 : 1;
-            i += q;
-            while (i < n) {
-                if (src[i] == '\\' && i + 1 < n) {
-                    m[i] = ' ';
-                    if (src[i + 1] != '\n') m[i + 1] = ' ';
-                    i += 2;
-                } else if (src[i] == c &&
-                           (!triple || (i + 2 < n && src[i + 1] == c && src[i + 2] == c))) {
-                    i += q;
-                    break;
-                } else if (src[i] == '\n' && !triple) {
-                    break; /* unterminated: stop at the line's end */
-                } else {
-                    if (src[i] != '\n') m[i] = ' ';
-                    i++;
-                }
-            }
-        } else {
-            i++;
-        }
-    }
-    return m;
-}
-
-enum { FMX__B_OTHER, FMX__B_IMPORT, FMX__B_DEF, FMX__B_CONST, FMX__B_DROP };
-
+/* The top-level blocks of fmx's Python model (pysource.h), each kept whole:
+ * with the blank and comment lines that follow it up to the next block. */
 typedef struct {
-    size_t start, end;
-    int kind;
-    char name[128];
+    size_t start, end; /* bytes of the source */
+    const fmx_py_block *b;
     int keep;
 } fmx__block;
 
-static int fmx__ident_start(int c) {
-    return isalpha(c) || c == '_';
-}
-
-static int fmx__ident_char(int c) {
-    return isalnum(c) || c == '_';
-}
-
-/* Kind and name of a top-level statement starting at m (masked). */
-static void fmx__classify(const char *m, fmx__block *b) {
-    b->kind = FMX__B_OTHER;
-    b->name[0] = '\0';
-    size_t k = 0;
-    while (fmx__ident_char((unsigned char)m[k]))
-        k++;
-    if ((k == 6 && strncmp(m, "import", 6) == 0) || (k == 4 && strncmp(m, "from", 4) == 0)) {
-        b->kind = FMX__B_IMPORT;
-        return;
-    }
-    /* A string statement (module docstring) or the __main__ block. */
-    if (k <= 2 && (m[k] == '"' || m[k] == '\'')) {
-        b->kind = FMX__B_DROP;
-        return;
-    }
-    if (k == 2 && strncmp(m, "if", 2) == 0) {
-        const char *p = m + 2;
-        while (*p == ' ' || *p == '(')
-            p++;
-        if (strncmp(p, "__name__", 8) == 0) b->kind = FMX__B_DROP;
-        return;
-    }
-    const char *p = m;
-    if (k == 3 && strncmp(m, "def", 3) == 0) {
-        p = m + 3;
-        while (*p == ' ' || *p == '\t')
-            p++;
-        b->kind = FMX__B_DEF;
-    } else if (k > 0 && fmx__ident_start((unsigned char)m[0])) {
-        const char *q = m + k;
-        while (*q == ' ' || *q == '\t')
-            q++;
-        if ((*q == '=' && q[1] != '=') || *q == ':') b->kind = FMX__B_CONST;
-    }
-    if (b->kind == FMX__B_OTHER) return;
-    size_t len = 0;
-    while (fmx__ident_char((unsigned char)p[len]) && len + 1 < sizeof b->name) {
-        b->name[len] = p[len];
-        len++;
-    }
-    b->name[len] = '\0';
-    if (!len) b->kind = FMX__B_OTHER;
-}
-
-/* Splits masked source into top-level statements: a block starts at a line
- * that begins with a non-blank, non-comment character outside any bracket
- * or continued line, and runs to the next one. Returns the count, or -1 when
- * out of memory (*out is the caller's). */
-static int fmx__blocks(const char *m, size_t n, fmx__block **out) {
-    int cap = 32, nb = 0;
-    fmx__block *b = malloc((size_t)cap * sizeof *b);
-    if (!b) return -1;
-    int depth = 0, cont = 0;
-    for (size_t i = 0; i < n;) {
-        /* i is at the start of a physical line */
-        char c = m[i];
-        if (depth == 0 && !cont && c != ' ' && c != '\t' && c != '\n' && c != '\r') {
-            if (nb == cap) {
-                cap *= 2;
-                fmx__block *g = realloc(b, (size_t)cap * sizeof *g);
-                if (!g) {
-                    free(b);
-                    return -1;
-                }
-                b = g;
-            }
-            if (nb) b[nb - 1].end = i;
-            b[nb] = (fmx__block){.start = i, .end = n};
-            fmx__classify(m + i, &b[nb]);
-            nb++;
-        }
-        cont = 0;
-        for (; i < n && m[i] != '\n'; i++) {
-            if (m[i] == '(' || m[i] == '[' || m[i] == '{') depth++;
-            if ((m[i] == ')' || m[i] == ']' || m[i] == '}') && depth > 0) depth--;
-            if (m[i] == '\\' && i + 1 < n && m[i + 1] == '\n') cont = 1;
-        }
-        i++; /* the newline */
-    }
-    *out = b;
-    return nb;
-}
-
-/* Marks the blocks named by identifiers inside block k, recursively. */
-static void fmx__reach(const char *m, fmx__block *b, int nb, int k) {
+/* Marks block k and, recursively, the def and constant blocks whose names
+ * occur in it. */
+static void fmx__reach(const fmx_pysource *ps, fmx__block *b, long nb, long k) {
     if (b[k].keep) return;
     b[k].keep = 1;
-    for (size_t i = b[k].start; i < b[k].end;) {
-        if (!fmx__ident_start((unsigned char)m[i]) ||
-            (i > b[k].start && fmx__ident_char((unsigned char)m[i - 1]))) {
-            i++;
-            continue;
+    const fmx_py_token *tok;
+    const fmx_py_line *lines;
+    fmx_pysource_tokens(ps, &tok);
+    fmx_pysource_lines(ps, &lines);
+    const char *src = fmx_pysource_text(ps);
+    long first = lines[b[k].b->line].tok;
+    const fmx_py_line *last = &lines[b[k].b->line + b[k].b->nlines - 1];
+    for (long i = first; i < last->tok + last->ntok; i++) {
+        if (tok[i].kind != FMX_PY_NAME) continue;
+        for (long t = 0; t < nb; t++) {
+            const fmx_py_block *bt = b[t].b;
+            if (b[t].keep || (bt->kind != FMX_PY_BLOCK_DEF && bt->kind != FMX_PY_BLOCK_ASSIGN))
+                continue;
+            const fmx_py_token *name = &tok[bt->name];
+            if (name->end - name->start == tok[i].end - tok[i].start &&
+                memcmp(src + name->start, src + tok[i].start, name->end - name->start) == 0)
+                fmx__reach(ps, b, nb, t);
         }
-        size_t j = i;
-        while (j < b[k].end && fmx__ident_char((unsigned char)m[j]))
-            j++;
-        for (int t = 0; t < nb; t++)
-            if (!b[t].keep && (b[t].kind == FMX__B_DEF || b[t].kind == FMX__B_CONST) &&
-                strlen(b[t].name) == j - i && strncmp(b[t].name, m + i, j - i) == 0)
-                fmx__reach(m, b, nb, t);
-        i = j;
     }
 }
 
 char *fmx_oracle_trim(const char *src, const char *entry) {
     size_t n = strlen(src);
-    char *m = fmx__mask(src, n);
-    fmx__block *b = NULL;
-    int nb = m ? fmx__blocks(m, n, &b) : -1;
-    if (nb < 0) {
-        free(m);
+    fmx_pysource *ps = NULL;
+    if (fmx_pysource_open(src, n, &ps) != FMX_OK) return NULL;
+    const fmx_py_block *blocks;
+    const fmx_py_line *lines;
+    const fmx_py_physline *phys;
+    const fmx_py_token *tok;
+    long nb = fmx_pysource_blocks(ps, &blocks);
+    fmx_pysource_lines(ps, &lines);
+    fmx_pysource_physlines(ps, &phys);
+    fmx_pysource_tokens(ps, &tok);
+    fmx__block *b = calloc((size_t)nb + 1, sizeof *b);
+    if (!b) {
+        fmx_pysource_close(ps);
         return NULL;
     }
-    int root = -1;
-    for (int k = 0; k < nb && root < 0; k++)
-        if (b[k].kind == FMX__B_DEF && strcmp(b[k].name, entry) == 0) root = k;
+    long root = -1;
+    for (long k = 0; k < nb; k++) {
+        b[k].b = &blocks[k];
+        b[k].start = phys[lines[blocks[k].line].first - 1].start;
+        if (k) b[k - 1].end = b[k].start;
+        b[k].end = n;
+        if (root < 0 && blocks[k].kind == FMX_PY_BLOCK_DEF &&
+            fmx_pysource_tok_is(ps, &tok[blocks[k].name], FMX_PY_NAME, entry))
+            root = k;
+    }
+    char *out = NULL;
     if (root < 0) { /* no such function: leave the file whole, verify will say why */
-        free(m);
-        free(b);
-        return strdup(src);
+        out = strdup(src);
+    } else {
+        fmx__reach(ps, b, nb, root);
+        out = malloc(n + 1);
+        size_t len = 0;
+        for (long k = 0; out && k < nb; k++) {
+            /* imports and other statements stay; docstrings and the
+             * __main__ block go; defs and constants stay if reached */
+            int kind = blocks[k].kind;
+            int keep = b[k].keep || kind == FMX_PY_BLOCK_IMPORT || kind == FMX_PY_BLOCK_OTHER ||
+                       kind == FMX_PY_BLOCK_CLASS;
+            if (!keep) continue;
+            memcpy(out + len, src + b[k].start, b[k].end - b[k].start);
+            len += b[k].end - b[k].start;
+        }
+        if (out) out[len] = '\0';
     }
-    fmx__reach(m, b, nb, root);
-    char *out = malloc(n + 1);
-    size_t len = 0;
-    for (int k = 0; out && k < nb; k++) {
-        int keep = b[k].keep || b[k].kind == FMX__B_IMPORT || b[k].kind == FMX__B_OTHER;
-        if (!keep) continue;
-        memcpy(out + len, src + b[k].start, b[k].end - b[k].start);
-        len += b[k].end - b[k].start;
-    }
-    if (out) out[len] = '\0';
-    free(m);
     free(b);
+    fmx_pysource_close(ps);
     return out;
 }
 

@@ -3,12 +3,11 @@
  * config and its file loader, the formula, the breakdown as JSON, and the
  * logical-line counter behind the LOC score.
  *
- * The counter is a small Python tokenizer: it knows strings of every form
- * (prefixes, triple quotes, escapes, strings over several lines), comments,
- * bracket nesting, backslash continuations, and enough of the statement
- * grammar (`;`, compound headers ending in `:`, indentation) to count
- * statements. It never fails: source that is not valid Python is counted as
- * far as the same rules go.
+ * The counter reads the source through fmx's one Python model
+ * (env/pysource.h: tokens, logical lines, top-level blocks), the one the
+ * compiler's preprocessing reads too, and adds enough of the statement
+ * grammar (`;`, compound headers ending in `:`) to count statements.
+ * Source that is not valid Python is counted as far as the same rules go.
  *
  * Not here: running the candidate or measuring its graph facts (env/).
  */
@@ -16,12 +15,14 @@
 #include "rewards/reward.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "pysource.h"
 #include "status.h"
 
 /* ---- config ---- */
@@ -292,450 +293,151 @@ int fmx_reward_breakdown_json(const fmx_reward_config *cfg, const fmx_grade_fact
 
 /* ---- logical lines of Python ---- */
 
-/* The counter streams: the lexer hands each token to the statement tracker,
- * which keeps only what it needs of the current statement (its first few
- * tokens, bracket depth, token count), so it allocates nothing and cannot
- * fail. */
-
-enum { TOK_NAME, TOK_NUMBER, TOK_STRING, TOK_OP };
-
-typedef struct {
-    int kind;
-    const char *p;
-    size_t n;
-} loc_tok;
+/* The counter reads fmx's one model of Python source (env/pysource.h):
+ * top-level blocks, their logical lines, and tokens. Within a logical line a
+ * small statement tracker splits statements at `;` and compound headers at
+ * their `:`, and counts each one's tokens. */
 
 enum {
     LOC_TOKENS_PER_STATEMENT = 48,
-    LOC_FIRST = 6 /* tokens of a statement kept: enough for `if __name__ == "__main__":` */
+    LOC_FIRST = 2 /* tokens of a statement kept: enough to tell imports and headers */
 };
 
 typedef struct {
+    const fmx_pysource *ps;
     long total;
-    int expect_doc;   /* the next statement is the first of the module or of a def/class body */
-    int skipping;     /* inside a `def tap` or `if __name__ == "__main__":` block */
-    long skip_indent; /* ... whose header was at this indentation */
-    long decor_cost;  /* cost of the decorators just above the next statement */
-
-    /* the current logical line */
-    int line_started; /* it has had a token */
-    int line_skipped; /* it belongs to a zero block */
-    long indent;
+    int expect_doc; /* the next statement is the first of the module or of a def/class body */
 
     /* the current statement */
     int in_stmt, compound, depth, lambdas, strings_only;
-    size_t ntok, nfirst;
-    loc_tok first[LOC_FIRST];
+    long ntok;
+    size_t nfirst;
+    const fmx_py_token *first[LOC_FIRST];
 } loc_state;
 
-static int is_name_start(unsigned char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' || c >= 0x80;
+static int tok_is(const loc_state *st, const fmx_py_token *t, fmx_py_kind kind, const char *text) {
+    return fmx_pysource_tok_is(st->ps, t, (int)kind, text);
 }
 
-static int is_name_char(unsigned char c) {
-    return is_name_start(c) || (c >= '0' && c <= '9');
+static long cost_of(long ntok) {
+    return (ntok + LOC_TOKENS_PER_STATEMENT - 1) / LOC_TOKENS_PER_STATEMENT;
 }
 
-static int is_digit(unsigned char c) {
-    return c >= '0' && c <= '9';
-}
-
-static int tok_is(const loc_tok *t, int kind, const char *text) {
-    size_t n = strlen(text);
-    return t->kind == kind && t->n == n && memcmp(t->p, text, n) == 0;
-}
-
-/* End of the string literal whose opening quote is at s[i]. Escapes skip the
- * next character in every kind of string (a raw string cannot end in an odd
- * backslash either). An unterminated single-quoted string ends at the end of
- * its line, a triple-quoted one at the end of the source. */
-static size_t scan_string(const char *s, size_t len, size_t i) {
-    char q = s[i];
-    if (i + 2 < len && s[i + 1] == q && s[i + 2] == q) {
-        size_t j = i + 3;
-        while (j < len) {
-            if (s[j] == '\\')
-                j += 2;
-            else if (s[j] == q && j + 2 < len && s[j + 1] == q && s[j + 2] == q)
-                return j + 3;
-            else
-                j++;
-        }
-        return len;
-    }
-    size_t j = i + 1;
-    while (j < len) {
-        if (s[j] == '\\')
-            j += 2;
-        else if (s[j] == q)
-            return j + 1;
-        else if (s[j] == '\n')
-            return j;
-        else
-            j++;
-    }
-    return len;
-}
-
-/* Column of s[pos] on its physical line (tabs to multiples of 8, as Python). */
-static long column_of(const char *s, size_t pos) {
-    size_t b = pos;
-    while (b > 0 && s[b - 1] != '\n' && !(s[b - 1] == '\r' && s[b] != '\n'))
-        b--;
-    long col = 0;
-    for (size_t i = b; i < pos; i++) {
-        if (s[i] == '\t')
-            col = (col / 8 + 1) * 8;
-        else if (s[i] == '\f')
-            col = 0;
-        else
-            col++;
-    }
-    return col;
-}
-
-static size_t op_len(const char *s, size_t len, size_t i);
-
-/* Tokens of the code in s[a, b), counted as the statement counter counts
- * them (comments and line breaks are not tokens). */
-static size_t code_tokens(const char *s, size_t a, size_t b, int depth);
-
-/* The replacement fields of an f-string are code: the tokens of every
- * {...} in its body s[a, b) ({{ and }} are literal braces). depth bounds
- * nested f-strings. */
-static size_t fstring_field_tokens(const char *s, size_t a, size_t b, int depth) {
-    size_t n = 0, i = a;
-    while (i < b) {
-        if ((s[i] == '{' || s[i] == '}') && i + 1 < b && s[i + 1] == s[i]) {
-            i += 2;
-            continue;
-        }
-        if (s[i] != '{') {
-            i++;
-            continue;
-        }
-        /* The field ends at the } that closes it, outside nested brackets
-         * and strings. */
-        size_t j = i + 1;
-        int nest = 0;
-        while (j < b) {
-            char c = s[j];
-            if (c == '"' || c == '\'') {
-                char q = c;
-                for (j++; j < b && s[j] != q; j++)
-                    if (s[j] == '\\') j++;
-                j++;
-                continue;
-            }
-            if (c == '(' || c == '[' || c == '{') nest++;
-            if (c == ')' || c == ']') nest--;
-            if (c == '}' && nest-- == 0) break;
-            j++;
-        }
-        n += code_tokens(s, i + 1, j < b ? j : b, depth + 1);
-        i = j + 1;
-    }
-    return n;
-}
-
-/* Where the body of the string token s[start, end) begins and ends; 1 if it
- * is an f-string. */
-static int fstring_body(const char *s, size_t start, size_t end, size_t *a, size_t *b) {
-    size_t q = start;
-    int f = 0;
-    for (; q < end && s[q] != '"' && s[q] != '\''; q++)
-        f |= s[q] == 'f' || s[q] == 'F';
-    if (!f || q >= end) return 0;
-    size_t ql = q + 2 < end && s[q + 1] == s[q] && s[q + 2] == s[q] ? 3 : 1;
-    *a = q + ql;
-    *b = end;
-    if (end >= *a + ql && s[end - 1] == s[q]) *b = end - ql; /* closed */
-    if (*b < *a) *b = *a;
-    return 1;
-}
-
-static size_t code_tokens(const char *s, size_t a, size_t b, int depth) {
-    size_t n = 0, i = a;
-    while (i < b) {
-        unsigned char c = (unsigned char)s[i];
-        size_t start = i;
-        if (c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\f' || c == '\v' ||
-            c == '\0' || c == '\\') {
-            i++;
-            continue;
-        }
-        if (c == '#') {
-            while (i < b && s[i] != '\n')
-                i++;
-            continue;
-        }
-        n++;
-        if (c == '"' || c == '\'' || is_name_start(c)) {
-            while (i < b && s[i] && strchr("rRbBuUfF", s[i]) && i - start < 2)
-                i++;
-            if (i < b && (s[i] == '"' || s[i] == '\'')) {
-                i = scan_string(s, b, i);
-                size_t fa, fb;
-                if (depth < 8 && fstring_body(s, start, i, &fa, &fb))
-                    n += fstring_field_tokens(s, fa, fb, depth);
-            } else {
-                while (i < b && is_name_char((unsigned char)s[i]))
-                    i++;
-            }
-        } else if (is_digit(c) || (c == '.' && i + 1 < b && is_digit((unsigned char)s[i + 1]))) {
-            i++;
-            while (i < b && (is_name_char((unsigned char)s[i]) || s[i] == '.'))
-                i++;
-        } else {
-            i += op_len(s, b, i);
-        }
-    }
-    return n;
-}
-
-static long cost_of(size_t ntok) {
-    return (long)((ntok + LOC_TOKENS_PER_STATEMENT - 1) / LOC_TOKENS_PER_STATEMENT);
-}
-
-static int is_compound(const loc_tok *t) {
+static int is_compound(const loc_state *st, const fmx_py_token *t) {
     static const char *const kw[] = {"if",  "elif",   "else",    "for", "while", "with",
                                      "try", "except", "finally", "def", "class", "async"};
-    if (t->kind != TOK_NAME) return 0;
     for (size_t i = 0; i < sizeof kw / sizeof kw[0]; i++)
-        if (tok_is(t, TOK_NAME, kw[i])) return 1;
+        if (tok_is(st, t, FMX_PY_NAME, kw[i])) return 1;
     return 0;
-}
-
-/* The text of a string token without its prefix and quotes equals want. */
-static int string_is(const loc_tok *t, const char *want) {
-    if (t->kind != TOK_STRING) return 0;
-    size_t i = 0;
-    while (i < t->n && t->p[i] != '"' && t->p[i] != '\'')
-        i++;
-    size_t body = t->n - i, q = 1;
-    if (body >= 6 && t->p[i + 1] == t->p[i] && t->p[i + 2] == t->p[i]) q = 3;
-    if (body < 2 * q) return 0;
-    size_t n = strlen(want);
-    return body - 2 * q == n && memcmp(t->p + i + q, want, n) == 0;
-}
-
-/* Header whose first tokens are t (nfirst of them kept, ntok in all):
- * `[async] def tap(`. */
-static int is_tap_def(const loc_tok *t, size_t nfirst) {
-    size_t i = nfirst > 0 && tok_is(&t[0], TOK_NAME, "async") ? 1 : 0;
-    return nfirst >= i + 3 && tok_is(&t[i], TOK_NAME, "def") &&
-           tok_is(&t[i + 1], TOK_NAME, "tap") && tok_is(&t[i + 2], TOK_OP, "(");
-}
-
-/* `if __name__ == "__main__":` (either side of the ==). */
-static int is_main_if(const loc_tok *t, size_t ntok) {
-    if (ntok != 5 || !tok_is(&t[0], TOK_NAME, "if") || !tok_is(&t[2], TOK_OP, "==") ||
-        !tok_is(&t[4], TOK_OP, ":"))
-        return 0;
-    return (tok_is(&t[1], TOK_NAME, "__name__") && string_is(&t[3], "__main__")) ||
-           (string_is(&t[1], "__main__") && tok_is(&t[3], TOK_NAME, "__name__"));
-}
-
-static int opens(const loc_tok *t) {
-    return t->kind == TOK_OP && t->n == 1 && (*t->p == '(' || *t->p == '[' || *t->p == '{');
-}
-
-static int closes(const loc_tok *t) {
-    return t->kind == TOK_OP && t->n == 1 && (*t->p == ')' || *t->p == ']' || *t->p == '}');
 }
 
 /* A compound statement's header is complete (at its `:` or the line's end). */
 static void end_header(loc_state *st) {
-    const loc_tok *t = st->first;
+    const fmx_py_token *const *t = st->first;
     st->in_stmt = 0;
-    /* Only at the top level, as the engine drops them: nested, such a block
-     * runs (a function can define __name__ and test it). */
-    if (st->indent == 0 && (is_tap_def(t, st->nfirst) || is_main_if(t, st->ntok))) {
-        /* The whole block counts zero: its header, the rest of this line,
-         * every more-indented line after it, and the decorators of a def tap. */
-        if (!tok_is(&t[0], TOK_NAME, "if")) st->total -= st->decor_cost;
-        st->decor_cost = 0;
-        st->skipping = 1;
-        st->skip_indent = st->indent;
-        st->line_skipped = 1;
-        st->expect_doc = 0;
-        return;
-    }
     st->total += cost_of(st->ntok);
-    st->decor_cost = 0;
-    st->expect_doc =
-        tok_is(&t[0], TOK_NAME, "def") || tok_is(&t[0], TOK_NAME, "class") ||
-        (tok_is(&t[0], TOK_NAME, "async") && st->nfirst > 1 && tok_is(&t[1], TOK_NAME, "def"));
+    st->expect_doc = tok_is(st, t[0], FMX_PY_NAME, "def") ||
+                     tok_is(st, t[0], FMX_PY_NAME, "class") ||
+                     (tok_is(st, t[0], FMX_PY_NAME, "async") && st->nfirst > 1 &&
+                      tok_is(st, t[1], FMX_PY_NAME, "def"));
 }
 
 /* A simple statement is complete (at a `;` outside brackets or the line's end). */
 static void end_simple(loc_state *st) {
-    const loc_tok *t = st->first;
-    long c;
+    const fmx_py_token *t0 = st->first[0];
     st->in_stmt = 0;
-    if (tok_is(&t[0], TOK_NAME, "import") || tok_is(&t[0], TOK_NAME, "from"))
-        c = 0;
-    else if (st->expect_doc && st->strings_only)
-        c = 0; /* docstring */
-    else
-        c = cost_of(st->ntok);
-    if (tok_is(&t[0], TOK_OP, "@"))
-        st->decor_cost += c;
-    else
-        st->decor_cost = 0;
-    st->total += c;
+    if (tok_is(st, t0, FMX_PY_NAME, "import") || tok_is(st, t0, FMX_PY_NAME, "from"))
+        ;                                           /* free */
+    else if (!(st->expect_doc && st->strings_only)) /* a docstring is free */
+        st->total += cost_of(st->ntok);
     st->expect_doc = 0;
 }
 
-static void on_token(loc_state *st, loc_tok t) {
-    if (!st->line_started) {
-        st->line_started = 1;
-        if (st->skipping && st->indent > st->skip_indent)
-            st->line_skipped = 1;
-        else
-            st->skipping = 0;
-    }
-    if (st->line_skipped) return;
+static void on_token(loc_state *st, const fmx_py_token *t) {
+    int semicolon = tok_is(st, t, FMX_PY_OP, ";");
     if (!st->in_stmt) {
-        if (tok_is(&t, TOK_OP, ";")) return; /* empty statement */
+        if (semicolon) return; /* empty statement */
         st->in_stmt = 1;
-        st->compound = is_compound(&t);
+        st->compound = is_compound(st, t);
         st->depth = st->lambdas = 0;
         st->strings_only = 1;
-        st->ntok = st->nfirst = 0;
+        st->ntok = 0;
+        st->nfirst = 0;
     }
-    if (!st->compound && st->depth == 0 && tok_is(&t, TOK_OP, ";")) {
+    if (!st->compound && st->depth == 0 && semicolon) {
         end_simple(st); /* the `;` belongs to neither statement */
         return;
     }
     if (st->nfirst < LOC_FIRST) st->first[st->nfirst++] = t;
-    st->ntok++;
-    if (t.kind != TOK_STRING) st->strings_only = 0;
-    if (opens(&t)) {
+    /* An f-string's fields are code: their tokens count, and it is never a
+     * docstring. */
+    st->ntok += 1 + fmx_pysource_field_tokens(fmx_pysource_text(st->ps), t);
+    if (t->kind != FMX_PY_STRING || (t->flags & FMX_PY_FSTRING)) st->strings_only = 0;
+    int one = t->kind == FMX_PY_OP && t->end - t->start == 1;
+    char c = one ? fmx_pysource_text(st->ps)[t->start] : 0;
+    if (c == '(' || c == '[' || c == '{') {
         st->depth++;
-    } else if (closes(&t)) {
+    } else if (c == ')' || c == ']' || c == '}') {
         if (st->depth > 0) st->depth--;
     } else if (st->compound && st->depth == 0) {
         /* The header ends at the first `:` outside brackets that is not a lambda's. */
-        if (tok_is(&t, TOK_NAME, "lambda"))
+        if (tok_is(st, t, FMX_PY_NAME, "lambda"))
             st->lambdas++;
-        else if (tok_is(&t, TOK_OP, ":") && st->lambdas)
+        else if (c == ':' && st->lambdas)
             st->lambdas--;
-        else if (tok_is(&t, TOK_OP, ":"))
+        else if (c == ':')
             end_header(st);
     }
 }
 
 static void on_line_end(loc_state *st) {
-    if (st->in_stmt && !st->line_skipped) {
+    if (st->in_stmt) {
         if (st->compound)
             end_header(st); /* no `:`: the whole line is the header */
         else
             end_simple(st);
     }
     st->in_stmt = 0;
-    st->line_started = 0;
-    st->line_skipped = 0;
 }
 
-static const char *const OPS3[] = {"**=", "//=", ">>=", "<<=", "..."};
-static const char *const OPS2[] = {"**", "//", "<<", ">>", "<=", ">=", "==", "!=", "->", "+=",
-                                   "-=", "*=", "/=", "%=", "&=", "|=", "^=", "@=", ":="};
-
-static size_t op_len(const char *s, size_t len, size_t i) {
-    for (size_t k = 0; k < sizeof OPS3 / sizeof OPS3[0]; k++)
-        if (i + 3 <= len && memcmp(s + i, OPS3[k], 3) == 0) return 3;
-    for (size_t k = 0; k < sizeof OPS2 / sizeof OPS2[0]; k++)
-        if (i + 2 <= len && memcmp(s + i, OPS2[k], 2) == 0) return 2;
-    return 1;
+/* A top-level `def tap` (decorators included) or `if __name__ == "__main__":`
+ * block: the engine drops it, so it counts zero. */
+static int zero_block(const fmx_pysource *ps, const fmx_py_block *b) {
+    const fmx_py_line *lines;
+    fmx_pysource_lines(ps, &lines);
+    if (lines[b->header].indent != 0) return 0;
+    if (b->kind == FMX_PY_BLOCK_MAIN) return 1;
+    const fmx_py_token *toks;
+    fmx_pysource_tokens(ps, &toks);
+    return b->kind == FMX_PY_BLOCK_DEF &&
+           fmx_pysource_tok_is(ps, &toks[b->name], FMX_PY_NAME, "tap");
 }
 
 long fmx_reward_count_loc(const char *source, size_t len) {
     if (!source) return 0;
-    const char *s = source;
+    fmx_pysource *ps = NULL;
+    if (fmx_pysource_open(source, len, &ps) != FMX_OK) return LONG_MAX;
+    const fmx_py_block *blocks;
+    const fmx_py_line *lines;
+    const fmx_py_token *toks;
+    long nb = fmx_pysource_blocks(ps, &blocks);
+    fmx_pysource_lines(ps, &lines);
+    fmx_pysource_tokens(ps, &toks);
     loc_state st;
     memset(&st, 0, sizeof st);
+    st.ps = ps;
     st.expect_doc = 1;
-    int depth = 0; /* brackets open across the logical line */
-    size_t i = 0;
-    while (i < len) {
-        unsigned char c = (unsigned char)s[i];
-        size_t start = i;
-        /* \n, \r\n and a lone \r end a physical line, as in Python (the
-         * engine refuses a lone \r; counting it as a space would let a file
-         * hide lines in a zero block). */
-        if (c == '\n' || (c == '\r' && (i + 1 >= len || s[i + 1] != '\n'))) {
-            i++;
-            if (depth == 0 && st.line_started) on_line_end(&st);
+    for (long b = 0; b < nb; b++) {
+        if (zero_block(ps, &blocks[b])) {
+            st.expect_doc = 0;
             continue;
         }
-        if (c == ' ' || c == '\t' || c == '\r' || c == '\f' || c == '\v' || c == '\0') {
-            i++;
-            continue;
+        for (long li = blocks[b].line; li < blocks[b].line + blocks[b].nlines; li++) {
+            for (long k = lines[li].tok; k < lines[li].tok + lines[li].ntok; k++)
+                if (fmx_py_is_code(&toks[k])) on_token(&st, &toks[k]);
+            on_line_end(&st);
         }
-        if (c == '#') {
-            while (i < len && s[i] != '\n' && s[i] != '\r')
-                i++;
-            continue;
-        }
-        if (c == '\\') {
-            /* A continuation joins the next physical line; a stray backslash is skipped. */
-            i++;
-            if (i < len && s[i] == '\r') i++;
-            if (i < len && s[i] == '\n') i++;
-            continue;
-        }
-        if (!st.line_started) st.indent = column_of(s, start);
-        int kind;
-        if (c == '"' || c == '\'') {
-            i = scan_string(s, len, i);
-            kind = TOK_STRING;
-        } else if (is_name_start(c)) {
-            while (i < len && is_name_char((unsigned char)s[i]))
-                i++;
-            kind = TOK_NAME;
-            /* A string prefix (r, b, u, f and their pairs) right before a quote. */
-            int prefix = i - start <= 2 && i < len && (s[i] == '"' || s[i] == '\'');
-            for (size_t k = start; prefix && k < i; k++)
-                prefix = strchr("rRbBuUfF", s[k]) != NULL;
-            if (prefix) {
-                i = scan_string(s, len, i);
-                kind = TOK_STRING;
-                /* An f-string's fields are code: their tokens count, and it
-                 * is never a docstring. */
-                size_t fa, fb;
-                if (fstring_body(s, start, i, &fa, &fb)) {
-                    on_token(&st, (loc_tok){kind, s + start, i - start});
-                    if (st.in_stmt && !st.line_skipped) {
-                        st.ntok += fstring_field_tokens(s, fa, fb, 0);
-                        st.strings_only = 0;
-                    }
-                    continue;
-                }
-            }
-        } else if (is_digit(c) || (c == '.' && i + 1 < len && is_digit((unsigned char)s[i + 1]))) {
-            if (c == '0' && i + 1 < len && s[i + 1] != '\0' && strchr("xXoObB", s[i + 1])) {
-                i += 2;
-                while (i < len && is_name_char((unsigned char)s[i]))
-                    i++;
-            } else {
-                while (i < len && (is_name_char((unsigned char)s[i]) || s[i] == '.')) {
-                    if ((s[i] == 'e' || s[i] == 'E') && i + 1 < len &&
-                        (s[i + 1] == '+' || s[i + 1] == '-'))
-                        i += 2;
-                    else
-                        i++;
-                }
-            }
-            kind = TOK_NUMBER;
-        } else {
-            i += op_len(s, len, i);
-            if (c == '(' || c == '[' || c == '{') depth++;
-            if ((c == ')' || c == ']' || c == '}') && depth > 0) depth--;
-            kind = TOK_OP;
-        }
-        on_token(&st, (loc_tok){kind, s + start, i - start});
     }
-    if (st.line_started) on_line_end(&st);
-    return st.total < 0 ? 0 : st.total;
+    fmx_pysource_close(ps);
+    return st.total;
 }

@@ -86,20 +86,25 @@ int fmx_reward_breakdown_json(const fmx_reward_config *cfg, const fmx_grade_fact
  * docstrings, `def tap` and `if __name__ == "__main__":` blocks count zero; a
  * statement longer than 48 tokens counts once per 48 tokens (started), so a
  * giant one-liner costs what its pieces would.
- * In detail: a logical line ends at a newline outside brackets and not after
- * a backslash; strings of every form (prefixes r/b/u/f, triple quotes, over
- * several lines) and comments never end or split a statement. `class` and
- * `async` headers count like the others, and a header's body on the same
- * line after its `:` counts as statements (`if x: return y` is 2). A
- * decorator line counts one. A docstring is a statement made only of string
- * literals that is the first of the module or of a def/class body. Imports
- * are statements starting with `import` or `from`. The zero blocks are the
- * header, the rest of its line and every following line indented deeper
- * (the decorators of a `def tap` count zero too). Tokens (names, keywords,
- * numbers, strings, operators, brackets: one each; `;` between statements
- * not counted) are counted per simple statement and per header, colon
- * included, so the 48-token rule applies to headers too. Never fails, even on bad
- * Python (counted as far as the same rules go), allocates nothing; NULL → 0. */
+ * In detail: tokens, logical lines and top-level blocks are fmx's one model
+ * of Python source (env/pysource.h, CPython's rules: strings of every form,
+ * comments, brackets, backslash continuations, \n, \r\n and a lone \r as
+ * line ends, CPython's indentation), the model the compiler's preprocessing
+ * drops blocks by. `class` and `async` headers count like the others, and a
+ * header's body on the same line after its `:` counts as statements
+ * (`if x: return y` is 2). A decorator line counts one. A docstring is a
+ * statement made only of string literals (no f-string) that is the first of
+ * the module or of a def/class body. Imports are statements starting with
+ * `import` or `from`. The zero blocks are top-level blocks (pysource.h):
+ * a `def tap` with its decorators and body, an `if __name__ == "__main__":`
+ * (either side of the ==) with its body, each at indentation 0. Tokens
+ * (names, keywords, numbers, strings, operators, brackets, characters
+ * Python has no token for: one each; `;` between statements not counted;
+ * the tokens of an f-string's replacement fields added to the string's
+ * one) are counted per simple statement and per header, colon included, so
+ * the 48-token rule applies to headers too. Never fails on any bytes; NULL
+ * → 0; LONG_MAX (never less than the count) if the model cannot be
+ * allocated. */
 long fmx_reward_count_loc(const char *source, size_t len);
 
 #ifdef __cplusplus

@@ -837,6 +837,123 @@ static void test_refusals(void **state) {
                                    "    return F.relu(G.relu(nn.functional.relu(x)))\n"));
 }
 
+/* ---- the source model: what is dropped is what the LOC counter counts zero ---- */
+
+/* The names of p's functions, space-separated. */
+static const char *functions_of(const fmx_program *p) {
+    static char buf[256];
+    buf[0] = '\0';
+    for (int i = 0; i < fmx_program_nfunctions(p); i++)
+        snprintf(buf + strlen(buf), sizeof buf - strlen(buf), "%s%s", i ? " " : "",
+                 fmx_program_function(p, i));
+    return buf;
+}
+
+static void test_source_model(void **state) {
+    (void)state;
+    /* A line holding only a backslash: CPython indents the def after it as
+     * the next line is (inside tap here), TorchScript as the backslash is
+     * (top level). The preprocessing reads CPython's model and refuses the
+     * line rather than compile one meaning while Python runs another. */
+    compile_fails("from torch import Tensor\n"
+                  "def tap(name: str, x: Tensor) -> Tensor:\n"
+                  "    return x\n"
+                  "\\\n"
+                  "    def forward(x: Tensor) -> Tensor:\n"
+                  "        return x * 2\n",
+                  FMX_ECOMPILE, "cand.py:4:1:", "starts with a backslash continuation");
+    compile_fails("from torch import Tensor\n"
+                  "def forward(x: Tensor) -> Tensor:\n"
+                  "    y = x\n"
+                  "  \\\n"
+                  "    return y\n",
+                  FMX_ECOMPILE, "cand.py:4:1:", "starts with a backslash continuation");
+    /* A string continued by a backslash over a line end: the def in it is
+     * text, as in Python; a backslash in the middle of a line still joins. */
+    fmx_program *p = compile_ok("from torch import Tensor\n"
+                                "def tap(name: str, x: Tensor) -> Tensor:\n"
+                                "    s = 'abc\\\n"
+                                "def forward(x: Tensor) -> Tensor: return x'\n"
+                                "    return x\n"
+                                "def g(x: Tensor) -> Tensor:\n"
+                                "    return x + \\\n"
+                                "        1\n");
+    assert_string_equal(functions_of(p), "g");
+    fmx_program_destroy(p);
+    /* \r\n line ends; `"__main__" == __name__` and a tap block with a
+     * comment at column 0 and blank lines inside are dropped whole; a
+     * decorated-looking line inside tap goes with it */
+    p = compile_ok("import torch\r\n"
+                   "from torch import Tensor\r\n"
+                   "def tap(name: str, x: Tensor) -> Tensor:\r\n"
+                   "    y = x\r\n"
+                   "# a comment at column 0\r\n"
+                   "\r\n"
+                   "    return y\r\n"
+                   "def forward(x: Tensor) -> Tensor:\r\n"
+                   "    return tap('out', x * 2)\r\n"
+                   "if '__main__' == __name__:\r\n"
+                   "    print(forward(torch.ones(2)))\r\n");
+    assert_string_equal(functions_of(p), "forward");
+    fmx_program_destroy(p);
+    /* constants: an annotation, a backslash before the `=`, comments and an
+     * f-string after it */
+    p = compile_ok("from torch import Tensor\n"
+                   "N: int = 1 + \\\n"
+                   "    2  # three\n"
+                   "M \\\n"
+                   "  = N * 2  # six\n"
+                   "S = f\"{N}-{M}\"  # '3-6'\n"
+                   "def forward(x: Tensor) -> Tensor:\n"
+                   "    return x * M + len(S)\n");
+    float x[2] = {1, 2}, got[2];
+    fmx_tensor *tx = f32(x, 1, 2, 0, 0, 0);
+    fmx_args *a = fmx_args_create();
+    fmx_args_tensor(a, "x", tx);
+    fmx_run *r = run_ok(p, "forward", a);
+    read_f32(fmx_run_output(r, 0), got, 2);
+    assert_true(got[0] == 9 && got[1] == 15);
+    fmx_run_destroy(r);
+    fmx_args_destroy(a);
+    fmx_tensor_destroy(tx);
+    fmx_program_destroy(p);
+    /* what the model tells apart at the top level */
+    compile_fails("N: int\n", FMX_EFORBIDDEN, "cand.py:1:1:", "not allowed at top level");
+    compile_fails("import math\n    import torch\n", FMX_ECOMPILE,
+                  "cand.py:2:5:", "unexpected indent");
+    compile_fails("from . import x\n", FMX_EFORBIDDEN, "cand.py:1:1:", "'from . import x'");
+    compile_fails("async def f():\n    pass\n", FMX_EFORBIDDEN, "cand.py:1:1:", "async");
+    compile_fails("@dec\nclass C:\n    pass\n", FMX_EFORBIDDEN, "cand.py:1:1:", "decorators");
+    /* f-strings are the model's: fields with comparisons rewrite; specs,
+     * conversions, `=` and f-strings over lines are refused */
+    p = compile_ok("from torch import Tensor\n"
+                   "def forward(x: Tensor) -> Tensor:\n"
+                   "    s = f'{{a}}{x.dim() == 1}{x.dim() + 1}'\n"
+                   "    assert s == '{a}True2', s\n"
+                   "    return x\n");
+    a = fmx_args_create();
+    tx = f32(x, 1, 2, 0, 0, 0);
+    fmx_args_tensor(a, "x", tx);
+    fmx_run_destroy(run_ok(p, "forward", a));
+    fmx_args_destroy(a);
+    fmx_tensor_destroy(tx);
+    fmx_program_destroy(p);
+    refused("    s = f'{y.dim()=}'", FMX_ECOMPILE, "format specs, conversions and =");
+    refused("    s = f'a\\\nb'", FMX_ECOMPILE, "over several lines");
+    /* the limits see f-string fields as the code they become */
+    char deep[2048];
+    snprintf(deep, sizeof deep, "    s = f'{%s1%s}'",
+             "((((((((((((((((((((((((((((((((((((((("
+             "(((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((("
+             "(((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((("
+             "((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((",
+             "))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))"
+             "))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))"
+             "))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))))"
+             ")))))))))))))))))))))))))))))))))))))))");
+    refused(deep, FMX_ECOMPILE, "brackets nested more than 256 deep");
+}
+
 /* ---- runtime errors ---- */
 
 static void test_runtime_errors(void **state) {
@@ -1268,6 +1385,73 @@ static void test_facts_data_dependent_flow(void **state) {
                  1, 1, 6, "nonzero");
 }
 
+/* forward(x, t) with body, for the facts of one construct. */
+static void expect_body_facts(const char *body, int syncs, int flows, int line,
+                              const char *needle) {
+    char src[2048];
+    snprintf(src, sizeof src,
+             "import torch\n"
+             "import torch.nn.functional as F\n"
+             "from torch import Tensor\n"
+             "N = 4\n"
+             "\n"
+             "def forward(x: Tensor, t: Tensor) -> Tensor:\n"
+             "%s",
+             body);
+    expect_facts(src, syncs, flows, line, needle);
+}
+
+/* Host reads through data-dependent shapes and tensor-valued sizes, one
+ * construct each (engine.h: host_syncs). Line 7 is the body's first. */
+static void test_facts_data_dependent_shapes(void **state) {
+    (void)state;
+    /* F.one_hot: the class count is read from the data unless given */
+    expect_body_facts("    return F.one_hot(t).float()\n", 1, 0, 7,
+                      "F.one_hot without num_classes");
+    expect_body_facts("    return F.one_hot(t, -1).float()\n", 1, 0, 7, "F.one_hot");
+    expect_body_facts("    return F.one_hot(t, num_classes=N - 5).float()\n", 1, 0, 7, "one_hot");
+    expect_body_facts("    return F.one_hot(t, x.size(1) - x.size(1) - 1).float()\n", 1, 0, 7,
+                      "one_hot");
+    expect_body_facts("    return F.one_hot(t, num_classes=2 * N).float()\n", 0, 0, 0, NULL);
+    expect_body_facts("    return F.one_hot(t, x.shape[-1] + 1).float()\n", 0, 0, 0, NULL);
+    /* ... and a shape read from it feeding control flow */
+    expect_body_facts("    if F.one_hot(t).shape[-1] > 3:\n"
+                      "        x = x + 1\n"
+                      "    return x\n",
+                      1, 1, 7, "if condition depends on tensor values (F.one_hot");
+    /* ops whose result shape depends on values */
+    expect_body_facts("    return torch.nonzero(x)\n", 1, 0, 7, "nonzero");
+    expect_body_facts("    return torch.unique_consecutive(x)[0]\n", 1, 0, 7, "unique_consecutive");
+    expect_body_facts("    return torch.masked_select(x, x > 0)\n", 1, 0, 7, "masked_select");
+    expect_body_facts("    return torch.bincount(t)\n", 1, 0, 7, "bincount");
+    expect_body_facts("    return torch.argwhere(x)\n", 1, 0, 7, "argwhere");
+    expect_body_facts("    return torch.where(x > 0)[0]\n", 1, 0, 7, "torch.where(condition)");
+    expect_body_facts("    return x.repeat_interleave(t)\n", 1, 0, 7, "tensor repeats");
+    expect_body_facts("    return x.repeat_interleave(2)\n", 0, 0, 0, NULL);
+    /* boolean masks, through &, ~, an If and torch.where; an int index is a gather */
+    expect_body_facts("    return x[(x > 0) & (x < 1)]\n", 1, 0, 7, "boolean mask");
+    expect_body_facts("    return x[~(x > 0)]\n", 1, 0, 7, "boolean mask");
+    expect_body_facts("    m = x > 0\n"
+                      "    if x.shape[0] > 2:\n"
+                      "        m = x < 1\n"
+                      "    return x[m]\n",
+                      1, 0, 10, "boolean mask");
+    expect_body_facts("    return x[torch.where(t > 0, x > 0, x < 0)]\n", 1, 0, 7, "boolean mask");
+    expect_body_facts("    return x[torch.zeros(x.shape, dtype=torch.bool)]\n", 1, 0, 7,
+                      "boolean mask");
+    expect_body_facts("    return x[t & 3]\n", 0, 0, 0, NULL);
+    /* a tensor where an int is expected: narrow, slice bounds, sizes, numbers */
+    expect_body_facts("    return x.narrow(0, torch.tensor(0), 1)\n", 1, 0, 7,
+                      "narrow with a tensor start");
+    expect_body_facts("    return torch.narrow(x, 0, t, 1)\n", 1, 0, 7, "narrow with a tensor");
+    expect_body_facts("    return x.narrow(0, 0, 1)\n", 0, 0, 0, NULL);
+    expect_body_facts("    return x[:t]\n", 1, 0, 7, "a tensor used as an int");
+    expect_body_facts("    return x.select(0, t)\n", 1, 0, 7, "a tensor used as an int");
+    expect_body_facts("    return x.view(t, -1)\n", 1, 0, 7, "a tensor used as an int");
+    expect_body_facts("    return torch.arange(t)\n", 1, 0, 7, "a tensor used as a number");
+    expect_body_facts("    return torch.zeros(int(t))\n", 1, 0, 7, "int(tensor)");
+}
+
 static void test_survives_optimization(void **state) {
     (void)state;
     float x[12], w[16];
@@ -1367,12 +1551,14 @@ int main(void) {
         cmocka_unit_test(test_prelude_functions),
         cmocka_unit_test(test_scaled_dot_product_attention),
         cmocka_unit_test(test_refusals),
+        cmocka_unit_test(test_source_model),
         cmocka_unit_test(test_runtime_errors),
         cmocka_unit_test(test_compare),
         cmocka_unit_test(test_compile_time),
         cmocka_unit_test(test_facts_clean),
         cmocka_unit_test(test_facts_host_syncs),
         cmocka_unit_test(test_facts_data_dependent_flow),
+        cmocka_unit_test(test_facts_data_dependent_shapes),
         cmocka_unit_test(test_survives_optimization),
     };
     return cmocka_run_group_tests(tests, setup, NULL);

@@ -492,6 +492,27 @@ static void test_loc_bad_python_does_not_crash(void **state) {
     ASSERT_LOC("'", 0); /* a lone string first in the module is its docstring */
 }
 
+/* The zero blocks are CPython's: the counter reads fmx's one source model
+ * (env/pysource.h), the one the compiler drops blocks by. */
+static void test_loc_zero_blocks_are_pythons(void **state) {
+    (void)state;
+    /* a line holding only a backslash, then an indented def: CPython
+     * indents it as the next line is, inside tap (Python never defines it) */
+    ASSERT_LOC("def tap(n, x):\n    return x\n\\\n    def forward(x):\n        return x\n", 0);
+    /* an indented backslash: its column counts, inside tap again */
+    ASSERT_LOC("def tap(n, x):\n    return x\n    \\\ndef forward(x):\n        return x\n", 0);
+    /* at column 0 before a def at column 0: top level, counted */
+    ASSERT_LOC("def tap(n, x):\n    return x\n\\\ndef forward(x):\n    return x\n", 2);
+    /* a string continued over a line end holds the def: it is text */
+    ASSERT_LOC("def tap(n, x):\n    s = 'a\\\ndef forward(x): return x'\n    return x\n", 0);
+    /* a string ending in an escaped backslash ends there: the def is code */
+    ASSERT_LOC("def tap(n, x):\n    s = 'a\\\\'\ndef forward(x): return x\n", 2);
+    /* lone CRs end lines; a form feed resets the indentation column */
+    ASSERT_LOC("def tap(n, x):\r    return x\rdef forward(x):\r    return x\r", 2);
+    ASSERT_LOC("def tap(n, x):\n    return x\n    \fdef forward(x):\n        return x\n", 2);
+    ASSERT_LOC("def tap(n, x):\n\treturn x\n\tdef g(): pass\nx = 1\n", 1);
+}
+
 /* A real solution file: what a policy would submit. */
 static void test_loc_realistic_solution(void **state) {
     (void)state;
@@ -554,6 +575,7 @@ int main(void) {
         cmocka_unit_test(test_loc_comments_and_blank_lines_ignored),
         cmocka_unit_test(test_loc_backslash_continuation),
         cmocka_unit_test(test_loc_bad_python_does_not_crash),
+        cmocka_unit_test(test_loc_zero_blocks_are_pythons),
         cmocka_unit_test(test_loc_realistic_solution),
     };
     int failed = cmocka_run_group_tests(tests, NULL, NULL);

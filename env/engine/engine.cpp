@@ -14,6 +14,7 @@
  * (1.13 from Debian, 2.x from a torch wheel) stay behind TORCH_VERSION_* here.
  */
 #include "engine.h"
+#include "pysource.h"
 #include "status.h"
 
 #include <ATen/ATen.h>
@@ -668,82 +669,52 @@ struct FmxResolver : torch::jit::Resolver {
 /* preprocessing: imports, constants, tap, __main__                         */
 /* ------------------------------------------------------------------------ */
 
-// One logical line: physical lines joined by open brackets, strings or "\".
-struct LogicalLine {
-    int first = 0, last = 0; // 0-based physical lines
-    int indent = 0;
-    bool blank = true; // only whitespace and comments
-    std::string code;  // comments removed, physical lines joined by '\n'
-};
+// The candidate as fmx's one model of Python source (pysource.h): tokens,
+// logical lines and top-level blocks by CPython's rules. The LOC counter
+// reads the same model, so the blocks dropped here are the blocks it counts
+// zero, and what it counts is what compiles.
+struct PyModel {
+    fmx_pysource *ps = nullptr;
+    const char *src = nullptr;
+    const fmx_py_token *tok = nullptr;
+    const fmx_py_line *lines = nullptr;
+    const fmx_py_block *blocks = nullptr;
+    long ntok = 0, nlines = 0, nblocks = 0;
 
-std::vector<LogicalLine> logical_lines(const std::vector<std::string> &lines) {
-    std::vector<LogicalLine> out;
-    LogicalLine cur;
-    bool open = false;
-    int depth = 0;
-    char quote = 0;
-    bool triple = false;
-    for (int i = 0; i < (int)lines.size(); i++) {
-        const std::string &s = lines[i];
-        if (!open) {
-            cur = LogicalLine();
-            cur.first = i;
-            cur.indent = (int)std::min(s.find_first_not_of(" \t"), s.size());
-            open = true;
-        } else {
-            cur.code += '\n';
-        }
-        bool cont = false;
-        for (size_t j = 0; j < s.size(); j++) {
-            char c = s[j];
-            if (quote) {
-                cur.code += c;
-                if (c == '\\' && j + 1 < s.size()) {
-                    cur.code += s[++j];
-                } else if (c == quote) {
-                    if (!triple) {
-                        quote = 0;
-                    } else if (s.compare(j, 3, std::string(3, quote)) == 0) {
-                        cur.code += std::string(2, quote);
-                        j += 2;
-                        quote = 0;
-                    }
-                }
-                continue;
-            }
-            if (c == '#') break;
-            if (c == '\'' || c == '"') {
-                cur.blank = false;
-                quote = c;
-                triple = s.compare(j, 3, std::string(3, c)) == 0;
-                cur.code += triple ? std::string(3, c) : std::string(1, c);
-                if (triple) j += 2;
-                continue;
-            }
-            if (c == '\\' && j + 1 == s.size()) {
-                cont = true;
-                break;
-            }
-            if (c == '(' || c == '[' || c == '{') depth++;
-            if ((c == ')' || c == ']' || c == '}') && depth > 0) depth--;
-            if (!isspace((unsigned char)c)) cur.blank = false;
-            cur.code += c;
-        }
-        if (quote && !triple) quote = 0; // unterminated: the parser reports it
-        cur.last = i;
-        if (quote || depth > 0 || cont) continue;
-        out.push_back(cur);
-        open = false;
+    PyModel(const char *s, size_t n) {
+        if (fmx_pysource_open(s, n, &ps) != FMX_OK) throw std::bad_alloc();
+        src = fmx_pysource_text(ps);
+        ntok = fmx_pysource_tokens(ps, &tok);
+        nlines = fmx_pysource_lines(ps, &lines);
+        nblocks = fmx_pysource_blocks(ps, &blocks);
     }
-    if (open) out.push_back(cur);
-    return out;
-}
+    ~PyModel() {
+        fmx_pysource_close(ps);
+    }
+    PyModel(const PyModel &) = delete;
+    PyModel &operator=(const PyModel &) = delete;
+
+    std::string text(const fmx_py_token &t) const {
+        return std::string(src + t.start, t.end - t.start);
+    }
+    bool is(const fmx_py_token &t, int kind, const char *s) const {
+        return fmx_pysource_tok_is(ps, &t, kind, s);
+    }
+    // The code tokens of logical line i (comments left out).
+    std::vector<const fmx_py_token *> code(long i) const {
+        std::vector<const fmx_py_token *> out;
+        for (long k = lines[i].tok; k < lines[i].tok + lines[i].ntok; k++)
+            if (fmx_py_is_code(&tok[k])) out.push_back(&tok[k]);
+        return out;
+    }
+};
 
 struct Constant {
     std::string name;
-    int first = 0, last = 0;       // 0-based physical lines
-    size_t expr_col = 0;           // where the expression starts on the first line
-    std::vector<std::string> code; // its lines, comments removed, columns kept
+    int first = 0, last = 0;       // 0-based physical lines of the statement
+    int expr_line = 0;             // 0-based physical line where the expression starts
+    size_t expr_col = 0;           // ... and its column there (in the rewritten line)
+    std::vector<std::string> code; // lines expr_line..last, comments removed, columns kept
 };
 
 struct Prep {
@@ -758,23 +729,30 @@ const char *k_allowed_imports =
     "from torch import Tensor, from torch import nn, import math, import typing, "
     "from typing import ...";
 
-// Checks one import statement; records what it binds. False if refused.
-bool check_import(const std::string &stmt, std::map<std::string, ModuleKind> &mods) {
-    std::string s;
-    for (char c : stmt)
-        s += (c == '\n' || c == '\t' || c == '(' || c == ')') ? ' ' : c;
-    std::stringstream ss(s);
+// Checks one import statement, given as its code tokens; records what it
+// binds. False if refused.
+bool check_import(const PyModel &m, const std::vector<const fmx_py_token *> &toks,
+                  std::map<std::string, ModuleKind> &mods) {
+    // words: dotted names joined, commas kept, parentheses dropped
     std::vector<std::string> w;
-    std::string tok;
-    while (ss >> tok) {
-        // split "a,b" and "a," into words and commas
-        size_t p;
-        while ((p = tok.find(',')) != std::string::npos) {
-            if (p > 0) w.push_back(tok.substr(0, p));
-            w.push_back(",");
-            tok = tok.substr(p + 1);
+    bool glue = false; // the last word ends in a dot
+    for (const fmx_py_token *t : toks) {
+        std::string s = m.text(*t);
+        if (s == "(" || s == ")") {
+            glue = false;
+            continue;
         }
-        if (!tok.empty()) w.push_back(tok);
+        if (s == ".") {
+            if (w.empty()) return false; // a relative import
+            w.back() += ".";
+            glue = true;
+            continue;
+        }
+        if (glue && t->kind == FMX_PY_NAME)
+            w.back() += s;
+        else
+            w.push_back(s);
+        glue = false;
     }
     if (w.empty()) return false;
     // "name [as alias]" items separated by commas, from index i.
@@ -832,23 +810,22 @@ bool check_import(const std::string &stmt, std::map<std::string, ModuleKind> &mo
     return false;
 }
 
-bool word_at(const std::string &s, const char *w) {
-    size_t n = strlen(w);
-    return s.compare(0, n, w) == 0 &&
-           (s.size() == n || !(isalnum((unsigned char)s[n]) || s[n] == '_'));
-}
-
 // TorchScript's C++ lexer has no f-strings; rewrite them as its Python
-// frontend does: f"a{x}b{y}" → "a{}b{}".format(x, y). Lines keep their
-// numbers; sm.cols maps the new columns back to the written ones.
-void rewrite_fstrings(std::vector<std::string> &lines, SourceMap &sm) {
-    char quote = 0;      // a plain string open across lines
-    bool triple = false; // ... and whether it is triple-quoted
-    for (size_t li = 0; li < lines.size(); li++) {
+// frontend does: f"a{x}b{y}" → "a{}b{}".format(x, y). The f-strings and
+// their fields are the model's (pysource.h), so a string is an f-string
+// here exactly when Python and the LOC counter take it for one. Lines keep
+// their numbers; sm.cols maps the new columns back to the written ones.
+void rewrite_fstrings(const PyModel &m, std::vector<std::string> &lines, SourceMap &sm) {
+    std::map<long, std::vector<const fmx_py_token *>> by_line; // 0-based line → its f-strings
+    for (long k = 0; k < m.ntok; k++)
+        if (m.tok[k].kind == FMX_PY_STRING && (m.tok[k].flags & FMX_PY_FSTRING))
+            by_line[m.tok[k].line - 1].push_back(&m.tok[k]);
+    for (auto &[li, fstrings] : by_line) {
+        if (li < 0 || li >= (long)lines.size()) continue;
         const std::string s = lines[li];
         auto bad = [&](size_t col, const std::string &msg) {
             Loc loc;
-            loc.line = (long)li + 1;
+            loc.line = li + 1;
             loc.col = (long)col + 1;
             fail(FMX_ECOMPILE, sm.format(loc, msg));
         };
@@ -861,100 +838,54 @@ void rewrite_fstrings(std::vector<std::string> &lines, SourceMap &sm) {
             out += s.substr(copied, upto - copied);
             copied = upto;
         };
-        size_t j = 0;
-        while (j < s.size()) {
-            char c = s[j];
-            if (quote) {
-                if (c == '\\') {
-                    j += 2;
-                } else if (c == quote && (!triple || s.compare(j, 3, std::string(3, c)) == 0)) {
-                    j += triple ? 3 : 1;
-                    quote = 0;
-                } else {
-                    j++;
-                }
-                continue;
-            }
-            if (c == '#') break;
-            if (c != '"' && c != '\'') {
-                j++;
-                continue;
-            }
-            // The prefix letters just before the quote (f, rf, b, ...).
-            size_t ps = j;
-            while (ps > 0 && isalpha((unsigned char)s[ps - 1]))
-                ps--;
-            bool ident = ps > 0 && (isalnum((unsigned char)s[ps - 1]) || s[ps - 1] == '_');
-            std::string prefix = s.substr(ps, j - ps);
-            bool is_f =
-                !ident && prefix.size() <= 2 && prefix.find_first_of("fF") != std::string::npos;
-            bool tri = s.compare(j, 3, std::string(3, c)) == 0;
-            if (!is_f) {
-                quote = c;
-                triple = tri;
-                j += tri ? 3 : 1;
-                continue;
-            }
-            if (tri) bad(ps, "triple-quoted f-strings are not supported: use \"...\".format(...)");
+        for (const fmx_py_token *t : fstrings) {
+            // Columns on this line: the token starts at t->col.
+            const size_t line_start = t->start - (size_t)t->col;
+            auto col = [&](size_t pos) { return pos - line_start; };
+            size_t ps = (size_t)t->col;
+            if (t->flags & FMX_PY_TRIPLE)
+                bad(ps, "triple-quoted f-strings are not supported: use \"...\".format(...)");
+            if (t->flags & FMX_PY_UNTERMINATED) bad(ps, "unterminated f-string");
+            size_t q = t->start;
+            while (m.src[q] != '"' && m.src[q] != '\'')
+                q++;
+            const char quote = m.src[q];
+            const size_t body = q + 1, body_end = t->end - 1;
+            for (size_t k = body; k < body_end; k++)
+                if (m.src[k] == '\n' || m.src[k] == '\r')
+                    bad(ps, "an f-string over several lines is not supported: write it on one "
+                            "line");
+            long nf = fmx_pysource_fields(m.src, t, nullptr, 0);
+            std::vector<fmx_py_field> fields((size_t)nf);
+            fmx_pysource_fields(m.src, t, fields.data(), nf);
             std::string lit;
             std::vector<std::pair<size_t, std::string>> exprs; // (column, text)
-            size_t k = j + 1;
-            bool closed = false;
-            while (k < s.size()) {
-                char d = s[k];
-                if (d == '\\') {
-                    lit += s.substr(k, 2);
-                    k += 2;
-                } else if (d == c) {
-                    closed = true;
-                    k++;
-                    break;
-                } else if ((d == '{' || d == '}') && k + 1 < s.size() && s[k + 1] == d) {
-                    lit += d; // {{ and }} are literal braces
-                    k += 2;
-                } else if (d == '{') {
-                    size_t e = k + 1;
-                    int depth = 0;
-                    char q = 0;
-                    for (; e < s.size(); e++) {
-                        char x = s[e];
-                        if (q) {
-                            if (x == '\\')
-                                e++;
-                            else if (x == q)
-                                q = 0;
-                            continue;
-                        }
-                        if (x == c) break;
-                        if (x == '\'' || x == '"')
-                            q = x;
-                        else if (x == '(' || x == '[' || x == '{')
-                            depth++;
-                        else if (x == ')' || x == ']')
-                            depth--;
-                        else if (x == '}' && depth-- == 0)
-                            break;
-                        else if (depth == 0 &&
-                                 (x == ':' || (x == '!' && e + 1 < s.size() && s[e + 1] != '=')))
-                            bad(e, "f-string format specs and conversions ({x:.3f}, {x!r}) are not "
-                                   "supported: write {x}");
-                    }
-                    if (e >= s.size() || s[e] != '}') bad(k, "unterminated {...} in f-string");
-                    exprs.emplace_back(k + 1, s.substr(k + 1, e - k - 1));
-                    lit += "{}";
-                    k = e + 1;
-                } else {
+            size_t k = body;
+            // The literal text between fields: {{ and }} are literal braces.
+            auto literal = [&](size_t a, size_t b) {
+                for (size_t j = a; j < b; j++) {
+                    char d = m.src[j];
                     lit += d;
-                    k++;
+                    if ((d == '{' || d == '}') && j + 1 < b && m.src[j + 1] == d) j++;
                 }
+            };
+            for (const fmx_py_field &f : fields) {
+                if (!f.closed) bad(col(f.start - 1), "unterminated {...} in f-string");
+                if (f.expr_end < f.end)
+                    bad(col(f.expr_end), "f-string format specs, conversions and = ({x:.3f}, "
+                                         "{x!r}, {x=}) are not supported: write {x}");
+                literal(k, f.start - 1);
+                exprs.emplace_back(col(f.start), std::string(m.src + f.start, f.end - f.start));
+                lit += "{}";
+                k = f.end + 1;
             }
-            if (!closed) bad(ps, "unterminated f-string");
+            literal(k, body_end);
             flush(ps);
             std::string np;
-            for (char x : prefix)
-                if (x != 'f' && x != 'F') np += x;
+            for (size_t j = t->start; j < q; j++)
+                if (m.src[j] != 'f' && m.src[j] != 'F') np += m.src[j];
             anchors.push_back({(long)out.size(), (long)ps, false});
-            out += np + c + lit + c;
+            out += np + quote + lit + quote;
             if (!exprs.empty()) {
                 out += ".format(";
                 for (size_t x = 0; x < exprs.size(); x++) {
@@ -965,114 +896,163 @@ void rewrite_fstrings(std::vector<std::string> &lines, SourceMap &sm) {
                     anchors.push_back({(long)out.size(), (long)exprs[x].first, true});
                     out += exprs[x].second;
                 }
-                anchors.push_back({(long)out.size(), (long)k - 1, false});
+                anchors.push_back({(long)out.size(), (long)col(body_end), false});
                 out += ")";
             }
-            copied = k;
-            j = k;
+            copied = col(t->end);
         }
-        if (!anchors.empty()) {
-            flush(s.size());
-            lines[li] = out;
-            sm.cols[(long)li + 1] = anchors;
-        }
-        if (quote && !triple) quote = 0;
+        flush(s.size());
+        lines[li] = out;
+        sm.cols[li + 1] = anchors;
     }
 }
 
-Prep preprocess(SourceMap &sm) {
+// The column of the rewritten line (1-based line) that holds the written
+// column col0 (both 0-based), through sm.cols.
+long rewritten_col(const SourceMap &sm, long line, long col0) {
+    auto it = sm.cols.find(line);
+    if (it == sm.cols.end()) return col0;
+    const std::vector<ColAnchor> &a = it->second;
+    long best = col0;
+    for (size_t i = 0; i < a.size(); i++)
+        if (a[i].linear && a[i].from <= col0) best = a[i].to + (col0 - a[i].from);
+    return best;
+}
+
+Prep preprocess(SourceMap &sm, const PyModel &m) {
     Prep p;
     p.code_lines = sm.lines;
-    for (std::string &l : p.code_lines)
-        if (!l.empty() && l.back() == '\r') l.pop_back();
-    auto blank = [&](int a, int b) {
-        for (int i = a; i <= b; i++)
+    auto blank = [&](long a, long b) {
+        for (long i = a; i <= b && i < (long)p.code_lines.size(); i++)
             p.code_lines[i].clear();
     };
-    auto at = [&](int line0, int col0, int status, const std::string &msg) {
+    auto at = [&](long line0, long col0, int status, const std::string &msg) {
         Loc loc;
         loc.line = line0 + 1;
         loc.col = col0 + 1;
         fail(status, sm.format(loc, msg));
     };
-    rewrite_fstrings(p.code_lines, sm);
+    // A statement whose first line holds only indentation and a backslash:
+    // CPython indents the statement as it does (pysource.h), TorchScript's
+    // lexer by what comes before the backslash; they disagree.
+    for (long i = 0; i < m.nlines; i++)
+        if (m.lines[i].flags & FMX_PY_LINE_BACKSLASH_INDENT)
+            at(m.lines[i].first - 1, 0, FMX_ECOMPILE,
+               "a line that starts with a backslash continuation is not allowed (Python and "
+               "TorchScript can indent the statement after it differently): join the lines");
+    rewrite_fstrings(m, p.code_lines, sm);
     p.rewritten = p.code_lines;
-    std::vector<LogicalLine> ll = logical_lines(p.code_lines);
-    static const std::regex k_main(R"(^if\s+__name__\s*==\s*(['"])__main__\1\s*:)");
-    static const std::regex k_const(R"(^([A-Za-z_][A-Za-z0-9_]*)\s*(:[^=\n]*)?=[^=])");
-    static const std::regex k_def(R"(^def\s+([A-Za-z_][A-Za-z0-9_]*))");
     std::set<std::string> seen_const;
-    size_t i = 0;
-    // The lines of the block that a header at i opens (indented lines after).
-    auto block_end = [&](size_t i) {
-        size_t j = i + 1;
-        while (j < ll.size() && (ll[j].blank || ll[j].indent > 0))
-            j++;
-        return j;
-    };
-    while (i < ll.size()) {
-        const LogicalLine &l = ll[i];
-        if (l.blank) {
-            i++;
-            continue;
-        }
-        std::string text = trim(l.code);
-        if (l.indent > 0) at(l.first, l.indent, FMX_ECOMPILE, "unexpected indent");
-        std::smatch m;
-        if (word_at(text, "import") || word_at(text, "from")) {
-            if (!check_import(text, p.modules)) {
-                std::string one;
-                for (char c : text)
-                    one += c == '\n' ? ' ' : c;
-                at(l.first, 0, FMX_EFORBIDDEN,
-                   "import not allowed: '" + one + "' (allowed: " + k_allowed_imports + ")");
-            }
-            blank(l.first, l.last);
-            i++;
-        } else if (text[0] == '"' || text[0] == '\'' ||
-                   ((text[0] == 'r' || text[0] == 'R') && text.size() > 1 &&
-                    (text[1] == '"' || text[1] == '\''))) {
-            blank(l.first, l.last); // a docstring
-            i++;
-        } else if (std::regex_search(text, m, k_def)) {
-            size_t j = block_end(i);
-            if (m[1] == "tap")
-                blank(l.first, ll[j - 1].last); // fmx supplies tap
-            else if (starts_with(m[1], "__fmx"))
-                at(l.first, 4, FMX_ECOMPILE, "names starting with __fmx are reserved");
-            i = j;
-        } else if (std::regex_search(text, k_main)) {
-            size_t j = block_end(i);
-            blank(l.first, ll[j - 1].last);
-            i = j;
-        } else if (text[0] == '@') {
-            at(l.first, 0, FMX_EFORBIDDEN,
+    for (long bi = 0; bi < m.nblocks; bi++) {
+        const fmx_py_block &b = m.blocks[bi];
+        const fmx_py_line &first = m.lines[b.line];
+        const long a0 = first.first - 1, a1 = m.lines[b.line + b.nlines - 1].last - 1;
+        const fmx_py_token *t0 = fmx_pysource_first_code(m.ps, b.line);
+        if (first.indent > 0) at(t0->line - 1, t0->col, FMX_ECOMPILE, "unexpected indent");
+        if (m.is(*t0, FMX_PY_OP, "@"))
+            at(t0->line - 1, t0->col, FMX_EFORBIDDEN,
                "decorators are not allowed in candidate code: write plain functions");
-        } else if (word_at(text, "class")) {
-            at(l.first, 0, FMX_EFORBIDDEN,
-               "classes are not allowed in candidate code: write plain functions and pass "
-               "weights in a Dict[str, Tensor]");
-        } else if (word_at(text, "async")) {
-            at(l.first, 0, FMX_EFORBIDDEN, "async functions are not allowed in candidate code");
-        } else if (std::regex_search(text, m, k_const)) {
-            Constant c;
-            c.name = m[1];
-            c.first = l.first;
-            c.last = l.last;
-            // The '=' is on the first physical line: the prefix has no newline.
-            c.code = split_lines(l.code);
-            size_t eq = (size_t)(m.position(0) + m.length(0) - 1);
-            c.expr_col = std::min(c.code[0].find_first_not_of(" \t", eq), c.code[0].size());
-            if (seen_const.count(c.name))
-                at(l.first, 0, FMX_ECOMPILE, "constant '" + c.name + "' is assigned twice");
-            seen_const.insert(c.name);
-            p.constants.push_back(c);
-            blank(l.first, l.last);
-            i++;
-        } else {
-            at(l.first, 0, FMX_EFORBIDDEN,
+        auto not_allowed = [&]() {
+            if (m.is(*t0, FMX_PY_NAME, "async"))
+                at(t0->line - 1, t0->col, FMX_EFORBIDDEN,
+                   "async functions are not allowed in candidate code");
+            at(t0->line - 1, t0->col, FMX_EFORBIDDEN,
                "statement not allowed at top level: a candidate file holds imports, constants "
                "(NAME = value) and def functions");
+        };
+        bool simple = b.kind == FMX_PY_BLOCK_IMPORT || b.kind == FMX_PY_BLOCK_STRINGS ||
+                      b.kind == FMX_PY_BLOCK_ASSIGN;
+        if (simple && b.nlines > 1) { // lines indented under a simple statement
+            const fmx_py_token *t1 = fmx_pysource_first_code(m.ps, b.line + 1);
+            at(t1->line - 1, t1->col, FMX_ECOMPILE, "unexpected indent");
+        }
+        switch (b.kind) {
+        case FMX_PY_BLOCK_IMPORT: {
+            if (!check_import(m, m.code(b.line), p.modules)) {
+                // the statement on one line, spaced as written
+                std::string one;
+                const fmx_py_token *prev = nullptr;
+                for (const fmx_py_token *t : m.code(b.line)) {
+                    if (prev && prev->end != t->start) one += ' ';
+                    one += m.text(*t);
+                    prev = t;
+                }
+                at(a0, 0, FMX_EFORBIDDEN,
+                   "import not allowed: '" + one + "' (allowed: " + k_allowed_imports + ")");
+            }
+            blank(a0, a1);
+            break;
+        }
+        case FMX_PY_BLOCK_STRINGS: // a docstring
+            blank(a0, a1);
+            break;
+        case FMX_PY_BLOCK_MAIN:
+            blank(a0, a1);
+            break;
+        case FMX_PY_BLOCK_DEF: {
+            const fmx_py_token &name = m.tok[b.name];
+            if (b.is_async)
+                at(t0->line - 1, t0->col, FMX_EFORBIDDEN,
+                   "async functions are not allowed in candidate code");
+            if (m.is(name, FMX_PY_NAME, "tap"))
+                blank(a0, a1); // fmx supplies tap
+            else if (starts_with(m.text(name), "__fmx"))
+                at(name.line - 1, name.col, FMX_ECOMPILE, "names starting with __fmx are reserved");
+            break;
+        }
+        case FMX_PY_BLOCK_CLASS:
+            at(t0->line - 1, t0->col, FMX_EFORBIDDEN,
+               "classes are not allowed in candidate code: write plain functions and pass "
+               "weights in a Dict[str, Tensor]");
+            break;
+        case FMX_PY_BLOCK_ASSIGN: {
+            // NAME = expression, or NAME: annotation = expression
+            std::vector<const fmx_py_token *> code = m.code(b.line);
+            size_t eq = 1;
+            if (m.is(*code[1], FMX_PY_OP, ":")) {
+                int depth = 0;
+                for (eq = 2; eq < code.size(); eq++) {
+                    std::string s = m.text(*code[eq]);
+                    if (s == "(" || s == "[" || s == "{") depth++;
+                    if ((s == ")" || s == "]" || s == "}") && depth > 0) depth--;
+                    if (depth == 0 && s == "=") break;
+                }
+            }
+            if (eq >= code.size()) not_allowed(); // an annotation alone
+            {
+                Constant c;
+                c.name = m.text(*code[0]);
+                c.first = (int)a0;
+                c.last = (int)a1;
+                const fmx_py_token *e = eq + 1 < code.size() ? code[eq + 1] : nullptr;
+                long eline = e ? e->line : code[eq]->line;
+                long ecol = e ? e->col : code[eq]->col + 1;
+                c.expr_line = (int)eline - 1;
+                c.expr_col = (size_t)rewritten_col(sm, eline, ecol);
+                // the comments of its lines (the model's), at their rewritten columns
+                std::map<long, long> comment_at; // 0-based line → column
+                const fmx_py_line &ll = m.lines[b.line];
+                for (long k = ll.tok; k < ll.tok + ll.ntok; k++)
+                    if (m.tok[k].kind == FMX_PY_COMMENT)
+                        comment_at[m.tok[k].line - 1] =
+                            rewritten_col(sm, m.tok[k].line, m.tok[k].col);
+                for (long li = eline - 1; li <= a1; li++) {
+                    std::string l = p.rewritten[li];
+                    auto cm = comment_at.find(li);
+                    if (cm != comment_at.end()) l.resize(std::min(l.size(), (size_t)cm->second));
+                    c.code.push_back(l);
+                }
+                if (c.expr_col > c.code[0].size()) c.expr_col = c.code[0].size();
+                if (seen_const.count(c.name))
+                    at(a0, 0, FMX_ECOMPILE, "constant '" + c.name + "' is assigned twice");
+                seen_const.insert(c.name);
+                p.constants.push_back(c);
+                blank(a0, a1);
+            }
+            break;
+        }
+        default:
+            not_allowed();
         }
     }
     return p;
@@ -1155,7 +1135,8 @@ CompilationUnit &prelude() {
         sm.lines = split_lines(k_prelude);
         auto c = std::make_unique<CompilationUnit>();
         try {
-            Prep p = preprocess(sm);
+            PyModel model(k_prelude, strlen(k_prelude));
+            Prep p = preprocess(sm, model);
             std::string text;
             for (const std::string &l : p.code_lines)
                 text += l + "\n";
@@ -1525,9 +1506,17 @@ bool is_tensorish(torch::jit::Value *v) {
     return type_has_tensor(v->type());
 }
 
-// Whether v is certainly a bool tensor: a comparison, a logical op, or a
-// cast to torch.bool.
-bool is_bool_mask(torch::jit::Value *v) {
+// Whether the constant v is the dtype torch.bool.
+bool is_bool_dtype(torch::jit::Value *v) {
+    c10::optional<c10::IValue> iv = torch::jit::toIValue(v);
+    return iv && iv->isInt() && iv->toInt() == (int64_t)at::kBool;
+}
+
+// Whether v is certainly a bool tensor: a comparison, a logical op, a cast
+// to torch.bool or a tensor made with dtype=torch.bool, and what keeps a
+// mask a mask (&, |, ^, ~ of masks; views, copies and shape changes of one;
+// an If or torch.where choosing between masks). depth bounds the walk.
+bool is_bool_mask(torch::jit::Value *v, int depth = 0) {
     static const std::unordered_set<std::string> k_bool = {
         "aten::eq",          "aten::ne",         "aten::lt",
         "aten::le",          "aten::gt",         "aten::ge",
@@ -1537,18 +1526,85 @@ bool is_bool_mask(torch::jit::Value *v) {
         "aten::greater",     "aten::less",       "aten::greater_equal",
         "aten::less_equal",  "aten::not_equal",
     };
+    // bool when every tensor operand is
+    static const std::unordered_set<std::string> k_keeps = {
+        "aten::__and__",        "aten::__or__",     "aten::__xor__",     "aten::__invert__",
+        "aten::bitwise_and",    "aten::bitwise_or", "aten::bitwise_xor", "aten::bitwise_not",
+        "aten::contiguous",     "aten::clone",      "aten::detach",      "aten::view",
+        "aten::reshape",        "aten::expand",     "aten::expand_as",   "aten::transpose",
+        "aten::permute",        "aten::squeeze",    "aten::unsqueeze",   "aten::flatten",
+        "aten::select",         "aten::slice",      "aten::narrow",      "aten::t",
+        "aten::repeat",         "aten::flip",       "aten::roll",        "aten::movedim",
+        "prim::unchecked_cast",
+    };
+    if (depth > 64 || v->type()->kind() != c10::TypeKind::TensorType) return false;
     Node *n = v->node();
-    while (n->kind() == c10::prim::unchecked_cast || n->kind() == c10::Symbol::aten("contiguous"))
-        n = n->input(0)->node();
     const std::string k = n->kind().toQualString();
-    if (k_bool.count(k))
-        return n->outputs().size() == 1 && n->output()->type()->kind() == c10::TypeKind::TensorType;
+    if (k_bool.count(k)) return n->outputs().size() == 1;
     if (k == "aten::to" || k == "aten::type") {
-        for (size_t i = 1; i < n->inputs().size(); i++) {
-            c10::optional<c10::IValue> iv = torch::jit::toIValue(n->input(i));
-            if (iv && iv->isInt() && iv->toInt() == (int64_t)at::kBool) return true;
-        }
+        for (size_t i = 1; i < n->inputs().size(); i++)
+            if (is_bool_dtype(n->input(i))) return true;
+        return false;
     }
+    if (torch::jit::Value *dt = input_named(n, "dtype"))
+        if (is_bool_dtype(dt)) return true; // torch.zeros(..., dtype=torch.bool)
+    if (k == "prim::If") {
+        size_t i = v->offset();
+        for (torch::jit::Block *b : n->blocks())
+            if (!is_bool_mask(b->outputs()[i], depth + 1)) return false;
+        return true;
+    }
+    if (k == "aten::where" && n->inputs().size() == 3)
+        return is_bool_mask(n->input(1), depth + 1) && is_bool_mask(n->input(2), depth + 1);
+    if (!k_keeps.count(k) || n->inputs().empty()) return false;
+    bool binary = k == "aten::__and__" || k == "aten::__or__" || k == "aten::__xor__" ||
+                  k == "aten::bitwise_and" || k == "aten::bitwise_or" || k == "aten::bitwise_xor";
+    if (!binary) return is_bool_mask(n->input(0), depth + 1); // a view or copy of its first operand
+    for (torch::jit::Value *in : n->inputs())
+        if (in->type()->kind() == c10::TypeKind::TensorType && !is_bool_mask(in, depth + 1))
+            return false;
+    return true;
+}
+
+// The value of the int v when it is known without running: a constant, or
+// +, -, *, // and unary - of known ints. depth bounds the walk.
+c10::optional<int64_t> known_int(torch::jit::Value *v, int depth = 0) {
+    if (depth > 32) return c10::nullopt;
+    c10::optional<c10::IValue> iv = torch::jit::toIValue(v);
+    if (iv) return iv->isInt() ? c10::optional<int64_t>(iv->toInt()) : c10::nullopt;
+    Node *n = v->node();
+    const std::string k = n->kind().toQualString();
+    if (k == "aten::neg" && n->inputs().size() == 1) {
+        auto a = known_int(n->input(0), depth + 1);
+        return a ? c10::optional<int64_t>(-*a) : c10::nullopt;
+    }
+    if (n->inputs().size() != 2) return c10::nullopt;
+    auto a = known_int(n->input(0), depth + 1), b = known_int(n->input(1), depth + 1);
+    if (!a || !b) return c10::nullopt;
+    if (k == "aten::add") return *a + *b;
+    if (k == "aten::sub") return *a - *b;
+    if (k == "aten::mul") return *a * *b;
+    if (k == "aten::floordiv" && *b != 0)
+        return *a / *b - ((*a % *b != 0) && ((*a < 0) != (*b < 0)));
+    return c10::nullopt;
+}
+
+// Whether the int v is certainly >= 0 without running: a known one, a size
+// read from a shape (x.shape[i], x.size(i), len, dim, numel), or +, * and //
+// of such ints.
+bool nonneg_int(torch::jit::Value *v, int depth = 0) {
+    if (depth > 32) return false;
+    if (c10::optional<int64_t> c = known_int(v)) return *c >= 0;
+    Node *n = v->node();
+    const std::string k = n->kind().toQualString();
+    if (k == "aten::size" || k == "aten::len" || k == "aten::dim" || k == "aten::numel")
+        return true;
+    if (k == "aten::__getitem__" && n->inputs().size() == 2) {
+        const std::string l = n->input(0)->node()->kind().toQualString();
+        return l == "aten::size" || l == "prim::shape";
+    }
+    if ((k == "aten::add" || k == "aten::mul" || k == "aten::floordiv") && n->inputs().size() == 2)
+        return nonneg_int(n->input(0), depth + 1) && nonneg_int(n->input(1), depth + 1);
     return false;
 }
 
@@ -1576,6 +1632,20 @@ bool sync_op(Node *n, std::string *name, std::string *what) {
     if (k == "aten::where" && n->inputs().size() == 1) {
         *name = "torch.where(condition)";
         *what = shape;
+        return true;
+    }
+    if (k == "aten::one_hot") {
+        // num_classes=-1 (the default) is the largest value plus one
+        torch::jit::Value *nc = input_named(n, "num_classes");
+        if (!nc || !nonneg_int(nc)) {
+            *name = "F.one_hot without num_classes (or with one that may be -1)";
+            *what = "has a shape that depends on tensor values (a host sync)";
+            return true;
+        }
+    }
+    if ((k == "aten::narrow" || k == "aten::narrow_copy") && overload == "Tensor") {
+        *name = "narrow with a tensor start";
+        *what = "reads it on the host";
         return true;
     }
     if (k == "aten::tensor_split" && overload == "tensor_indices_or_sections") {
@@ -1856,10 +1926,10 @@ eval_constants(SourceMap &sm, const Prep &p, const std::shared_ptr<FmxResolver> 
             text += l + (i + 1 == c.code.size() ? ")\n" : "\n");
         }
         Loc at;
-        at.line = c.first + 1;
+        at.line = c.expr_line + 1;
         at.col = (long)c.expr_col + 1;
-        // Line 2 of this text is the constant's first line (c.first + 1).
-        auto src = std::make_shared<Source>(text, sm.filename, (size_t)(c.first + 1 - 2));
+        // Line 2 of this text is the expression's first line (c.expr_line + 1).
+        auto src = std::make_shared<Source>(text, sm.filename, (size_t)(c.expr_line + 1 - 2));
         auto r = std::make_shared<FmxResolver>(*base);
         r->constants = values;
         CompilationUnit cu;
@@ -1926,11 +1996,13 @@ fmx_param_kind param_kind(const c10::TypePtr &t) {
 // TorchScript's parser and emitter recurse once per nesting level of an
 // expression or block: 10,000 nested brackets, 7,000 unary minuses or a
 // chain of 10,000 `+ x` overflow an 8 MiB stack and kill the process. So,
-// before it sees the text: brackets at most 256 deep, at most 4,096
-// operators, attribute dots and opening brackets in one statement (a flat
-// list of numbers costs one, plus one per minus sign), blocks at most 100
-// deep. compile() also runs
-// on a thread with a 64 MiB stack (compile_on_big_stack): an 8x margin.
+// before it parses anything, on the text it will parse (f-string fields
+// rewritten into code) read through the model (pysource.h): brackets at
+// most 256 deep, at most 4,096 operator tokens (word operators, attribute
+// dots and opening brackets included) in one statement (a flat list of
+// numbers costs one, plus one per minus sign), blocks at most 100 deep.
+// compile() also runs on a thread with a 64 MiB stack
+// (compile_on_big_stack): an 8x margin.
 constexpr int k_max_brackets = 256;
 constexpr long k_max_statement_ops = 4096;
 constexpr size_t k_max_blocks = 100;
@@ -1943,107 +2015,42 @@ void check_nesting(const std::string &filename, const std::string &src) {
     };
     static const std::set<std::string> k_word_ops = {"and",  "or", "not", "if",
                                                      "else", "in", "is",  "lambda"};
-    const size_t n = src.size();
-    int depth = 0;
-    long ops = 0, line = 1;
-    size_t bol = 0;
-    bool line_start = true, joined = false;
-    std::vector<size_t> indents{0};
-    for (size_t i = 0; i < n; i++) {
-        char c = src[i];
-        if (c == '\n') {
-            line++;
-            bol = i + 1;
-            if (depth == 0 && !joined) {
-                ops = 0;
-                line_start = true;
-            }
-            joined = false;
-            continue;
-        }
-        if (c == ' ' || c == '\t' || c == '\r' || c == '\f') continue;
-        if (c == '#') {
-            while (i + 1 < n && src[i + 1] != '\n')
-                i++;
-            continue;
-        }
-        if (line_start) { // the first token of a logical line: its indentation
-            size_t ind = i - bol;
-            while (indents.back() > ind)
-                indents.pop_back();
-            if (ind > indents.back()) indents.push_back(ind);
-            if (indents.size() - 1 > k_max_blocks)
-                too_deep(line, "blocks nested more than " + std::to_string(k_max_blocks) + " deep");
-            line_start = false;
-        }
-        if (c == '\\') {
-            joined = true;
-            continue;
-        }
-        if (c == '"' || c == '\'') {
-            // to its closing quote; an unclosed one-line string ends before
-            // its newline (the parser reports it)
-            bool triple = i + 2 < n && src[i + 1] == c && src[i + 2] == c;
-            for (i += triple ? 3 : 1; i < n; i++) {
-                if (src[i] == '\n') {
-                    if (!triple) {
-                        i--;
-                        break;
-                    }
-                    line++;
-                    bol = i + 1;
-                } else if (src[i] == '\\' && i + 1 < n && src[i + 1] != '\n') {
-                    i++;
-                } else if (src[i] == c &&
-                           (!triple || (i + 2 < n && src[i + 1] == c && src[i + 2] == c))) {
-                    i += triple ? 2 : 0;
-                    break;
+    // The model (pysource.h) is built without recursion, whatever the depth.
+    PyModel m(src.data(), src.size());
+    std::vector<long> indents{0};
+    for (long i = 0; i < m.nlines; i++) {
+        const fmx_py_line &l = m.lines[i];
+        const fmx_py_token *t0 = fmx_pysource_first_code(m.ps, i);
+        while (indents.back() > l.indent)
+            indents.pop_back();
+        if (l.indent > indents.back()) indents.push_back(l.indent);
+        if (indents.size() - 1 > k_max_blocks)
+            too_deep(t0->line, "blocks nested more than " + std::to_string(k_max_blocks) + " deep");
+        int depth = 0;
+        long ops = 0;
+        for (long k = l.tok; k < l.tok + l.ntok; k++) {
+            const fmx_py_token &t = m.tok[k];
+            if (t.kind == FMX_PY_NAME) {
+                if (t.end - t.start <= 6 && k_word_ops.count(m.text(t))) ops++;
+            } else if (t.kind == FMX_PY_OP || t.kind == FMX_PY_ERROR) {
+                char c = t.end - t.start == 1 ? m.src[t.start] : 0;
+                if (c == '(' || c == '[' || c == '{') {
+                    ops++;
+                    if (++depth > k_max_brackets)
+                        too_deep(t.line, "brackets nested more than " +
+                                             std::to_string(k_max_brackets) + " deep");
+                } else if (c == ')' || c == ']' || c == '}') {
+                    if (depth > 0) depth--;
+                } else if (c == ';') {
+                    if (depth == 0) ops = 0;
+                } else if (c != ',') {
+                    ops++;
                 }
             }
-            continue;
+            if (ops > k_max_statement_ops)
+                too_deep(t.line, "more than " + std::to_string(k_max_statement_ops) +
+                                     " operators in one statement");
         }
-        if (isalpha((unsigned char)c) || c == '_') {
-            size_t j = i;
-            while (j < n && (isalnum((unsigned char)src[j]) || src[j] == '_'))
-                j++;
-            ops += k_word_ops.count(src.substr(i, j - i)) ? 1 : 0;
-            i = j - 1;
-        } else if (isdigit((unsigned char)c) ||
-                   (c == '.' && i + 1 < n && isdigit((unsigned char)src[i + 1]))) {
-            // a number literal, its point and one exponent sign included: no
-            // operator (0x1e+0x1e+... is a chain of additions: hex has none)
-            bool hex = c == '0' && i + 1 < n && strchr("xXoObB", src[i + 1]) && src[i + 1];
-            bool signed_exp = false;
-            size_t j = i + 1;
-            while (j < n) {
-                char d = src[j];
-                if (isalnum((unsigned char)d) || d == '.' || d == '_') {
-                    j++;
-                } else if (!hex && !signed_exp && (d == '-' || d == '+') &&
-                           (src[j - 1] == 'e' || src[j - 1] == 'E') && j + 1 < n &&
-                           isdigit((unsigned char)src[j + 1])) {
-                    signed_exp = true;
-                    j++;
-                } else {
-                    break;
-                }
-            }
-            i = j - 1;
-        } else if (c == '(' || c == '[' || c == '{') {
-            ops++;
-            if (++depth > k_max_brackets)
-                too_deep(line,
-                         "brackets nested more than " + std::to_string(k_max_brackets) + " deep");
-        } else if (c == ')' || c == ']' || c == '}') {
-            if (depth > 0) depth--;
-        } else if (c == ';' && depth == 0) {
-            ops = 0;
-        } else if (strchr("+-*/%@&|^~<>!=.:", c)) {
-            ops++;
-        }
-        if (ops > k_max_statement_ops)
-            too_deep(line, "more than " + std::to_string(k_max_statement_ops) +
-                               " operators in one statement");
     }
 }
 
@@ -2088,11 +2095,21 @@ std::unique_ptr<fmx_program> compile(const char *source, size_t len, const char 
                                " is not allowed: a candidate file is text (tabs, printable "
                                "characters and \\n or \\r\\n line endings)");
     }
-    check_nesting(sm.filename, std::string(source, len));
     prelude(); // compiled once, before any candidate needs it
     tl_forbidden = false;
 
-    Prep p = preprocess(sm);
+    Prep p;
+    {
+        PyModel model(source, len);
+        p = preprocess(sm, model);
+    }
+    {
+        // the limits, on the text TorchScript will parse (f-string fields included)
+        std::string all;
+        for (const std::string &l : p.rewritten)
+            all += l + "\n";
+        check_nesting(sm.filename, all);
+    }
     auto base = std::make_shared<FmxResolver>();
     base->modules = p.modules;
     auto consts = eval_constants(sm, p, base);

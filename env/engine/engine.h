@@ -77,10 +77,13 @@ int fmx_tensor_read(const fmx_tensor *t, void *buf, size_t bufsz, char *err, siz
 
 /* ---- programs (the candidate language) ---- */
 
-/* Compiles a candidate file: checks and strips imports, resolves top-level
- * constants, drops a top-level `def tap` (fmx supplies tap), compiles with
- * the F prelude, then walks every node of every function against the op
- * allowlist. On failure err holds "FILE:LINE:COL: message" naming the
+/* Compiles a candidate file: reads it through fmx's one model of Python
+ * source (pysource.h: the LOC counter's), checks and strips imports,
+ * resolves top-level constants, drops a top-level `def tap` (fmx supplies
+ * tap) and `if __name__ == "__main__":` block, refuses a line holding only a
+ * backslash continuation (CPython and TorchScript can indent what follows
+ * differently), compiles with the F prelude, then walks every node of every
+ * function against the op allowlist. On failure err holds "FILE:LINE:COL: message" naming the
  * candidate's own line, followed by the offending source line. filename is
  * used in messages only. Caller frees with fmx_program_destroy. */
 int fmx_program_compile(const char *source, size_t len, const char *filename, fmx_program **out,
@@ -125,12 +128,25 @@ int fmx_program_params(const fmx_program *p, const char *fn, fmx_param *out, int
 typedef struct {
     /* Ops that read tensor values on the host, counted once per place in
      * the candidate's code (one in a loop or a helper called twice counts
-     * once; a while condition, emitted twice, once): .item(), .tolist(),
-     * int/float/bool/complex(tensor) and a tensor used as a number or as a
-     * condition, is_nonzero, torch.equal/allclose, formatting a tensor, and
-     * ops whose result shape depends on tensor values (nonzero, argwhere,
-     * masked_select, unique*, bincount, one-argument torch.where,
-     * repeat_interleave with tensor repeats, boolean-mask indexing). */
+     * once; a while condition, emitted twice, once):
+     *  - .item(), .tolist(), int/float/bool/complex(tensor), is_nonzero,
+     *    torch.equal/allclose, formatting a tensor;
+     *  - a tensor where an int or a number is expected (aten::Int,
+     *    IntImplicit, ScalarImplicit, ImplicitTensorToNum...): slice and
+     *    select bounds x[:t], sizes x.view(t, -1), torch.arange(t), and a
+     *    tensor used as a condition; narrow/narrow_copy with a tensor start
+     *    (their Tensor overload); tensor_split with tensor indices;
+     *  - ops whose result shape depends on tensor values: nonzero,
+     *    argwhere, masked_select, unique*, bincount, one-argument
+     *    torch.where, repeat_interleave with tensor repeats, F.one_hot
+     *    without num_classes or with one not certainly >= 0 (a constant, a
+     *    size read from a shape, or +, *, // of those), and indexing (or
+     *    index_put) with a boolean mask: a comparison, logical op, isnan...,
+     *    a cast to or a tensor made with torch.bool, &, |, ^, ~ of masks,
+     *    and views, copies, If outputs and torch.where of masks (a tensor
+     *    argument's dtype is unknown: x[mask_arg] is not counted).
+     * The outputs of all of these depend on tensor values (their shapes,
+     * for tensors): control flow on them counts below. */
     int host_syncs;
     /* prim::If / prim::Loop nodes (once per place, as above) whose condition or trip count depends
      * on tensor values: traced back through the inlined graph (loop-carried values, If outputs,
