@@ -32,7 +32,13 @@ struct fmx_episode {
 };
 
 fmx_budget fmx_budget_default(void) {
-    return (fmx_budget){.max_steps = 40, .max_code_bytes = 65536};
+    return (fmx_budget){
+        .max_steps = 40, .max_code_bytes = 65536, .max_observation = FMX_OBS_DATA_MAX};
+}
+
+/* The budget's cap on an observation's data. */
+static size_t fmx__obs_max(const fmx_episode *ep) {
+    return ep->budget.max_observation ? ep->budget.max_observation : FMX_OBS_DATA_MAX;
 }
 
 const char *fmx_episode_status_name(fmx_episode_status s) {
@@ -235,6 +241,7 @@ cJSON *fmx_episode_goal(const fmx_episode *ep) {
     cJSON *budget = cJSON_AddObjectToObject(data, "budget");
     cJSON_AddNumberToObject(budget, "max_steps", ep->budget.max_steps);
     cJSON_AddNumberToObject(budget, "max_code_bytes", (double)ep->budget.max_code_bytes);
+    cJSON_AddNumberToObject(budget, "max_observation_bytes", (double)fmx__obs_max(ep));
     cJSON_AddStringToObject(data, "entry", "forward");
     cJSON *obs = cJSON_CreateObject();
     cJSON_AddStringToObject(obs, "tool", "reset");
@@ -250,6 +257,7 @@ cJSON *fmx_episode_info(const fmx_episode *ep) {
     cJSON *b = cJSON_AddObjectToObject(info, "budget");
     cJSON_AddNumberToObject(b, "max_steps", ep->budget.max_steps);
     cJSON_AddNumberToObject(b, "max_code_bytes", (double)ep->budget.max_code_bytes);
+    cJSON_AddNumberToObject(b, "max_observation_bytes", (double)fmx__obs_max(ep));
     cJSON_AddStringToObject(info, "policy", ep->policy);
     cJSON_AddNumberToObject(info, "seed", (double)ep->seed);
     cJSON_AddStringToObject(info, "reward_version", ep->reward->version);
@@ -351,6 +359,285 @@ static void fmx__append_text(cJSON *obs, const char *s) {
     free(joined);
 }
 
+/* ---- observation caps ---- */
+
+/* Bytes of s as a JSON string, quotes and escapes included. */
+static size_t fmx__json_str_size(const char *s, size_t n) {
+    size_t size = 2;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        size +=
+            c == '"' || c == '\\' || c == '\b' || c == '\f' || c == '\n' || c == '\r' || c == '\t'
+                ? 2
+            : c < 0x20 ? 6
+                       : 1;
+    }
+    return size;
+}
+
+/* At least the length of node's compact JSON (its key not counted). */
+static size_t fmx__json_size(const cJSON *node) {
+    if (cJSON_IsString(node) && node->valuestring)
+        return fmx__json_str_size(node->valuestring, strlen(node->valuestring));
+    if (cJSON_IsNumber(node)) {
+        double v = node->valuedouble;
+        if (v == (double)(long long)v && v > -1e15 && v < 1e15) {
+            char buf[32];
+            return (size_t)snprintf(buf, sizeof buf, "%lld", (long long)v);
+        }
+        return 24; /* "%1.17g": sign, 17 digits, point, exponent */
+    }
+    if (cJSON_IsArray(node) || cJSON_IsObject(node)) {
+        size_t size = 2;
+        for (const cJSON *c = node->child; c; c = c->next) {
+            size += fmx__json_size(c) + (c != node->child);
+            if (cJSON_IsObject(node))
+                size += fmx__json_str_size(c->string ? c->string : "",
+                                           c->string ? strlen(c->string) : 0) +
+                        1;
+        }
+        return size;
+    }
+    return 5; /* true, false, null */
+}
+
+typedef struct {
+    cJSON *cuts; /* [{path, kept, of, unit}] */
+    char path[512];
+    int failed; /* out of memory */
+} fmx__cutter;
+
+static void fmx__cut_record(fmx__cutter *ct, const char *path, size_t kept, size_t of,
+                            const char *unit) {
+    cJSON *o = cJSON_CreateObject();
+    if (!o || !cJSON_AddStringToObject(o, "path", path) ||
+        !cJSON_AddNumberToObject(o, "kept", (double)kept) ||
+        !cJSON_AddNumberToObject(o, "of", (double)of) ||
+        !cJSON_AddStringToObject(o, "unit", unit) || !cJSON_AddItemToArray(ct->cuts, o)) {
+        cJSON_Delete(o);
+        ct->failed = 1;
+    }
+}
+
+/* Appends ".key" or "[i]" to the cutter's path; returns the old length. */
+static size_t fmx__cut_path_push(fmx__cutter *ct, const cJSON *parent, const cJSON *child,
+                                 int index) {
+    size_t len = strlen(ct->path);
+    if (cJSON_IsObject(parent))
+        snprintf(ct->path + len, sizeof ct->path - len, "%s%s", len ? "." : "",
+                 child->string ? child->string : "");
+    else
+        snprintf(ct->path + len, sizeof ct->path - len, "[%d]", index);
+    return len;
+}
+
+/* Makes node smaller by at least excess bytes of JSON where it is biggest:
+ * inside its biggest child when that child alone can give the bytes, else
+ * here (a string's tail, an array's trailing items, an object's biggest
+ * members). */
+static void fmx__shrink(fmx__cutter *ct, cJSON *node, size_t excess) {
+    if (cJSON_IsString(node) && node->valuestring) {
+        char *v = node->valuestring;
+        size_t n = strlen(v), size = fmx__json_size(node);
+        size_t budget = size > excess + 2 ? size - excess - 2 : 0, used = 0, k = 0;
+        while (k < n) {
+            size_t one = fmx__json_str_size(v + k, 1) - 2;
+            if (used + one > budget) break;
+            used += one;
+            k++;
+        }
+        while (k > 0 && k < n && ((unsigned char)v[k] & 0xC0) == 0x80) /* whole characters */
+            k--;
+        v[k] = 0;
+        fmx__cut_record(ct, ct->path, k, n, "bytes");
+        return;
+    }
+    if (!cJSON_IsArray(node) && !cJSON_IsObject(node)) return;
+    size_t size = fmx__json_size(node), best_size = 0;
+    cJSON *best = NULL;
+    int best_i = 0, i = 0;
+    for (cJSON *c = node->child; c; c = c->next, i++) {
+        size_t cs = fmx__json_size(c);
+        if (cs > best_size) {
+            best_size = cs;
+            best = c;
+            best_i = i;
+        }
+    }
+    if (!best) return;
+    if (best_size >= excess + 64 && (cJSON_IsString(best) || best->child)) {
+        size_t len = fmx__cut_path_push(ct, node, best, best_i);
+        fmx__shrink(ct, best, excess);
+        ct->path[len] = 0;
+        return;
+    }
+    if (cJSON_IsArray(node)) {
+        /* Keep the leading items that fit, and of the first that does not
+         * as much as fits (when that is worth it); free the rest. */
+        size_t budget = size > excess ? size - excess : 0, used = 2, kept = 0, total = 0;
+        cJSON *last = NULL, *c = node->child;
+        for (; c; c = c->next) {
+            if (used + (kept > 0) > budget) break;
+            size_t cs = fmx__json_size(c), room = budget - used - (kept > 0);
+            if (cs > room) {
+                if (room < 256 || !(cJSON_IsString(c) || c->child)) break;
+                size_t len = fmx__cut_path_push(ct, node, c, (int)kept);
+                fmx__shrink(ct, c, cs - room);
+                ct->path[len] = 0;
+                cs = fmx__json_size(c);
+                if (cs > room) break;
+            }
+            used += cs + (kept > 0);
+            last = c;
+            kept++;
+        }
+        for (const cJSON *t = node->child; t; t = t->next)
+            total++;
+        if (!c) return; /* everything fits */
+        if (last) {
+            last->next = NULL;
+            node->child->prev = last; /* cJSON keeps the tail in the head's prev */
+        } else {
+            node->child = NULL;
+        }
+        c->prev = NULL;
+        cJSON_Delete(c); /* c and every item after it */
+        fmx__cut_record(ct, ct->path, kept, total, "items");
+        return;
+    }
+    /* An object none of whose members can give the bytes alone: cut into
+     * the biggest members in turn (a member that cannot be cut is dropped)
+     * until they have. */
+    size_t freed = 0;
+    for (int rounds = 0; freed < excess && node->child && rounds < 64; rounds++) {
+        cJSON *big = NULL;
+        size_t big_size = 0;
+        for (cJSON *c = node->child; c; c = c->next) {
+            size_t cs = fmx__json_size(c);
+            if (cs > big_size) {
+                big_size = cs;
+                big = c;
+            }
+        }
+        size_t len = fmx__cut_path_push(ct, node, big, 0);
+        size_t after = big_size;
+        if (big_size > 128 && (cJSON_IsString(big) || big->child)) {
+            size_t want = excess - freed < big_size - 64 ? excess - freed : big_size - 64;
+            fmx__shrink(ct, big, want);
+            after = fmx__json_size(big);
+        }
+        if (after >= big_size) { /* nothing to cut inside: drop it */
+            fmx__cut_record(ct, ct->path, 0, big_size, "member");
+            freed += big_size + 1 +
+                     fmx__json_str_size(big->string ? big->string : "",
+                                        big->string ? strlen(big->string) : 0);
+            cJSON_Delete(cJSON_DetachItemViaPointer(node, big));
+        } else {
+            freed += big_size - after;
+        }
+        ct->path[len] = 0;
+    }
+}
+
+int fmx_observation_cap(cJSON *obs, size_t text_max, size_t data_max) {
+    cJSON *text = cJSON_GetObjectItemCaseSensitive(obs, "text");
+    cJSON *data = cJSON_GetObjectItemCaseSensitive(obs, "data");
+    const char *t = cJSON_GetStringValue(text);
+    /* The text keeps its head [0, head) and its tail [tail, tlen): a report
+     * ends with its summary. Cuts fall between lines when one is near and
+     * never inside a UTF-8 character. */
+    size_t tlen = t ? strlen(t) : 0, head = tlen, tail = tlen;
+    if (t && tlen > text_max) {
+        head = text_max / 4 * 3;
+        while (head > 0 && ((unsigned char)t[head] & 0xC0) == 0x80)
+            head--;
+        for (size_t k = head; k > 0 && head - k < 4096; k--)
+            if (t[k - 1] == '\n') {
+                head = k;
+                break;
+            }
+        tail = tlen - (text_max - head);
+        while (tail < tlen && ((unsigned char)t[tail] & 0xC0) == 0x80)
+            tail++;
+        for (size_t k = tail; k < tlen && k - tail < 4096; k++)
+            if (t[k] == '\n') {
+                tail = k + 1;
+                break;
+            }
+    }
+    fmx__cutter ct = {.cuts = NULL};
+    size_t dsize = data ? fmx__json_size(data) : 0;
+    if (dsize > data_max) {
+        ct.cuts = cJSON_CreateArray();
+        if (!ct.cuts) return FMX_ENOMEM;
+        for (int round = 0; round < 64 && dsize > data_max; round++) {
+            size_t before = dsize;
+            fmx__shrink(&ct, data, dsize - data_max);
+            dsize = fmx__json_size(data);
+            if (dsize >= before) break; /* nothing left to cut */
+        }
+    }
+    if (head == tlen && !ct.cuts) return 0;
+    /* The note, where the text was cut (else at its end): what was cut. */
+    char *note = NULL;
+    size_t nlen = 0;
+    FILE *f = open_memstream(&note, &nlen);
+    if (!f) {
+        cJSON_Delete(ct.cuts);
+        return FMX_ENOMEM;
+    }
+    fprintf(f, "%s[fmx: ", head && t[head - 1] != '\n' ? "\n" : "");
+    if (head < tlen)
+        fprintf(f, "%zu of this text's %zu bytes cut here (an observation's text is capped at %zu)",
+                tail - head, tlen, text_max);
+    else
+        fprintf(f, "this observation's data was cut (capped at %zu bytes of JSON)", data_max);
+    int shown = 0;
+    const cJSON *c;
+    cJSON_ArrayForEach(c, ct.cuts) {
+        if (shown++ == 4) {
+            fprintf(f, "; %d more cuts", cJSON_GetArraySize(ct.cuts) - 4);
+            break;
+        }
+        fprintf(f, "; data.%s: kept %.0f of %.0f %s",
+                cJSON_GetStringValue(cJSON_GetObjectItem(c, "path")),
+                cJSON_GetNumberValue(cJSON_GetObjectItem(c, "kept")),
+                cJSON_GetNumberValue(cJSON_GetObjectItem(c, "of")),
+                cJSON_GetStringValue(cJSON_GetObjectItem(c, "unit")));
+    }
+    if (ct.cuts) fprintf(f, " (data.cut lists every cut)");
+    fprintf(f, "]%s", head < tlen ? "\n" : "");
+    fclose(f);
+    char *joined = note ? malloc(head + nlen + (tlen - tail) + 1) : NULL;
+    if (joined) {
+        if (head) memcpy(joined, t, head);
+        memcpy(joined + head, note, nlen);
+        memcpy(joined + head + nlen, t ? t + tail : "", tlen - tail);
+        joined[head + nlen + tlen - tail] = 0;
+    }
+    free(note);
+    cJSON *nt = joined ? cJSON_CreateString(joined) : NULL;
+    free(joined);
+    int ok = nt && !ct.failed;
+    if (ct.cuts && ok && cJSON_IsObject(data)) {
+        if (!cJSON_AddItemToObject(data, "cut", ct.cuts)) {
+            cJSON_Delete(ct.cuts);
+            ok = 0;
+        }
+    } else {
+        cJSON_Delete(ct.cuts);
+    }
+    if (!ok) {
+        cJSON_Delete(nt);
+        return FMX_ENOMEM;
+    }
+    if (text)
+        cJSON_ReplaceItemInObjectCaseSensitive(obs, "text", nt);
+    else
+        cJSON_AddItemToObject(obs, "text", nt);
+    return 1;
+}
+
 int fmx_episode_apply(fmx_episode *ep, const fmx_step_plan *plan, fmx_step_outcome *outcome,
                       fmx_step_result *res) {
     memset(res, 0, sizeof *res);
@@ -359,7 +646,8 @@ int fmx_episode_apply(fmx_episode *ep, const fmx_step_plan *plan, fmx_step_outco
     outcome->tool.observation = NULL;
     res->error = outcome->tool.error;
     res->info = cJSON_CreateObject();
-    if (!res->observation || !res->info) {
+    if (!res->observation || !res->info ||
+        fmx_observation_cap(res->observation, fmx__obs_max(ep) / 8, fmx__obs_max(ep)) < 0) {
         fmx_step_result_clear(res);
         return FMX_ENOMEM;
     }

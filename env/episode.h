@@ -19,8 +19,13 @@
  * compiled FOR THE TASK'S MODULE had been submitted (this very step's code
  * included); with no such code the reward is 0. The observation says so.
  *
- * Not here: sockets, ordering of steps, logging (env/server.c); the tools
- * themselves (env/tools.c).
+ * Observations are capped before they are logged or sent: a step's data at
+ * the budget's max_observation bytes of compact JSON (FMX_OBS_DATA_MAX by
+ * default) and its text at an eighth of that (fmx_observation_cap), with a
+ * note saying what was cut.
+ *
+ * Not here: sockets, ordering of steps, logging, idle episodes
+ * (env/server.c); the tools themselves (env/tools.c).
  */
 #ifndef FMX_EPISODE_H
 #define FMX_EPISODE_H
@@ -36,8 +41,10 @@ extern "C" {
 #endif
 
 typedef struct {
-    int max_steps;         /* 40 */
-    size_t max_code_bytes; /* 65,536 */
+    int max_steps;          /* 40 */
+    size_t max_code_bytes;  /* 65,536 */
+    size_t max_observation; /* bytes of a step observation's data as JSON; its text gets an
+                               eighth of it; 0 = FMX_OBS_DATA_MAX */
 } fmx_budget;
 
 fmx_budget fmx_budget_default(void);
@@ -111,6 +118,23 @@ typedef struct {
  * FMX_OK or FMX_ENOMEM. */
 int fmx_episode_execute(const fmx_step_plan *plan, fmx_step_outcome *out);
 void fmx_step_outcome_clear(fmx_step_outcome *out); /* accepts NULL */
+
+/* The default caps on a step's observation (docs/protocol.md, "Observations"). */
+#define FMX_OBS_DATA_MAX (1u << 20)             /* bytes of `data` as compact JSON */
+#define FMX_OBS_TEXT_MAX (FMX_OBS_DATA_MAX / 8) /* bytes of `text` */
+
+/* Cuts an observation {tool, text, data, ...} to at most text_max bytes of
+ * text, keeping its first three quarters and its end (cut at line breaks
+ * when one is near, never inside a UTF-8 character), and data_max bytes of
+ * data as compact JSON (estimated from above), cut where it is biggest and
+ * from the end: a list keeps its leading items (and part of the first that
+ * does not fit), a string its head, an object loses from its biggest
+ * members; each cut is recorded in data.cut as {path, kept, of, unit
+ * ("items"/"bytes"/"member")}. A note in the text, where it was cut (else
+ * at its end), says what was cut: the text may pass text_max by the note,
+ * a few hundred bytes, and data by data.cut. Returns 1 when something was
+ * cut, 0 when the observation fits, FMX_ENOMEM. */
+int fmx_observation_cap(cJSON *obs, size_t text_max, size_t data_max);
 
 /* The step as the protocol returns and the log records it. */
 typedef struct {

@@ -1,6 +1,7 @@
 /*
  * server.c — `fmx serve` (server.h): the poll loop, request dispatch, the
- * episode table with per-episode request queues, group commit, the bind
+ * episode table with per-episode request queues, the client table with the
+ * evaluation scheduler and the caps, idle episodes, group commit, the bind
  * rule and CURVE keys. The server is one thread that touches episodes, the
  * log and the ROUTER socket; evaluations go to worker processes
  * (env/worker.h), which see a job (plan in, outcome out) and nothing else.
@@ -19,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -70,6 +72,8 @@ typedef struct {
     int delim;
 } fmx__env;
 
+struct fmx__client;
+
 typedef struct fmx__request {
     struct fmx__request *next;
     fmx__env env;
@@ -77,17 +81,42 @@ typedef struct fmx__request {
     int has_req;
     cJSON *body; /* owned */
     double t_unix, t_mono;
+    struct fmx__client *client; /* a reference; NULL for a message that could not be read */
+    size_t cost;                /* bytes held against the caps while it waits; 0: none */
+    int eval;                   /* counted in its client's evaluations */
 } fmx__request;
 
 typedef struct fmx__job {
-    struct fmx__job *next;
-    fmx__request *rq; /* owned */
+    struct fmx__job *next; /* its client's waiting jobs */
+    fmx__request *rq;      /* owned */
     int64_t episode;
     fmx_step_plan plan;
     fmx_step_outcome outcome;
     int rc;
-    int phase; /* 0: the step; 1: grading the last verified code after a failed last step */
+    int phase;     /* 0: the step; 1: grading the last verified code after a failed last step */
+    double charge; /* worker seconds charged to its client when it was handed out */
+    double used;   /* worker seconds it took */
+    const char *cancel_code, *cancel_msg; /* answered without running (shutdown) */
 } fmx__job;
+
+/* One client: a ROUTER routing id, i.e. one connection (the server refuses
+ * ids that clients set themselves, see fmx__recv). Kept while a request of
+ * it is alive or it has an open episode. Its evaluations wait here, in
+ * order, until the scheduler hands them to a free worker. */
+typedef struct fmx__client {
+    struct fmx__client *hnext; /* hash chain */
+    struct fmx__client *bnext; /* backlog: clients with waiting jobs */
+    unsigned char id[FMX__MAX_IDENTITY];
+    size_t id_len;
+    int fd;                  /* the connection's socket (ZMQ_SRCFD) when first seen; -1 unknown */
+    int refs;                /* requests alive + open episodes */
+    int evals;               /* verify_component/submit requests accepted and not answered */
+    size_t bytes;            /* request bytes it holds against the caps */
+    fmx__job *jhead, *jtail; /* jobs waiting for a worker */
+    int waiting, running;    /* jobs waiting here / running on workers */
+    double vtime;            /* worker seconds used (fair queueing's virtual time) */
+    uint64_t since;          /* when it last started waiting (a sequence number) */
+} fmx__client;
 
 typedef struct {
     fmx__env env;
@@ -108,6 +137,9 @@ typedef struct fmx__slot {
     fmx__request *qhead, *qtail;
     int nqueued;
     int in_ended;
+    fmx__client *client; /* the owner, referenced while the episode is open */
+    double active;       /* fmx__mono() of its last request or reply */
+    int idled;           /* aborted by the idle timeout */
 } fmx__slot;
 
 typedef struct {
@@ -126,6 +158,18 @@ typedef struct {
     zmq_pollitem_t *items; /* the ROUTER, then the workers' channels */
     int *fds;
     int inflight; /* jobs given to the pool and not yet done */
+    /* clients and the evaluation scheduler */
+    fmx__client **cbuckets;
+    size_t ncbuckets, nclients;
+    fmx__client *backlog; /* clients with jobs waiting for a worker */
+    int waiting;          /* jobs waiting here for a worker */
+    double vclock;        /* fair queueing: the virtual time of the last job handed out */
+    double charge_s;      /* what a job charges when handed out: the evaluation timeout */
+    uint64_t seq;
+    size_t queued_bytes; /* request bytes held against the caps, all clients */
+    size_t max_queued_bytes;
+    int max_client_evals;
+    double next_idle_scan;
     /* episodes */
     fmx__slot **buckets;
     size_t nbuckets, nslots;
@@ -143,7 +187,7 @@ typedef struct {
     cJSON *spec, *task_list, **goals;
     /* counters */
     double started;
-    int64_t steps, requests, dropped;
+    int64_t steps, requests, dropped, refused_busy, idle_aborted;
     int shutting_down;
 } fmx__server;
 
@@ -183,12 +227,83 @@ static int fmx__insert(fmx__server *s, fmx__slot *slot) {
     return FMX_OK;
 }
 
-/* Returns 0 so that handlers can `return fmx__request_free(rq);`. */
-static int fmx__request_free(fmx__request *rq) {
+/* ---- clients ---- */
+
+static size_t fmx__id_hash(const unsigned char *id, size_t n, size_t nbuckets) {
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ id[i]) * 1099511628211ull;
+    return (size_t)(h ^ (h >> 32)) & (nbuckets - 1);
+}
+
+/* The client of a routing id, made on first sight, with a new reference
+ * (fmx__client_unref). fd: the connection's socket, -1 if unknown. NULL when
+ * out of memory. */
+static fmx__client *fmx__client_get(fmx__server *s, const fmx__env *env, int fd) {
+    size_t h = fmx__id_hash(env->id, env->id_len, s->ncbuckets);
+    fmx__client *c = s->cbuckets[h];
+    while (c && (c->id_len != env->id_len || memcmp(c->id, env->id, env->id_len) != 0))
+        c = c->hnext;
+    if (!c) {
+        if (s->nclients + 1 > s->ncbuckets) {
+            size_t n = s->ncbuckets * 2;
+            fmx__client **b = calloc(n, sizeof *b);
+            if (!b) return NULL;
+            for (size_t i = 0; i < s->ncbuckets; i++)
+                for (fmx__client *e = s->cbuckets[i], *next; e; e = next) {
+                    next = e->hnext;
+                    size_t k = fmx__id_hash(e->id, e->id_len, n);
+                    e->hnext = b[k];
+                    b[k] = e;
+                }
+            free(s->cbuckets);
+            s->cbuckets = b;
+            s->ncbuckets = n;
+            h = fmx__id_hash(env->id, env->id_len, n);
+        }
+        c = calloc(1, sizeof *c);
+        if (!c) return NULL;
+        memcpy(c->id, env->id, env->id_len);
+        c->id_len = env->id_len;
+        c->fd = fd;
+        c->hnext = s->cbuckets[h];
+        s->cbuckets[h] = c;
+        s->nclients++;
+    }
+    c->refs++;
+    return c;
+}
+
+/* Drops a reference; the last one frees the client (it then has no request
+ * alive, so no job waiting, and no open episode). Accepts NULL. */
+static void fmx__client_unref(fmx__server *s, fmx__client *c) {
+    if (!c || --c->refs > 0) return;
+    fmx__client **pp = &s->cbuckets[fmx__id_hash(c->id, c->id_len, s->ncbuckets)];
+    while (*pp && *pp != c)
+        pp = &(*pp)->hnext;
+    if (*pp) *pp = c->hnext;
+    s->nclients--;
+    free(c);
+}
+
+/* Returns 0 so that handlers can `return fmx__request_free(s, rq);`. */
+static int fmx__request_free(fmx__server *s, fmx__request *rq) {
     if (!rq) return 0;
+    if (rq->client) {
+        rq->client->evals -= rq->eval;
+        rq->client->bytes -= rq->cost;
+        fmx__client_unref(s, rq->client);
+    }
+    s->queued_bytes -= rq->cost;
     cJSON_Delete(rq->body);
     free(rq);
     return 0;
+}
+
+/* An open episode's owner: referenced until the episode ends. */
+static void fmx__slot_release(fmx__server *s, fmx__slot *slot) {
+    fmx__client_unref(s, slot->client);
+    slot->client = NULL;
 }
 
 /* Unlinks and frees a slot (its queue must be empty or is freed). */
@@ -212,8 +327,9 @@ static void fmx__remove(fmx__server *s, fmx__slot *slot) {
     if (fmx_episode_status_of(slot->ep) == FMX_EP_OPEN) s->open_episodes--;
     for (fmx__request *rq = slot->qhead, *next; rq; rq = next) {
         next = rq->next;
-        fmx__request_free(rq);
+        fmx__request_free(s, rq);
     }
+    fmx__slot_release(s, slot);
     fmx_episode_destroy(slot->ep);
     free(slot);
 }
@@ -340,13 +456,87 @@ static void fmx__flush(fmx__server *s) {
     s->nreplies = 0;
 }
 
-/* ---- workers ---- */
+/* ---- the evaluation scheduler ----
+ *
+ * Evaluations (verify_component, submit) wait in their client's queue here,
+ * not in the pool's: a job is handed to the pool only when a worker is free
+ * for it, and then it is the job of the waiting client that has used the
+ * least worker time (fair queueing on a virtual clock: a job charges its
+ * client the evaluation timeout when it is handed out and the time it
+ * really took when it ends; a client that starts waiting is put no further
+ * than one evaluation timeout behind the clock, so idle time earns little
+ * credit; ties go to the client waiting longest). Clients that use the same
+ * time take turns, and a client with one evaluation waits for the next free
+ * worker whatever others have queued. */
 
-/* Hands a heavy step to the worker processes. */
-static int fmx__submit_job(fmx__server *s, fmx__job *job) {
-    int rc = fmx_pool_submit(s->pool, fmx_worker_step_request(&job->plan), job);
-    if (rc == FMX_OK) s->inflight++;
-    return rc;
+static void fmx__job_finish(fmx__server *s, fmx__job *job);
+
+/* Queues a job behind its client's earlier ones. */
+static void fmx__sched_add(fmx__server *s, fmx__job *job) {
+    fmx__client *c = job->rq->client;
+    job->next = NULL;
+    if (c->jtail)
+        c->jtail->next = job;
+    else
+        c->jhead = job;
+    c->jtail = job;
+    s->waiting++;
+    if (c->waiting++ == 0) {
+        /* Idle time earns at most one evaluation's credit. */
+        if (c->vtime < s->vclock - s->charge_s) c->vtime = s->vclock - s->charge_s;
+        c->since = ++s->seq;
+        c->bnext = s->backlog;
+        s->backlog = c;
+    }
+}
+
+/* Takes the first waiting job of the client at *pp (in the backlog). */
+static fmx__job *fmx__sched_pop(fmx__server *s, fmx__client **pp) {
+    fmx__client *c = *pp;
+    fmx__job *job = c->jhead;
+    c->jhead = job->next;
+    if (!c->jhead) c->jtail = NULL;
+    job->next = NULL;
+    s->waiting--;
+    if (--c->waiting == 0) *pp = c->bnext;
+    return job;
+}
+
+/* Hands waiting jobs to the pool while it has a free worker (or, when no
+ * worker is up, one job, so that the pool can fail it if none can start). */
+static void fmx__sched_dispatch(fmx__server *s) {
+    while (s->backlog) {
+        fmx_pool_stats ps = fmx_pool_stats_get(s->pool);
+        if (ps.queued > 0 || (ps.ready > 0 && ps.busy >= ps.ready)) return;
+        fmx__client **best = &s->backlog;
+        for (fmx__client **pp = &(*best)->bnext; *pp; pp = &(*pp)->bnext)
+            if ((*pp)->vtime < (*best)->vtime ||
+                ((*pp)->vtime == (*best)->vtime && (*pp)->since < (*best)->since))
+                best = pp;
+        fmx__client *c = *best;
+        fmx__job *job = fmx__sched_pop(s, best);
+        if (c->vtime > s->vclock) s->vclock = c->vtime;
+        if (fmx_pool_submit(s->pool, fmx_worker_step_request(&job->plan), job) != FMX_OK) {
+            job->rc = FMX_ENOMEM;
+            fmx__job_finish(s, job);
+            continue;
+        }
+        job->charge = s->charge_s;
+        c->vtime += job->charge;
+        c->running++;
+        s->inflight++;
+    }
+}
+
+/* Answers every waiting job with an error (shutdown). */
+static void fmx__sched_cancel(fmx__server *s, const char *code, const char *msg) {
+    while (s->backlog) {
+        fmx__job *job = fmx__sched_pop(s, &s->backlog);
+        job->rc = FMX_EINVAL;
+        job->cancel_code = code;
+        job->cancel_msg = msg;
+        fmx__job_finish(s, job);
+    }
 }
 
 /* ---- ops ---- */
@@ -393,6 +583,11 @@ static void fmx__op_health(fmx__server *s, fmx__request *rq) {
     cJSON_AddNumberToObject(b, "steps", (double)s->steps);
     cJSON_AddNumberToObject(b, "requests", (double)s->requests);
     cJSON_AddNumberToObject(b, "jobs_in_flight", s->inflight);
+    cJSON_AddNumberToObject(b, "jobs_waiting", s->waiting);
+    cJSON_AddNumberToObject(b, "clients", (double)s->nclients);
+    cJSON_AddNumberToObject(b, "queued_bytes", (double)s->queued_bytes);
+    cJSON_AddNumberToObject(b, "refused_busy", (double)s->refused_busy);
+    cJSON_AddNumberToObject(b, "idle_aborted", (double)s->idle_aborted);
     fmx_pool_stats ps = fmx_pool_stats_get(s->pool);
     cJSON *w = cJSON_AddObjectToObject(b, "workers");
     cJSON_AddNumberToObject(w, "configured", ps.workers);
@@ -483,6 +678,9 @@ static int fmx__op_reset(fmx__server *s, fmx__request *rq) {
         return fmx__reply_error(s, rq, "internal", "out of memory");
     }
     s->open_episodes++;
+    slot->client = rq->client;
+    slot->client->refs++;
+    slot->active = fmx__mono();
     if (!s->goals[ti]) s->goals[ti] = fmx_episode_goal(slot->ep);
     cJSON *b = fmx__ok();
     cJSON_AddNumberToObject(b, "episode", (double)id);
@@ -498,6 +696,7 @@ static int fmx__op_reset(fmx__server *s, fmx__request *rq) {
 /* Moves an ended episode to the ended FIFO, evicting the oldest. */
 static void fmx__ended(fmx__server *s, fmx__slot *slot) {
     s->open_episodes--;
+    fmx__slot_release(s, slot);
     slot->in_ended = 1;
     slot->enext = NULL;
     if (s->ended_tail)
@@ -515,6 +714,7 @@ static void fmx__ended(fmx__server *s, fmx__slot *slot) {
 static int fmx__complete_step(fmx__server *s, fmx__slot *slot, fmx__request *rq,
                               fmx_step_plan *plan, fmx_step_outcome *outcome) {
     fmx_step_result res;
+    slot->active = fmx__mono();
     if (fmx_episode_apply(slot->ep, plan, outcome, &res) != FMX_OK)
         return fmx__reply_error(s, rq, "internal", "out of memory");
     s->steps++;
@@ -579,9 +779,16 @@ static int fmx__complete_step(fmx__server *s, fmx__slot *slot, fmx__request *rq,
 static int fmx__run_step(fmx__server *s, fmx__slot *slot, fmx__request *rq) {
     fmx_episode_status st = fmx_episode_status_of(slot->ep);
     if (st != FMX_EP_OPEN) {
-        fmx__reply_error(s, rq, "episode_over", "episode %lld is over (%s); reset to start another",
-                         (long long)slot->id, fmx_episode_status_name(st));
-        return fmx__request_free(rq);
+        if (slot->idled)
+            fmx__reply_error(s, rq, "episode_over",
+                             "episode %lld is over (aborted: no request for %g s, the server's "
+                             "--idle-timeout); reset to start another",
+                             (long long)slot->id, s->cfg->idle_timeout_s);
+        else
+            fmx__reply_error(s, rq, "episode_over",
+                             "episode %lld is over (%s); reset to start another",
+                             (long long)slot->id, fmx_episode_status_name(st));
+        return fmx__request_free(s, rq);
     }
     const cJSON *action = cJSON_GetObjectItemCaseSensitive(rq->body, "action");
     const cJSON *tool = cJSON_GetObjectItemCaseSensitive(action, "tool");
@@ -591,22 +798,20 @@ static int fmx__run_step(fmx__server *s, fmx__slot *slot, fmx__request *rq) {
                          "step needs 'action': {\"tool\": STR, \"args\": MAP}; tools: "
                          "read_module_source, get_weight_info, capture_intermediate, trace_ops, "
                          "verify_component, submit");
-        return fmx__request_free(rq);
+        return fmx__request_free(s, rq);
     }
     fmx__job *job = calloc(1, sizeof *job);
     if (!job || fmx_episode_plan(slot->ep, tool->valuestring, args, &job->plan) != FMX_OK) {
         free(job);
         fmx__reply_error(s, rq, "internal", "out of memory");
-        return fmx__request_free(rq);
+        return fmx__request_free(s, rq);
     }
     job->rq = rq;
     job->episode = slot->id;
     if (job->plan.heavy && !s->shutting_down) {
-        if (fmx__submit_job(s, job) == FMX_OK) {
-            slot->busy = 1;
-            return 0;
-        }
-        fmx__reply_error(s, rq, "internal", "out of memory");
+        fmx__sched_add(s, job); /* the scheduler hands it to a worker */
+        slot->busy = 1;
+        return 0;
     } else if (job->plan.heavy) { /* no new heavy work once shutting down */
         fmx__reply_error(s, rq, "shutting_down", "the server is shutting down");
     } else if (fmx_episode_execute(&job->plan, &job->outcome) != FMX_OK) {
@@ -616,7 +821,7 @@ static int fmx__run_step(fmx__server *s, fmx__slot *slot, fmx__request *rq) {
     }
     fmx_step_outcome_clear(&job->outcome);
     fmx_step_plan_clear(&job->plan);
-    fmx__request_free(rq);
+    fmx__request_free(s, rq);
     free(job);
     return 0;
 }
@@ -629,7 +834,7 @@ static int fmx__run_close(fmx__server *s, fmx__slot *slot, fmx__request *rq) {
         if (rc != FMX_OK) {
             fmx__reply_error(s, rq, "internal", "the episode log refused the close: %s",
                              fmx_log_errmsg(s->log));
-            fmx__request_free(rq);
+            fmx__request_free(s, rq);
             return 0;
         }
     }
@@ -637,12 +842,12 @@ static int fmx__run_close(fmx__server *s, fmx__slot *slot, fmx__request *rq) {
     cJSON_AddBoolToObject(b, "closed", 1);
     cJSON_AddNumberToObject(b, "episode", (double)slot->id);
     fmx__push_reply(s, &rq->env, rq->req, rq->has_req, 0, b);
-    fmx__request_free(rq);
+    fmx__request_free(s, rq);
     /* Requests queued behind the close find no episode. */
     for (fmx__request *q = slot->qhead, *next; q; q = next) {
         next = q->next;
         fmx__reply_error(s, q, "unknown_episode", "episode %lld was closed", (long long)slot->id);
-        fmx__request_free(q);
+        fmx__request_free(s, q);
     }
     slot->qhead = slot->qtail = NULL;
     fmx__remove(s, slot);
@@ -666,6 +871,68 @@ static void fmx__drain_queue(fmx__server *s, fmx__slot *slot) {
     }
 }
 
+/* Bytes a cJSON tree holds, about: nodes, strings and keys. */
+static size_t fmx__tree_bytes(const cJSON *j) {
+    if (!j) return 0;
+    size_t n = sizeof(cJSON) + 16;
+    if (j->valuestring) n += strlen(j->valuestring) + 1;
+    if (j->string) n += strlen(j->string) + 1;
+    for (const cJSON *c = j->child; c; c = c->next)
+        n += fmx__tree_bytes(c);
+    return n;
+}
+
+/* Queues a `busy` reply (a cap was reached; the message says which). */
+static void fmx__busy(fmx__server *s, const fmx__request *rq, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    cJSON *b = fmx__error_body("busy", fmt, ap);
+    va_end(ap);
+    fmx__push_reply(s, &rq->env, rq->req, rq->has_req, 0, b);
+    s->refused_busy++;
+}
+
+/* Holds a request that will wait (an evaluation, or a request behind its
+ * episode's running step) against the caps: its client's evaluations
+ * (--max-client-evals) and the bytes of waiting requests, the server's
+ * (--max-queued-mb) and a client's (a quarter of that). Returns 1, or
+ * replies `busy` and returns 0. args: a step's args (a job copies them). */
+static int fmx__admit(fmx__server *s, fmx__request *rq, int heavy, const cJSON *args) {
+    fmx__client *c = rq->client;
+    if (heavy && c->evals >= s->max_client_evals) {
+        fmx__busy(s, rq,
+                  "this connection already has %d evaluations (verify_component, submit) waiting "
+                  "or running, the most one client may have (--max-client-evals %d); send more "
+                  "when replies come",
+                  c->evals, s->max_client_evals);
+        return 0;
+    }
+    size_t cost = sizeof *rq + fmx__tree_bytes(rq->body);
+    if (heavy) cost += sizeof(fmx__job) + fmx__tree_bytes(args);
+    size_t mb = 1u << 20;
+    if (s->queued_bytes + cost > s->max_queued_bytes) {
+        fmx__busy(s, rq,
+                  "the server already holds %.1f MiB of waiting requests and this one would pass "
+                  "its limit (--max-queued-mb %zu); send it again when replies come",
+                  (double)s->queued_bytes / mb, s->max_queued_bytes / mb);
+        return 0;
+    }
+    if (c->bytes + cost > s->max_queued_bytes / 4) {
+        fmx__busy(s, rq,
+                  "this connection already holds %.1f MiB of waiting requests and this one would "
+                  "pass its share, a quarter of --max-queued-mb (%.1f MiB); send it again when "
+                  "replies come",
+                  (double)c->bytes / mb, (double)s->max_queued_bytes / 4 / mb);
+        return 0;
+    }
+    rq->cost = cost;
+    c->bytes += cost;
+    s->queued_bytes += cost;
+    rq->eval = heavy;
+    c->evals += heavy;
+    return 1;
+}
+
 /* step and close: find the episode, check the owner, queue if busy. Takes rq. */
 static int fmx__op_episode(fmx__server *s, fmx__request *rq, int is_close) {
     int64_t id = 0;
@@ -673,25 +940,37 @@ static int fmx__op_episode(fmx__server *s, fmx__request *rq, int is_close) {
     if (!fmx__get_int(rq->body, "episode", &id, &present) || !present) {
         fmx__reply_error(s, rq, "bad_request", "%s needs 'episode': the integer id reset returned",
                          is_close ? "close" : "step");
-        return fmx__request_free(rq);
+        return fmx__request_free(s, rq);
     }
     fmx__slot *slot = fmx__find(s, id);
     if (!slot) {
         fmx__reply_error(s, rq, "unknown_episode", "no episode %lld on this server", (long long)id);
-        return fmx__request_free(rq);
+        return fmx__request_free(s, rq);
     }
     if (!fmx_episode_owned_by(slot->ep, rq->env.id, rq->env.id_len)) {
         fmx__reply_error(s, rq, "not_your_episode",
                          "episode %lld belongs to another client connection", (long long)id);
-        return fmx__request_free(rq);
+        return fmx__request_free(s, rq);
     }
-    if (slot->busy || slot->qhead) {
-        if (slot->nqueued >= FMX__QUEUE_MAX) {
-            fmx__reply_error(s, rq, "bad_request",
-                             "episode %lld already has %d requests waiting; wait for replies",
-                             (long long)id, FMX__QUEUE_MAX);
-            return fmx__request_free(rq);
-        }
+    slot->active = fmx__mono();
+    /* What will wait (an evaluation, or any request behind a running step)
+     * is held against the caps. */
+    int waits = slot->busy || slot->qhead;
+    const cJSON *action = cJSON_GetObjectItemCaseSensitive(rq->body, "action");
+    const char *tool =
+        is_close ? NULL : cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(action, "tool"));
+    int heavy = tool && fmx_tools_is_heavy(tool);
+    if (waits && slot->nqueued >= FMX__QUEUE_MAX) {
+        fmx__busy(s, rq,
+                  "episode %lld already has %d requests waiting, the most one episode may "
+                  "have; send more when replies come",
+                  (long long)id, FMX__QUEUE_MAX);
+        return fmx__request_free(s, rq);
+    }
+    if ((waits || heavy) &&
+        !fmx__admit(s, rq, heavy, cJSON_GetObjectItemCaseSensitive(action, "args")))
+        return fmx__request_free(s, rq);
+    if (waits) {
         rq->next = NULL;
         if (slot->qtail)
             slot->qtail->next = rq;
@@ -716,16 +995,16 @@ static int fmx__handle(fmx__server *s, fmx__request *rq) {
         fmx__reply_error(s, rq, "bad_request",
                          "a request needs 'op' (a string): hello, spec, list_tasks, reset, step, "
                          "close, health");
-        return fmx__request_free(rq);
+        return fmx__request_free(s, rq);
     }
     const char *op = jop->valuestring;
     if (strcmp(op, "health") == 0) { /* answered even while shutting down */
         fmx__op_health(s, rq);
-        return fmx__request_free(rq);
+        return fmx__request_free(s, rq);
     }
     if (s->shutting_down) {
         fmx__reply_error(s, rq, "shutting_down", "the server is shutting down");
-        return fmx__request_free(rq);
+        return fmx__request_free(s, rq);
     }
     if (strcmp(op, "step") == 0) return fmx__op_episode(s, rq, 0);
     if (strcmp(op, "close") == 0) return fmx__op_episode(s, rq, 1);
@@ -741,16 +1020,18 @@ static int fmx__handle(fmx__server *s, fmx__request *rq) {
         fmx__reply_error(
             s, rq, "unknown_op",
             "unknown op '%s'; ops: hello, spec, list_tasks, reset, step, close, health", op);
-    return fmx__request_free(rq);
+    return fmx__request_free(s, rq);
 }
 
-/* A job is over (its outcome made from the worker's reply or failure). */
-static void fmx__job_done(fmx__server *s, fmx__job *job) {
-    s->inflight--;
+/* A job is over: its outcome made from the worker's reply or failure, or
+ * (rc set) it could not run. Frees it and runs what waited behind it. */
+static void fmx__job_finish(fmx__server *s, fmx__job *job) {
     fmx__slot *slot = fmx__find(s, job->episode);
     if (slot) {
         slot->busy = 0;
-        if (job->rc != FMX_OK)
+        if (job->cancel_code)
+            fmx__reply_error(s, job->rq, job->cancel_code, "%s", job->cancel_msg);
+        else if (job->rc != FMX_OK)
             fmx__reply_error(s, job->rq, "internal", "out of memory running the step");
         else
             fmx__complete_step(s, slot, job->rq, &job->plan, &job->outcome);
@@ -759,9 +1040,19 @@ static void fmx__job_done(fmx__server *s, fmx__job *job) {
     }
     fmx_step_outcome_clear(&job->outcome);
     fmx_step_plan_clear(&job->plan);
-    fmx__request_free(job->rq);
+    fmx__request_free(s, job->rq);
     free(job);
     if (slot) fmx__drain_queue(s, slot);
+}
+
+/* A job handed to the pool ended: its client is charged what it used. */
+static void fmx__job_done(fmx__server *s, fmx__job *job) {
+    s->inflight--;
+    fmx__client *c = job->rq->client;
+    c->running--;
+    c->vtime += job->used - job->charge;
+    fmx__job_finish(s, job);
+    fmx__sched_dispatch(s);
 }
 
 /* The pool finished a job: a step (phase 0), or the grade of the last
@@ -769,6 +1060,7 @@ static void fmx__job_done(fmx__server *s, fmx__job *job) {
 static void fmx__on_pool_done(void *ctx, void *ptr, fmx_pool_result *res) {
     fmx__server *s = ctx;
     fmx__job *job = ptr;
+    job->used += res->ms / 1e3;
     if (res->fate != FMX_FATE_OK)
         fprintf(stderr, "fmx serve: episode %lld, %s: %s (%s)\n", (long long)job->episode,
                 job->phase ? "grading the last verified code" : job->plan.tool,
@@ -833,14 +1125,42 @@ static int fmx__recv(fmx__server *s) {
                          "a request is one frame holding one msgpack map (after a REQ socket's "
                          "empty delimiter)");
         s->requests++;
-        fmx__request_free(rq);
+        fmx__request_free(s, rq);
     } else if (fmx_proto_decode(zmq_msg_data((zmq_msg_t *)body), zmq_msg_size((zmq_msg_t *)body),
                                 &rq->body, &rq->req, &rq->has_req, err, sizeof err) != FMX_OK) {
         fmx__reply_error(s, rq, "bad_message", "%s", err);
         s->requests++;
-        fmx__request_free(rq);
+        fmx__request_free(s, rq);
+    } else if (rq->env.id_len != 5 || rq->env.id[0] != 0) {
+        /* ZeroMQ's own ids are a zero byte and 4 bytes; anything else was
+         * set by the client (ZMQ_ROUTING_ID). */
+        fmx__reply_error(s, rq, "routing_id_refused",
+                         "this connection set its own routing id (ZMQ_ROUTING_ID, %zu bytes); the "
+                         "server assigns routing ids, so that no client can take another's: "
+                         "connect without setting one",
+                         rq->env.id_len);
+        s->requests++;
+        fmx__request_free(s, rq);
     } else {
-        fmx__handle(s, rq);
+        /* The connection a message came over (its socket; -1 for inproc). */
+        int fd = zmq_msg_get((zmq_msg_t *)body, ZMQ_SRCFD);
+        rq->client = fmx__client_get(s, &rq->env, fd);
+        if (!rq->client) {
+            fmx__reply_error(s, rq, "internal", "out of memory");
+            s->requests++;
+            fmx__request_free(s, rq);
+        } else if (rq->client->fd >= 0 && fd >= 0 && rq->client->fd != fd) {
+            /* Another connection presented an id in use (ZeroMQ hands an id
+             * over to the newest connection that claims it): it gets neither
+             * the id's episodes nor silence. */
+            fmx__reply_error(s, rq, "routing_id_refused",
+                             "another connection is using this routing id; the server assigns "
+                             "routing ids: connect without setting ZMQ_ROUTING_ID");
+            s->requests++;
+            fmx__request_free(s, rq);
+        } else {
+            fmx__handle(s, rq);
+        }
     }
     for (int i = 0; i < n; i++)
         zmq_msg_close(&frames[i]);
@@ -867,6 +1187,7 @@ static cJSON *fmx__build_spec(const fmx_serve_config *cfg) {
     cJSON *b = cJSON_AddObjectToObject(spec, "budget");
     cJSON_AddNumberToObject(b, "max_steps", cfg->budget.max_steps);
     cJSON_AddNumberToObject(b, "max_code_bytes", (double)cfg->budget.max_code_bytes);
+    cJSON_AddNumberToObject(b, "max_observation_bytes", (double)cfg->budget.max_observation);
     cJSON *fields = cJSON_Parse(fmx_log_step_fields_json());
     cJSON_AddItemToObject(spec, "step_fields", fields ? fields : cJSON_CreateArray());
     return spec;
@@ -887,7 +1208,10 @@ fmx_serve_config fmx_serve_config_default(void) {
                               .budget = fmx_budget_default(),
                               .reward_path = NULL,
                               .device = "cpu",
-                              .shutdown_wait_s = 30};
+                              .shutdown_wait_s = 30,
+                              .idle_timeout_s = 600,
+                              .max_client_evals = 128,
+                              .max_queued_mb = 256};
 }
 
 static void fmx__teardown(fmx__server *s) {
@@ -896,7 +1220,13 @@ static void fmx__teardown(fmx__server *s) {
     for (fmx__job *j; s->pool && (j = fmx_pool_take(s->pool));) {
         fmx_step_outcome_clear(&j->outcome);
         fmx_step_plan_clear(&j->plan);
-        fmx__request_free(j->rq);
+        fmx__request_free(s, j->rq);
+        free(j);
+    }
+    while (s->backlog) { /* jobs that never got a worker */
+        fmx__job *j = fmx__sched_pop(s, &s->backlog);
+        fmx_step_plan_clear(&j->plan);
+        fmx__request_free(s, j->rq);
         free(j);
     }
     fmx_pool_destroy(s->pool);
@@ -907,12 +1237,19 @@ static void fmx__teardown(fmx__server *s) {
             next = e->hnext;
             for (fmx__request *rq = e->qhead, *q; rq; rq = q) {
                 q = rq->next;
-                fmx__request_free(rq);
+                fmx__request_free(s, rq);
             }
+            fmx__slot_release(s, e);
             fmx_episode_destroy(e->ep);
             free(e);
         }
     free(s->buckets);
+    for (size_t i = 0; s->cbuckets && i < s->ncbuckets; i++)
+        for (fmx__client *c = s->cbuckets[i], *next; c; c = next) {
+            next = c->hnext;
+            free(c);
+        }
+    free(s->cbuckets);
     for (int i = 0; i < s->npolicies; i++)
         free(s->policies[i].name);
     free(s->policies);
@@ -928,6 +1265,47 @@ static void fmx__teardown(fmx__server *s) {
     fmx_tasks_close(s->tasks);
 }
 
+/* Aborts open episodes that have had no request for --idle-timeout seconds
+ * (none running or waiting): logged `aborted`, like a close; their steps
+ * stay logged, and later requests get episode_over. Runs at most every
+ * quarter of the timeout (and every second). */
+static void fmx__idle_scan(fmx__server *s) {
+    double idle = s->cfg->idle_timeout_s, now = fmx__mono();
+    if (idle <= 0 || now < s->next_idle_scan) return;
+    s->next_idle_scan = now + (idle / 4 < 1 ? idle / 4 : 1);
+    fmx__slot **idlers = NULL;
+    size_t n = 0, cap = 0;
+    for (size_t i = 0; i < s->nbuckets; i++)
+        for (fmx__slot *e = s->buckets[i]; e; e = e->hnext) {
+            if (fmx_episode_status_of(e->ep) != FMX_EP_OPEN || e->busy || e->qhead ||
+                now - e->active < idle)
+                continue;
+            if (n == cap) {
+                size_t c2 = cap ? 2 * cap : 16;
+                fmx__slot **g = realloc(idlers, c2 * sizeof *g);
+                if (!g) break;
+                idlers = g;
+                cap = c2;
+            }
+            idlers[n++] = e;
+        }
+    /* Ending them may drop old ended episodes from the table: not during the walk. */
+    for (size_t k = 0; k < n; k++) {
+        fmx__slot *e = idlers[k];
+        int rc = fmx__tx(s);
+        if (rc == FMX_OK) rc = fmx_log_episode_end(s->log, e->id, "aborted", 0);
+        if (rc != FMX_OK) break; /* the log refuses: try again at the next scan */
+        fmx_episode_abort(e->ep);
+        e->idled = 1;
+        s->idle_aborted++;
+        fmx__ended(s, e);
+        if (k + 1 == n)
+            fprintf(stderr, "fmx serve: %zu episodes aborted after %g s without a request\n", n,
+                    idle);
+    }
+    free(idlers);
+}
+
 /* Marks every open episode aborted in the log and answers queued requests. */
 static void fmx__abort_all(fmx__server *s) {
     fmx__tx(s);
@@ -936,7 +1314,7 @@ static void fmx__abort_all(fmx__server *s) {
             for (fmx__request *rq = e->qhead, *next; rq; rq = next) {
                 next = rq->next;
                 fmx__reply_error(s, rq, "shutting_down", "the server is shutting down");
-                fmx__request_free(rq);
+                fmx__request_free(s, rq);
             }
             e->qhead = e->qtail = NULL;
             e->nqueued = 0;
@@ -944,6 +1322,7 @@ static void fmx__abort_all(fmx__server *s) {
                 fmx_log_episode_end(s->log, e->id, "aborted", 0);
                 fmx_episode_abort(e->ep);
                 s->open_episodes--;
+                fmx__slot_release(s, e);
             }
         }
 }
@@ -1137,7 +1516,12 @@ int fmx_serve(const fmx_serve_config *cfg) {
     s->goals = calloc((size_t)fmx_tasks_count(s->tasks), sizeof *s->goals);
     s->nbuckets = 1024;
     s->buckets = calloc(s->nbuckets, sizeof *s->buckets);
-    if (!s->spec || !s->task_list || !s->goals || !s->buckets) {
+    s->ncbuckets = 256;
+    s->cbuckets = calloc(s->ncbuckets, sizeof *s->cbuckets);
+    s->charge_s = pc.eval_timeout_s;
+    s->max_queued_bytes = (size_t)(cfg->max_queued_mb > 0 ? cfg->max_queued_mb : 256) << 20;
+    s->max_client_evals = cfg->max_client_evals > 0 ? cfg->max_client_evals : 128;
+    if (!s->spec || !s->task_list || !s->goals || !s->buckets || !s->cbuckets) {
         fprintf(stderr, "fmx serve: out of memory\n");
         goto out;
     }
@@ -1156,6 +1540,14 @@ int fmx_serve(const fmx_serve_config *cfg) {
     sigaction(SIGTERM, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
+    /* ZeroMQ numbers connections that set no routing id from a value it
+     * draws with rand() when the socket is made: seeded from the kernel,
+     * or every server counts from the same value, and a client that set
+     * the id the next connection will get makes libzmq abort the server. */
+    unsigned seed;
+    if (getrandom(&seed, sizeof seed, 0) != (ssize_t)sizeof seed)
+        seed = (unsigned)getpid() ^ (unsigned)(fmx__unix() * 1e6);
+    srand(seed);
     s->zctx = zmq_ctx_new();
     s->router = s->zctx ? zmq_socket(s->zctx, ZMQ_ROUTER) : NULL;
     if (!s->router) {
@@ -1166,6 +1558,10 @@ int fmx_serve(const fmx_serve_config *cfg) {
     int one = 1, linger = 1000, hwm = 100000;
     int64_t maxmsg = FMX__ZMQ_MAXMSG;
     zmq_setsockopt(s->router, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
+    /* A connection that presents an id in use takes it over (instead of
+     * being ignored in silence), so the server sees it and refuses it
+     * (fmx__recv: the id's connection changed). */
+    zmq_setsockopt(s->router, ZMQ_ROUTER_HANDOVER, &one, sizeof one);
     zmq_setsockopt(s->router, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
     zmq_setsockopt(s->router, ZMQ_LINGER, &linger, sizeof linger);
     zmq_setsockopt(s->router, ZMQ_SNDHWM, &hwm, sizeof hwm);
@@ -1199,6 +1595,8 @@ int fmx_serve(const fmx_serve_config *cfg) {
             deadline = fmx__mono() + cfg->shutdown_wait_s;
             fprintf(stderr, "fmx serve: signal %d: finishing %d jobs in flight, then stopping\n",
                     (int)fmx__signal, s->inflight);
+            /* Jobs that have no worker yet are not started. */
+            fmx__sched_cancel(s, "shutting_down", "the server is shutting down");
         }
         if (s->shutting_down && (s->inflight == 0 || fmx__mono() > deadline)) break;
         s->items[0] = (zmq_pollitem_t){s->router, 0, ZMQ_POLLIN, 0};
@@ -1216,7 +1614,9 @@ int fmx_serve(const fmx_serve_config *cfg) {
         for (int i = 0; i < FMX__TURN_MAX && fmx__recv(s); i++) {
         }
         /* Jobs the requests just queued go out now, not after the next poll. */
+        fmx__sched_dispatch(s);
         fmx_pool_service(s->pool, fmx__on_pool_done, s);
+        if (!s->shutting_down) fmx__idle_scan(s);
         fmx__flush(s);
     }
     if (s->inflight)
@@ -1247,9 +1647,18 @@ static const char fmx__usage[] =
     "  --worker-mem MB       memory one evaluation may allocate (RLIMIT_AS; default 4096, 0: "
     "none)\n"
     "  --eval-timeout S      wall-clock limit of one evaluation, seconds (default 30)\n"
+    "  --max-client-evals N  verify_component/submit steps one client (connection) may have\n"
+    "                        waiting or running; more get `busy` (default 128)\n"
+    "  --max-queued-mb MB    memory of requests waiting (behind a running step, or for a\n"
+    "                        worker), all clients; one client may hold a quarter; more get\n"
+    "                        `busy` (default 256)\n"
+    "  --idle-timeout S      abort an open episode after S seconds without a request\n"
+    "                        (default 600; 0: never)\n"
     "  --worker-exec         start workers with fork+exec (the default on cuda)\n"
     "  --max-steps N         steps per episode (default 40)\n"
     "  --max-code-bytes N    largest candidate file (default 65536)\n"
+    "  --max-observation-kb KB  a step observation's data as JSON is cut to KB KiB and its\n"
+    "                        text to an eighth of that, with a note (default 1024)\n"
     "  --reward FILE         reward config (key = value lines; default: built in)\n"
     "  --device DEV          cpu or cuda[:N] (default cpu)\n";
 
@@ -1314,12 +1723,21 @@ int fmx_serve_main(int argc, char **argv) {
             cfg.worker_mem_mb = strcmp(v, "0") == 0 ? 0 : n;
         else if (strcmp(a, "--eval-timeout") == 0 && fmx__seconds(v, &cfg.eval_timeout_s))
             ;
+        else if (strcmp(a, "--idle-timeout") == 0 &&
+                 (strcmp(v, "0") == 0 || fmx__seconds(v, &cfg.idle_timeout_s)))
+            cfg.idle_timeout_s = strcmp(v, "0") == 0 ? 0 : cfg.idle_timeout_s;
+        else if (strcmp(a, "--max-client-evals") == 0 && fmx__posint(v, 1 << 20, &n))
+            cfg.max_client_evals = (int)n;
+        else if (strcmp(a, "--max-queued-mb") == 0 && fmx__posint(v, 1L << 20, &n))
+            cfg.max_queued_mb = n;
         else if (strcmp(a, "--curve-secret-key") == 0)
             cfg.curve_secret_key = v;
         else if (strcmp(a, "--max-steps") == 0 && fmx__posint(v, 1000000, &n))
             cfg.budget.max_steps = (int)n;
         else if (strcmp(a, "--max-code-bytes") == 0 && fmx__posint(v, 4 << 20, &n))
             cfg.budget.max_code_bytes = (size_t)n;
+        else if (strcmp(a, "--max-observation-kb") == 0 && fmx__posint(v, 1 << 20, &n))
+            cfg.budget.max_observation = (size_t)n << 10;
         else {
             fprintf(stderr, "fmx serve: bad option %s %s\n\n%s", a, v, fmx__usage);
             return 2;

@@ -15,6 +15,16 @@
  * `crashed`). Steps of one episode are processed in arrival order: a request
  * for an episode with a job in flight waits in that episode's queue.
  *
+ * Fair and bounded serving: a client is a connection (a ROUTER routing id;
+ * ids set by clients are refused with `routing_id_refused`, and so is a
+ * connection that presents an id another connection uses). Evaluations wait
+ * in per-client queues in the server and go to the pool only when a worker
+ * is free, to the waiting client that has used the least worker time (fair
+ * queueing). What waits is capped: evaluations per client, bytes of waiting
+ * requests in all and per client, requests per episode; over a cap the
+ * request gets `busy`. Open episodes without a request for the idle timeout
+ * are aborted.
+ *
  * Bind rule: the server binds loopback addresses only (tcp://127.x.x.x,
  * tcp://[::1], tcp://localhost, tcp://lo, ipc://, inproc://) unless it has a
  * CURVE secret key (--curve-secret-key FILE: ZeroMQ CURVE encryption and
@@ -55,10 +65,15 @@ typedef struct {
     int worker_exec;              /* --worker-exec: fork+exec `fmx worker` (implied by cuda) */
     const char *curve_secret_key; /* --curve-secret-key FILE, NULL = no CURVE */
     int insecure;                 /* --insecure: allow a non-loopback bind without CURVE */
-    fmx_budget budget;            /* --max-steps N, --max-code-bytes N */
+    fmx_budget budget;            /* --max-steps N, --max-code-bytes N, --max-observation-kb KB */
     const char *reward_path;      /* --reward FILE, NULL = fmx_reward_config_default() */
     const char *device;           /* --device cpu|cuda[:N], default "cpu" */
     double shutdown_wait_s;       /* how long shutdown waits for in-flight jobs; 30 */
+    double idle_timeout_s; /* --idle-timeout S: abort an episode idle this long; 600, 0 never */
+    int max_client_evals;  /* --max-client-evals N: evaluations one client may have
+                              waiting or running; 128 */
+    long max_queued_mb;    /* --max-queued-mb MB: bytes of waiting requests, all clients
+                              (one client: a quarter); 256 */
 } fmx_serve_config;
 
 fmx_serve_config fmx_serve_config_default(void);

@@ -104,7 +104,7 @@ class NotYourEpisode(FmxError):
 
 
 class EpisodeOver(FmxError):
-    """The episode has ended (submitted or truncated); reset to start another."""
+    """The episode has ended (submitted, truncated, closed or aborted); reset to start another."""
 
     code = "episode_over"
 
@@ -113,6 +113,20 @@ class ShuttingDown(FmxError):
     """The server is shutting down and takes no new work."""
 
     code = "shutting_down"
+
+
+class Busy(FmxError):
+    """A cap was reached (evaluations of this connection, memory of waiting requests, requests
+    waiting on one episode); the message says which. Send again when replies come."""
+
+    code = "busy"
+
+
+class RoutingIdRefused(FmxError):
+    """The connection set its own ZeroMQ routing id (ZMQ_ROUTING_ID), or presented one that
+    another connection uses; the server assigns routing ids."""
+
+    code = "routing_id_refused"
 
 
 class InternalError(FmxError):
@@ -129,7 +143,7 @@ class Timeout(FmxError):
 
 _ERRORS: Dict[str, type] = {cls.code: cls for cls in (
     BadMessage, BadRequest, UnknownOp, UnknownTask, UnknownEpisode, NotYourEpisode,
-    EpisodeOver, ShuttingDown, InternalError, Timeout)}
+    EpisodeOver, Busy, RoutingIdRefused, ShuttingDown, InternalError, Timeout)}
 
 
 def error_from_reply(reply: Mapping[str, Any]) -> FmxError:

@@ -6,8 +6,12 @@ Covered: a full oracle episode on every task (reward = 0.6 + 0.25·loc +
 0.15·compile with correctness 1), the null policy scoring 0, truncation at
 the step budget (graded as the last verified code), every class of malformed
 message answered with a structured error while the server keeps serving, 16
-concurrent clients with no lost or duplicated reply, the episode log checked
-with sqlite3, `fmx run` / `fmx leaderboard`, and SIGTERM with episodes open.
+concurrent clients with no lost or duplicated reply, bounded serving (the
+per-client cap on evaluations, the caps on waiting request bytes, observations
+cut to the budget before they are logged, idle episodes aborted, routing ids
+set by clients refused with an error), the episode log checked with sqlite3,
+`fmx run` / `fmx leaderboard`, and SIGTERM with episodes open. Fair sharing of
+the workers: test_fairness.py.
 """
 import contextlib
 import json
@@ -18,6 +22,7 @@ import sqlite3
 import subprocess
 import tempfile
 import threading
+import time
 
 import msgpack
 import pytest
@@ -25,6 +30,7 @@ import zmq
 
 from fmx import (BadRequest, Client, EpisodeOver, FmxError, NotYourEpisode, Timeout,
                  UnknownEpisode, UnknownOp, UnknownTask)
+from fmx.client import Busy, RoutingIdRefused, error_from_reply
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FMX = os.environ.get("FMX_BIN", str(ROOT / "build" / "fmx"))
@@ -129,7 +135,8 @@ def test_hello_spec_and_tasks(server):
         names = [t["function"]["name"] for t in spec["tools"]]
         assert names == ["read_module_source", "get_weight_info", "capture_intermediate",
                          "trace_ops", "verify_component", "submit"]
-        assert spec["budget"] == {"max_steps": 40, "max_code_bytes": 65536}
+        assert spec["budget"] == {"max_steps": 40, "max_code_bytes": 65536,
+                                  "max_observation_bytes": 1 << 20}
         # the step record's fields are the log's columns, in order
         cols = [row[1] for row in server.sql("PRAGMA table_info(steps)")]
         assert [f["name"] for f in c.step_fields()] == cols
@@ -243,10 +250,12 @@ def test_truncation_grades_the_last_verified_code(packs):
 
 # ---- malformed messages ----
 
-def raw_socket(addr):
+def raw_socket(addr, routing_id=None):
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 20000)
+    if routing_id is not None:
+        sock.setsockopt(zmq.ROUTING_ID, routing_id)
     sock.connect(addr)
     return sock
 
@@ -412,6 +421,238 @@ def test_16_concurrent_clients_lose_and_duplicate_nothing(server):
     rows = server.sql(f"SELECT status, steps FROM episodes WHERE id IN ({','.join('?' * 32)})",
                       *episodes)
     assert rows == [("submitted", per_episode + 1)] * 32
+
+
+# ---- bounded serving: caps, observations, idle episodes, routing ids ----
+
+HANG = ("import torch\nfrom torch import Tensor\nfrom typing import Dict\n\n"
+        "def forward(weights: Dict[str, Tensor]) -> Tensor:\n"
+        "    x = torch.zeros(1)\n"
+        "    for i in range(1 << 40):\n"
+        "        x = x + 1.0\n"
+        "    return x\n")
+HANG_STEP = {"tool": "verify_component", "args": {"code": HANG}}
+# 100,000 tap() calls in 4 lines: a report that lists them all is ~60 MB
+TAPS = ("import torch\nfrom torch import Tensor\nfrom typing import Dict\n\n"
+        "def forward(x: Tensor, weights: Dict[str, Tensor]) -> Tensor:\n"
+        "    for i in range(100000):\n"
+        "        x = tap('mlp', x)\n"
+        "    return x\n")
+
+
+def wait_for(what, check, timeout):
+    """Polls check() until it returns a true value (returned) or timeout seconds pass."""
+    end = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def arrived(c, timeout=0.2):
+    """The results of sent steps that have arrived (waiting up to timeout s), [] if none."""
+    try:
+        return c.recv(timeout=timeout)
+    except Timeout:
+        return []
+
+
+def test_evaluations_over_the_per_client_cap_get_busy(packs):
+    srv = Server(packs, "--max-client-evals", "2", "--eval-timeout", "2")
+    try:
+        with srv.client() as c, srv.client() as other:
+            eps = [ep for ep, _, _ in c.reset_many(["qwen2/Qwen2MLP"] * 3)]
+            c.send([HANG_STEP] * 3, eps)
+            # cheap steps are not evaluations: never refused for the cap
+            assert c.step({"tool": "trace_ops", "args": {}}, episode=eps[2])[0]["tool"] == \
+                "trace_ops"
+            results = {}
+            while c.pending:
+                results.update(c.recv(timeout=60))
+            busy = results[eps[2]]
+            assert isinstance(busy, Busy) and busy.code == "busy"
+            assert "--max-client-evals 2" in str(busy) and "2 evaluations" in str(busy)
+            for ep in eps[:2]:  # the first two ran (to their timeout)
+                assert results[ep][0]["error"] == "timeout", results[ep]
+            # once they are answered the client may send more; another client never noticed
+            code, entry = reference({"pack": "qwen2", "class": "Qwen2MLP"})
+            verify = {"tool": "verify_component", "args": {"code": code, "entry": entry}}
+            assert c.step(verify, episode=eps[2])[0]["data"]["status"] == "match"
+            other.reset(task="qwen2/Qwen2MLP")
+            assert other.step(verify)[0]["data"]["status"] == "match"
+            assert c.health()["refused_busy"] == 1
+        # a refused step is not a step: nothing logged for it
+        assert srv.sql("SELECT count(*) FROM steps WHERE episode = ?", eps[2]) == [(2,)]
+    finally:
+        status, err = srv.stop()
+    assert status == 0, err
+
+
+def test_waiting_request_bytes_are_capped_per_client_and_in_all(packs):
+    # 1 MiB of waiting requests in all, a quarter (256 KiB) per client
+    srv = Server(packs, "--max-queued-mb", "1", "--eval-timeout", "6")
+    pad = {"tool": "read_module_source", "args": {"pad": "x" * (240 << 10)}}
+    clients = [srv.client() for _ in range(5)]
+    try:
+        refused = []
+        for i, c in enumerate(clients):
+            c.reset(task="qwen2/Qwen2MLP")
+            # a 240 KiB request waits behind an endless verify of its episode
+            c.send([HANG_STEP] + [pad] * (2 if i == 0 else 1), [c.episode] * (3 if i == 0 else 2))
+            c.health()  # answered after the server has read those
+            refused.append([r for _, r in arrived(c)])
+        # the first client's second 240 KiB request passes its quarter
+        assert len(refused[0]) == 1 and isinstance(refused[0][0], Busy), refused
+        assert "a quarter of --max-queued-mb" in str(refused[0][0])
+        # four clients' requests fit; the fifth client's passes the server's limit
+        assert refused[1:4] == [[], [], []], refused
+        assert len(refused[4]) == 1 and isinstance(refused[4][0], Busy), refused
+        assert "--max-queued-mb 1" in str(refused[4][0])
+        health = clients[4].health()
+        assert 4 * (240 << 10) < health["queued_bytes"] <= 1 << 20
+        assert health["refused_busy"] == 2
+        assert clients[4].hello()["protocol"] == 1  # what does not wait is never refused
+    finally:
+        for c in clients:
+            c.disconnect()
+        status, err = srv.stop()  # the endless verifies end at their timeout
+    assert status == 0, err
+
+
+def test_observations_are_cut_to_the_budget_before_they_are_logged(packs):
+    srv = Server(packs, "--max-observation-kb", "16")
+    try:
+        with srv.client() as c:
+            assert c.spec()["budget"]["max_observation_bytes"] == 16 << 10
+            _, info = c.reset(task="qwen2/Qwen2MLP")
+            assert info["budget"]["max_observation_bytes"] == 16 << 10
+            sent = []
+            for action in ({"tool": "capture_intermediate", "args": {"probe": 0, "values": True}},
+                           {"tool": "verify_component", "args": {"code": TAPS}},
+                           {"tool": "get_weight_info", "args": {}}):
+                obs = c.step(action)[0]
+                sent.append(obs)
+                cut = obs["data"].get("cut", [])
+                data = json.dumps({k: v for k, v in obs["data"].items() if k != "cut"},
+                                  separators=(",", ":"), ensure_ascii=False)
+                if action["tool"] == "get_weight_info":  # small: untouched
+                    assert not cut and "[fmx:" not in obs["text"]
+                    continue
+                # text: an eighth of the budget, plus the note saying what was cut
+                assert len(obs["text"].encode()) <= (2 << 10) + 512, len(obs["text"])
+                assert "[fmx: " in obs["text"] and " cut here " in obs["text"]
+                assert len(data.encode()) <= 16 << 10, len(data)
+                assert cut and all(k["kept"] < k["of"] and k["unit"] in ("items", "bytes", "member")
+                                   for k in cut), cut
+                assert cut[0]["path"] in obs["text"]
+            # the text keeps its end: the verify report's summary line
+            assert "probe calls pass" in sent[1]["text"].splitlines()[-1]
+            episode = c.episode
+        # the log holds the observations as they were sent
+        logged = [json.loads(o) for (o,) in srv.sql(
+            "SELECT observation FROM steps WHERE episode = ? ORDER BY idx", episode)]
+        assert same(logged, sent)
+    finally:
+        status, err = srv.stop()
+    assert status == 0, err
+
+
+def test_a_huge_verify_report_is_cut_to_the_default_caps(server):
+    with server.client() as c:
+        c.reset(task="qwen2/Qwen2MLP")
+        obs = c.step({"tool": "verify_component", "args": {"code": TAPS}})[0]
+    assert len(obs["text"].encode()) <= (128 << 10) + 512 and "[fmx: " in obs["text"]
+    assert len(json.dumps(obs["data"], separators=(",", ":"))) <= (1 << 20) + 4096
+
+
+def test_idle_episodes_are_aborted_and_keep_their_steps(packs):
+    srv = Server(packs, "--idle-timeout", "2", "--eval-timeout", "6")
+    try:
+        with srv.client() as c:
+            (idle, _, _), (running, _, _) = c.reset_many(["qwen2/Qwen2MLP"] * 2)
+            c.step({"tool": "trace_ops", "args": {}}, episode=idle)
+            c.send([HANG_STEP], [running])  # runs longer than the idle timeout
+
+            def episode_status(ep):
+                return srv.sql("SELECT status FROM episodes WHERE id = ?", ep)[0][0]
+
+            wait_for("the idle episode to be aborted",
+                     lambda: episode_status(idle) == "aborted", 30)
+            assert episode_status(running) == "open"  # an evaluation in flight is not idleness
+            with pytest.raises(EpisodeOver, match="idle"):
+                c.step({"tool": "trace_ops", "args": {}}, episode=idle)
+            assert srv.sql("SELECT idx, tool FROM steps WHERE episode = ?", idle) == [
+                (0, "trace_ops")]
+            (ep, result), = c.recv(timeout=60)
+            assert ep == running and result[0]["error"] == "timeout"
+            obs = c.step({"tool": "trace_ops", "args": {}}, episode=running)[0]
+            assert obs["tool"] == "trace_ops" and "error" not in obs
+            assert c.health()["idle_aborted"] == 1
+    finally:
+        status, err = srv.stop()
+    assert status == 0, err
+    assert "aborted after 2 s without a request" in err
+
+
+def test_routing_ids_chosen_by_clients_are_refused_with_an_error(server):
+    hello = msgpack.packb({"op": "hello", "req": 5})
+    socks = []
+    try:
+        # the second connection, with the id of the first (still connected),
+        # is answered too, not ignored in silence
+        for _ in range(2):
+            socks.append(raw_socket(server.addr, routing_id=b"my-trainer"))
+            reply = raw(socks[-1], hello)
+            assert reply["req"] == 5 and reply["error"]["code"] == "routing_id_refused", reply
+            assert "ZMQ_ROUTING_ID" in reply["error"]["message"]
+            assert isinstance(error_from_reply(reply), RoutingIdRefused)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_connection_presenting_an_id_in_use_gets_an_error_and_no_episode(server):
+    # An id of ZeroMQ's own form cannot be told from a generated one: served
+    # as a connection of its own, until another connection presents it too.
+    ident = b"\x00\x12\x34\x56\x78"
+    owner = raw_socket(server.addr, routing_id=ident)
+    thief = None
+    try:
+        ep = raw(owner, msgpack.packb({"op": "reset", "req": 1, "task": "qwen2/SiLU"}))["episode"]
+        thief = raw_socket(server.addr, routing_id=ident)
+        for body in ({"op": "hello", "req": 2},
+                     {"op": "step", "req": 3, "episode": ep,
+                      "action": {"tool": "trace_ops", "args": {}}},
+                     {"op": "close", "req": 4, "episode": ep}):
+            reply = raw(thief, msgpack.packb(body))
+            assert reply["req"] == body["req"], reply
+            assert reply["error"]["code"] == "routing_id_refused", reply
+            assert "another connection" in reply["error"]["message"]
+        assert server.sql("SELECT status, steps FROM episodes WHERE id = ?", ep) == [("open", 0)]
+    finally:
+        owner.close()
+        if thief is not None:
+            thief.close()
+
+
+def test_taking_the_ids_zeromq_would_hand_out_next_does_not_crash_the_server(server):
+    # libzmq numbers connections without an id from rand(); unseeded, the
+    # first is 00 6b8b4567. A client holding the next ones made libzmq
+    # abort the server (an assertion) when a new connection arrived.
+    squatters = [raw_socket(server.addr, routing_id=b"\x00" + (0x6b8b4567 + k).to_bytes(4, "big"))
+                 for k in range(64)]
+    try:
+        for sock in squatters:
+            sock.send(msgpack.packb({"op": "hello", "req": 1}))
+        for _ in range(8):
+            with server.client(timeout=20) as c:
+                assert c.hello()["protocol"] == 1
+        assert server.proc.poll() is None
+    finally:
+        for sock in squatters:
+            sock.close()
 
 
 # ---- the log ----
