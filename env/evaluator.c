@@ -405,7 +405,7 @@ static void fmx__classify(fmx_eval_result *r, const cJSON *reply, double timeout
         snprintf(r->why, sizeof r->why, "the evaluation process gave no status");
     } else if (strcmp(status, "timeout") == 0) {
         r->fate = FMX_EVAL_TIMEOUT;
-        snprintf(r->why, sizeof r->why, "killed at the %.3g s deadline", timeout_s);
+        snprintf(r->why, sizeof r->why, "killed at its wall-clock deadline (%.3g s)", timeout_s);
     } else if (strcmp(status, "exit") == 0 && code == 0) {
         r->fate = FMX_EVAL_OK;
     } else if (strcmp(status, "exit") == 0 && code == FMX__EXIT_OOM) {
@@ -445,7 +445,8 @@ static int fmx__read_results(fmx_eval_result *r, int fd, size_t cap) {
         return -1;
     }
     r->map_len = (size_t)(hoff + hlen);
-    void *m = mmap(NULL, r->map_len, PROT_READ, MAP_SHARED, fd, 0);
+    /* private: nothing shared stays mapped in the grader */
+    void *m = mmap(NULL, r->map_len, PROT_READ, MAP_PRIVATE, fd, 0);
     if (m == MAP_FAILED) {
         r->map_len = 0;
         snprintf(r->why, sizeof r->why, "mapping the results: %s", strerror(errno));

@@ -161,14 +161,12 @@ def test_hang_times_out_while_others_are_served(server):
         assert "wall-clock" in obs["text"]
         assert (reward, terminated, truncated) == (0.0, False, False)
         assert info["step"] == 1 and info["status"] == "open"
-        # The episode goes on; the replaced worker verifies.
+        # The episode goes on; only the evaluation process was killed, the
+        # worker that graded it verifies the next step.
         obs, _, terminated, _, info = a.step(verify(SOLUTION, "mlp"))
         assert obs["data"]["status"] == "match" and not terminated and info["step"] == 2
-        deadline = time.monotonic() + 10  # the replacement warms up, then is ready
-        while a.health()["workers"]["ready"] < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
         w = a.health()["workers"]
-        assert w["timeouts"] >= 1 and w["restarts"] >= 1 and w["ready"] == 2 and w["busy"] == 0
+        assert w["timeouts"] >= 1 and w["restarts"] == 0 and w["ready"] == 2 and w["busy"] == 0
 
 
 def test_submit_that_hangs_ends_the_episode_with_reward_0(server):
