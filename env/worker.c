@@ -37,6 +37,7 @@
 #include "proto.h"
 #include "status.h"
 #include "tools.h"
+#include "verify.h"
 
 #define FMX__EXIT_OOM 86             /* a worker's exit status: an allocation failed */
 #define FMX__EXIT_SETUP 87           /* ... it could not sandbox itself */
@@ -526,20 +527,30 @@ static int fmx__warmup(const fmx_tasks *tasks, const fmx_reward_config *reward, 
     fmx_tensor_destroy(b16);
     fmx_tensor_destroy(w);
     fmx_tensor_destroy(b);
-    /* The grading path (verify, masks, tolerances, the optimised re-run) on
-     * every pack's first task with a candidate that runs and fails. */
-    static const char trivial[] = "import torch\nfrom torch import Tensor\n\n"
-                                  "def forward() -> Tensor:\n    return torch.zeros(1)\n";
-    const fmx_pack *last = NULL;
-    for (int i = 0; rc == FMX_OK && tasks && i < fmx_tasks_count(tasks); i++) {
-        const fmx_task *t = fmx_tasks_get(tasks, i);
-        if (t->pack == last) continue;
-        last = t->pack;
-        fmx_tool_ctx ctx = {.task = t, .reward = reward, .max_code_bytes = sizeof trivial};
-        fmx_grade g;
-        rc = fmx_tools_grade(&ctx, trivial, sizeof trivial - 1, "forward", &g);
-        fmx_grade_clear(&g);
-        if (rc != FMX_OK) snprintf(err, errsz, "grading a trivial candidate: %s", fmx_strerror(rc));
+    /* The grading path (an evaluation process, its results, the comparison,
+     * masks, tolerances, the compile check) once, on the first task, with a
+     * candidate that runs and fails: one evaluation warms it for every pack. */
+    static const char trivial[] = "import torch\n\n"
+                                  "def forward():\n    return torch.zeros(1)\n";
+    if (rc == FMX_OK && tasks && fmx_tasks_count(tasks) > 0) {
+        const fmx_task *t = fmx_tasks_get(tasks, 0);
+        fmx_verify_config cfg = fmx_verify_config_default();
+        cfg.component = t->path;
+        cfg.compile_check = 1;
+        cJSON *report = NULL;
+        int vrc = fmx_verify_source(t->pack, trivial, sizeof trivial - 1, "warmup.py", &cfg,
+                                    &report);
+        const cJSON *e = cJSON_GetObjectItemCaseSensitive(report, "error");
+        const char *stage = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(e, "stage"));
+        if (!report || (vrc != FMX_OK && vrc != FMX_EMISMATCH && stage &&
+                        strcmp(stage, "run") != 0 && strcmp(stage, "bind") != 0)) {
+            rc = report ? vrc : FMX_ENOMEM;
+            snprintf(err, errsz, "grading a trivial candidate: %s",
+                     cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(e, "message"))
+                         ? cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(e, "message"))
+                         : fmx_strerror(rc));
+        }
+        cJSON_Delete(report);
     }
     return rc;
 }
