@@ -15,6 +15,7 @@
 #include <stdarg.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -211,6 +212,9 @@ static fmx_evaluator_config fmx__shared_cfg;
 static int fmx__shared_configured;
 static char fmx__shared_device[64];
 static fmx_evaluator *fmx__shared;
+/* Threads may verify at once (the tools are thread-safe): the shared
+ * evaluator serves one evaluation at a time. */
+static pthread_mutex_t fmx__shared_lock = PTHREAD_MUTEX_INITIALIZER;
 static int fmx__shared_broken;
 static double fmx__deadline;
 static fmx_eval_fate fmx__fate;
@@ -228,7 +232,16 @@ void fmx_evaluator_configure(const fmx_evaluator_config *cfg) {
     }
 }
 
+static fmx_evaluator *fmx__shared_get(char *err, size_t errsz);
+
 fmx_evaluator *fmx_evaluator_shared(char *err, size_t errsz) {
+    pthread_mutex_lock(&fmx__shared_lock);
+    fmx_evaluator *ev = fmx__shared_get(err, errsz);
+    pthread_mutex_unlock(&fmx__shared_lock);
+    return ev;
+}
+
+static fmx_evaluator *fmx__shared_get(char *err, size_t errsz) {
     if (fmx__shared && fmx__shared->fd >= 0) return fmx__shared;
     if (fmx__shared) { /* its zygote died: start another */
         fmx_evaluator_close(fmx__shared);
@@ -461,8 +474,20 @@ static int fmx__read_results(fmx_eval_result *r, int fd, size_t cap) {
     return 0;
 }
 
+static int fmx__run(fmx_evaluator *ev, fmx_eval_job *job, fmx_eval_result **out, char *err,
+                    size_t errsz);
+
 int fmx_evaluator_run(fmx_evaluator *ev, fmx_eval_job *job, fmx_eval_result **out, char *err,
                       size_t errsz) {
+    int shared = ev == fmx__shared;
+    if (shared) pthread_mutex_lock(&fmx__shared_lock);
+    int rc = fmx__run(ev, job, out, err, errsz);
+    if (shared) pthread_mutex_unlock(&fmx__shared_lock);
+    return rc;
+}
+
+static int fmx__run(fmx_evaluator *ev, fmx_eval_job *job, fmx_eval_result **out, char *err,
+                    size_t errsz) {
     *out = NULL;
     if (ev->fd < 0) return fmx__fail(err, errsz, FMX_EIO, "the evaluation process is gone");
     fmx_eval_result *r = calloc(1, sizeof *r);

@@ -9,7 +9,8 @@
  * or another probe's data — and starts from fresh memory (DESIGN.md,
  * decision 8; docs/security.md).
  *
- * Threads: an evaluator is used from one thread at a time.
+ * Threads: an evaluator is used from one thread at a time; the shared one
+ * (fmx_evaluator_shared) serialises its evaluations itself.
  *
  * Not here: which calls go in which job and how outputs are graded
  * (env/verify.c); the child's side (evaluate.py).
