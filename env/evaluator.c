@@ -159,7 +159,9 @@ int fmx_evaluator_open(const fmx_evaluator_config *cfg, fmx_evaluator **out, cha
         return fmx__fail(err, errsz, FMX_EIO, "fork: %s", strerror(errno));
     }
     if (pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL); /* the zygote dies with its grader */
+        /* No PR_SET_PDEATHSIG: it follows the forking thread, not the
+         * process. The zygote ends when its socket closes (the grader gone),
+         * killing a running child first (evaluate.py). */
         if (getppid() != parent) _exit(127);
         dup2(sv[1], FMX__ZYGOTE_FD); /* clears close-on-exec on the copy */
         close_range(FMX__ZYGOTE_FD + 1, ~0U, 0);
@@ -212,6 +214,7 @@ static fmx_evaluator_config fmx__shared_cfg;
 static int fmx__shared_configured;
 static char fmx__shared_device[64];
 static fmx_evaluator *fmx__shared;
+static pid_t fmx__shared_pid; /* the process that started it: a forked child starts its own */
 /* Threads may verify at once (the tools are thread-safe): the shared
  * evaluator serves one evaluation at a time. */
 static pthread_mutex_t fmx__shared_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -242,6 +245,8 @@ fmx_evaluator *fmx_evaluator_shared(char *err, size_t errsz) {
 }
 
 static fmx_evaluator *fmx__shared_get(char *err, size_t errsz) {
+    if (fmx__shared && fmx__shared_pid != getpid())
+        fmx__shared = NULL; /* the parent's (its fd may even be another file here): forget it */
     if (fmx__shared && fmx__shared->fd >= 0) return fmx__shared;
     if (fmx__shared) { /* its zygote died: start another */
         fmx_evaluator_close(fmx__shared);
@@ -254,19 +259,21 @@ static fmx_evaluator *fmx__shared_get(char *err, size_t errsz) {
         return NULL;
     }
     fmx__shared_broken = 0;
+    fmx__shared_pid = getpid();
     return fmx__shared;
 }
 
 int fmx_evaluator_shared_fd(void) {
-    return fmx__shared ? fmx__shared->fd : -1;
+    return fmx__shared && fmx__shared_pid == getpid() ? fmx__shared->fd : -1;
 }
 
 void fmx_evaluator_shutdown(void) {
-    fmx_evaluator_close(fmx__shared);
+    if (fmx__shared_pid == getpid()) fmx_evaluator_close(fmx__shared);
     fmx__shared = NULL;
 }
 
 int fmx_evaluator_shared_ok(void) {
+    if (fmx__shared && fmx__shared_pid != getpid()) return 1; /* none of its own yet */
     return !fmx__shared_broken && (!fmx__shared || fmx__shared->fd >= 0);
 }
 

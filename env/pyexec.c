@@ -42,7 +42,7 @@ int fmx_python_env(void) {
     ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
     if (n > 0) {
         self[n] = '\0';
-        setenv("FMX_BIN", self, 1);
+        setenv("FMX_BIN", self, 0); /* one given (a test's fmx) is kept */
     }
     done = 1;
     return FMX_OK;

@@ -5,7 +5,7 @@
  *
  * The environment it prepares: fmx's package folder ($FMX_PYTHONPATH, else
  * the source tree's python/) first on PYTHONPATH, and FMX_BIN set to this
- * executable (/proc/self/exe) so Python can call back into `fmx`.
+ * executable (/proc/self/exe; unless already set) so Python can call back into `fmx`.
  *
  * Not here: anything about what the Python side does.
  */

@@ -242,28 +242,39 @@ def zygote(fd, engine_path, threads, device):
             child(fds[0], fds[1], sock.fileno(), lib)
         for f in fds:
             os.close(f)
-        reply = wait_child(pid, float(req.get("timeout_s") or 0), t0)
+        reply = wait_child(pid, float(req.get("timeout_s") or 0), t0, sock)
+        if reply is None:  # the grader is gone
+            os._exit(0)
         sock.sendall(json.dumps(reply).encode())
 
 
-def wait_child(pid, timeout_s, t0):
-    """Waits for the child; SIGKILL at the deadline. The reply for the grader."""
-    timed_out = False
+def wait_child(pid, timeout_s, t0, sock):
+    """Waits for the child; SIGKILL at the deadline, or at once when the
+    grader's socket closes (then None). The reply for the grader."""
+    timed_out = gone = False
     pidfd = os.pidfd_open(pid)
     try:
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
+        poller.register(sock.fileno(), select.POLLIN | select.POLLHUP)
         while True:
             left = None if timeout_s <= 0 else timeout_s - (time.monotonic() - t0)
             if left is not None and left <= 0:
                 os.kill(pid, signal.SIGKILL)
                 timed_out = True
                 break
-            if poller.poll(None if left is None else max(1, int(left * 1000))):
+            events = poller.poll(None if left is None else max(1, int(left * 1000)))
+            if any(fd == pidfd for fd, _ in events):
+                break
+            if events and not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                os.kill(pid, signal.SIGKILL)
+                gone = True
                 break
     finally:
         os.close(pidfd)
     _, status, ru = os.wait4(pid, 0)
+    if gone:
+        return None
     out = {"ms": (time.monotonic() - t0) * 1000.0, "maxrss_kb": ru.ru_maxrss,
            "cpu_s": ru.ru_utime + ru.ru_stime}
     if timed_out:
