@@ -186,7 +186,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(pack):
-    srv = Server(pack.parent, "--workers", 1)
+    # the baked-weights file is larger than the default 64 KiB code budget
+    srv = Server(pack.parent, "--workers", 1, "--max-code-bytes", 1 << 20)
     yield srv
     srv.stop()
 
