@@ -190,9 +190,10 @@ int fmx_evaluator_open(const fmx_evaluator_config *cfg, fmx_evaluator **out, cha
     if (!ready) {
         fmx_evaluator_close(ev);
         return fmx__fail(err, errsz, FMX_EIO,
-                         "the evaluation process (%s -m fmx.evaluate) did not start%s: it needs "
-                         "torch (set FMX_PYTHON to an interpreter with torch)",
-                         py, n < 0 && errno == ETIMEDOUT ? " in time" : "");
+                         "the evaluation process (%s -m fmx.evaluate) did not start%s (its own "
+                         "error, if any, is above): it needs torch (FMX_PYTHON: an interpreter "
+                         "with torch) and the engine library %s",
+                         py, n < 0 && errno == ETIMEDOUT ? " in time" : "", so);
     }
     *out = ev;
     return FMX_OK;
