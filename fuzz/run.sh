@@ -57,12 +57,14 @@ if ((episode)); then
   # libtorch's link line as the regular build has it (Debian's or a wheel's)
   read -r -a torch_libs < <(tr -d '"' <"$link" | tr ' ' '\n' | sed -n '/libfmx_engine\.a$/,$p' | sed 1d |
     grep -E 'torch|c10|protobuf|glog|gflags|cuda|cudart|nvrtc|-Wl,|pthread' | tr '\n' ' ')
-  srcs=(env/status.c env/pack.c env/verify.c env/proto.c env/tasks.c env/optrace.c env/tools.c env/episode.c
-    rewards/reward.c)
+  srcs=(env/status.c env/pack.c env/verify.c env/evaluator.c env/pyexec.c env/proto.c env/tasks.c
+    env/optrace.c env/tools.c env/episode.c rewards/reward.c)
   objs=()
   for s in fuzz/fuzz_proto.c "${srcs[@]}"; do
     o="$out/$(basename "${s%.c}").episode.o"
-    if ! "$CC" "${flags[@]}" -DFMX_FUZZ_EPISODE -c "$s" -o "$o" 2>>"$out/build.log"; then
+    # evaluations run in the evaluation process (env/evaluator.c): its engine library
+    if ! "$CC" "${flags[@]}" -DFMX_FUZZ_EPISODE -DFMX_SOURCE_DIR="\"$PWD\"" \
+      -DFMX_EVAL_SO="\"$(dirname "$engine")/libfmx_eval.so\"" -c "$s" -o "$o" 2>>"$out/build.log"; then
       cat "$out/build.log" >&2
       echo "fuzz: compiling $s failed" >&2
       exit 2
@@ -70,7 +72,7 @@ if ((episode)); then
     objs+=("$o")
   done
   if ! "$CXX" -fsanitize=fuzzer,address,undefined "${objs[@]}" "$engine" "${torch_libs[@]}" \
-    "${libs[@]}" -ldl -lpthread -o "$out/fuzz_episode" 2>>"$out/build.log"; then
+    "${libs[@]}" -lseccomp -ldl -lpthread -o "$out/fuzz_episode" 2>>"$out/build.log"; then
     cat "$out/build.log" >&2
     echo "fuzz: linking fuzz_episode failed" >&2
     exit 2
