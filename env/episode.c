@@ -381,7 +381,7 @@ static size_t fmx__json_size(const cJSON *node) {
         return fmx__json_str_size(node->valuestring, strlen(node->valuestring));
     if (cJSON_IsNumber(node)) {
         double v = node->valuedouble;
-        if (v == (double)(long long)v && v > -1e15 && v < 1e15) {
+        if (v > -1e15 && v < 1e15 && v == (double)(long long)v) { /* range first: no UB */
             char buf[32];
             return (size_t)snprintf(buf, sizeof buf, "%lld", (long long)v);
         }
