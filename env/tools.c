@@ -1469,12 +1469,10 @@ int fmx_tools_grade(const fmx_tool_ctx *ctx, const char *code, size_t len, const
      * visible probe, and withholds the message when only hidden probes had
      * one. */
     char withheld[256];
-    int any_visible = 0;
     {
         const cJSON *r, *first_hidden = NULL, *first_visible = NULL;
         cJSON_ArrayForEach(r, cJSON_GetObjectItemCaseSensitive(report, "probes")) {
             int vis = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(r, "visible"));
-            any_visible |= vis;
             if (!cJSON_IsString(cJSON_GetObjectItemCaseSensitive(r, "stage"))) continue;
             if (vis && !first_visible) first_visible = r;
             if (!vis && !first_hidden) first_hidden = r;

@@ -21,7 +21,6 @@
 #include "proto.h"
 #include "status.h"
 
-#define FMX__MAX_PARAMS 64
 #define FMX__ERR 2048
 
 fmx_verify_config fmx_verify_config_default(void) {

@@ -68,7 +68,6 @@ import sys
 import time
 import tokenize
 import traceback
-import typing
 
 EXIT_OOM = 3
 EXIT_INTERNAL = 4

@@ -9,7 +9,6 @@ refuses with a clear message. Any divergence fails.
 """
 import importlib.util
 import json
-import math
 import os
 import pathlib
 import subprocess
