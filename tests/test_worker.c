@@ -527,9 +527,13 @@ static void test_queue_when_busy(void **state) {
 /* A hung job and a queued one come back from fmx_pool_take; destroy reaps. */
 /* A dead worker's evaluation process ends when its socket closes and,
  * orphaned, comes to this process (a child subreaper, as a server is, whose
- * pool reaps such strays while it serves): reap them, up to 5 s. */
+ * pool reaps such strays while it serves); so does a worker the spawner had
+ * forked but not yet announced when a failed start tore the pool down (it
+ * still has to exec and load its libraries before it notices: seconds on a
+ * loaded machine). Reap until none is left (waitpid fails with ECHILD), up
+ * to 120 s: the callers then assert that none is left. */
 static void reap_orphans(void) {
-    for (int i = 0; i < 500 && waitpid(-1, NULL, WNOHANG) >= 0; i++)
+    for (int i = 0; i < 12000 && waitpid(-1, NULL, WNOHANG) >= 0; i++)
         usleep(10000);
 }
 

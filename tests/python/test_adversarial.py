@@ -45,11 +45,9 @@ def digest(pack):
 
 
 @pytest.fixture(scope="session")
-def pack(tmp_path_factory):
-    out = tmp_path_factory.mktemp("adversarial") / "qwen2"
-    res = fmx("export", MANIFEST["pack"], "-o", out, "--quiet")
-    assert res.returncode == 0, res.stderr
-    return out
+def pack(example_packs):
+    example = pathlib.Path(MANIFEST["pack"].split(":")[0]).stem  # examples/models/NAME.py:build
+    return example_packs.tasks(example) / example
 
 
 @pytest.fixture(scope="session")

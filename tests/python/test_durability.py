@@ -3,7 +3,7 @@ nothing that was acknowledged"), black-box through the Python client.
 
 Client threads stream episodes (cheap tools, verify_component with the
 reference solution or a wrong one, submit) over an ipc:// socket while the
-server is SIGKILLed at seeded random moments, 20 times, always restarted on
+server is SIGKILLed at seeded random moments, 8 times (FMX_DURABILITY_CYCLES), always restarted on
 the same SQLite log. After every restart, before anyone else writes:
 
 - `PRAGMA integrity_check` is ok (python sqlite3, read-only);
@@ -41,7 +41,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 FMX = os.environ.get("FMX_BIN", str(ROOT / "build" / "fmx"))
 SOLUTIONS = ROOT / "examples" / "solutions"
 SEED = 20240607
-CYCLES = 20
+CYCLES = int(os.environ.get("FMX_DURABILITY_CYCLES", "8"))  # more: a deeper run
 CLIENTS = 4  # threads, one socket each
 EPISODES_PER_CLIENT = 2  # open at once per client
 WINDOW = 2  # steps in flight per episode
@@ -51,14 +51,9 @@ READS = [("read_module_source", {}), ("get_weight_info", {}), ("trace_ops", {}),
 
 
 @pytest.fixture(scope="module")
-def packs(tmp_path_factory):
+def packs(example_packs):
     """The qwen2 example pack only: fewer tasks, a faster restart."""
-    out = tmp_path_factory.mktemp("durability-packs")
-    res = subprocess.run([FMX, "export", "examples/models/qwen2.py:build", "-o", out / "qwen2",
-                          "--quiet"], cwd=ROOT, capture_output=True, text=True,
-                         stdin=subprocess.DEVNULL, timeout=120)
-    assert res.returncode == 0, res.stderr
-    return out
+    return example_packs.tasks("qwen2")
 
 
 def children(pid):

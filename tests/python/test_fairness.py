@@ -51,13 +51,8 @@ CHEAP_BOUND_S = 1.5
 
 
 @pytest.fixture(scope="module")
-def packs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fairness-packs")
-    res = subprocess.run([FMX, "export", "examples/models/qwen2.py:build", "-o", out / "qwen2",
-                          "--quiet"], cwd=ROOT, capture_output=True, text=True,
-                         stdin=subprocess.DEVNULL, timeout=120)
-    assert res.returncode == 0, res.stderr
-    return out
+def packs(example_packs):
+    return example_packs.tasks("qwen2")
 
 
 def deadline_poll(what, check, timeout):

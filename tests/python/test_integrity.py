@@ -33,11 +33,8 @@ def fmx(*args, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    out = tmp_path_factory.mktemp("integrity") / "qwen2"
-    res = fmx("export", "examples/models/qwen2.py:build", "-o", out, "--quiet")
-    assert res.returncode == 0, res.stderr
-    return out
+def pack(example_packs):
+    return example_packs.tasks("qwen2") / "qwen2"
 
 
 def manifest(pack):

@@ -86,14 +86,8 @@ READS = [("read_module_source", {}), ("get_weight_info", {}), ("trace_ops", {}),
 
 
 @pytest.fixture(scope="module")
-def packs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("load-packs")
-    for ex in ("qwen2", "gpt2"):
-        res = subprocess.run([FMX, "export", f"examples/models/{ex}.py:build", "-o", out / ex,
-                              "--quiet"], cwd=ROOT, capture_output=True, text=True,
-                             stdin=subprocess.DEVNULL, timeout=120)
-        assert res.returncode == 0, res.stderr
-    return out
+def packs(example_packs):
+    return example_packs.tasks("qwen2", "gpt2")
 
 
 def proc_status(pid):

@@ -55,15 +55,11 @@ def mutate(pack, source, *args):
 
 
 @pytest.fixture(scope="session")
-def packs(tmp_path_factory):
+def packs(example_packs):
     """The example packs as scripts/demo.sh exports them (with their equivalent lists)."""
-    out = tmp_path_factory.mktemp("mutate-packs")
     made = {}
     for ex in EXAMPLES:
-        res = fmx("export", f"examples/models/{ex}.py:build", "-o", out / ex, "--quiet",
-                  "--equivalent", equivalents(ex))
-        assert res.returncode == 0, res.stderr
-        made[ex] = out / ex
+        made[ex] = example_packs.pack(ex, "--equivalent", str(equivalents(ex)))
     return made
 
 

@@ -192,16 +192,10 @@ def test_sensitive_init_perturbs_zero_start_norms_and_leaves_buffers():
 
 
 @pytest.fixture(scope="module")
-def packs(tmp_path_factory) -> Dict[str, pathlib.Path]:
+def packs(example_packs) -> Dict[str, pathlib.Path]:
     """Both examples exported through the CLI, as a user does; qwen2 also with --sensitive-init."""
-    out = tmp_path_factory.mktemp("power")
-    made = {}
-    for name, args in [("qwen2", []), ("gpt2", []), ("qwen2-sensitive", ["--sensitive-init"])]:
-        example = name.split("-")[0]
-        res = fmx("export", f"examples/models/{example}.py:build", "-o", out / name, "--quiet", *args)
-        assert res.returncode == 0, res.stderr
-        made[name] = out / name
-    return made
+    tasks = example_packs.tasks("qwen2", "gpt2", **{"qwen2-sensitive": ("qwen2", "--sensitive-init")})
+    return {name: tasks / name for name in ("qwen2", "gpt2", "qwen2-sensitive")}
 
 
 def fmx(*args: Any) -> subprocess.CompletedProcess:

@@ -106,13 +106,8 @@ WRONG = {k for k in CASES if k.startswith("wrong_")}
 
 
 @pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    out = tmp_path_factory.mktemp("meaning") / "qwen2"
-    res = subprocess.run([FMX, "export", "examples/models/qwen2.py:build", "-o", out,
-                          "--quiet"], cwd=ROOT, capture_output=True, text=True,
-                         stdin=subprocess.DEVNULL)
-    assert res.returncode == 0, res.stderr
-    return out
+def pack(example_packs):
+    return example_packs.tasks("qwen2") / "qwen2"
 
 
 @pytest.fixture(scope="module")

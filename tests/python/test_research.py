@@ -35,9 +35,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 FMX = os.environ.get("FMX_BIN", str(ROOT / "build" / "fmx"))
 
 
-def fmx(*args, **kw):
+def fmx(*args, timeout=120, **kw):
     return subprocess.run([FMX, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=120, **kw)
+                          stdin=subprocess.DEVNULL, timeout=timeout, **kw)
 
 
 def sql(db, query, *params):
@@ -54,12 +54,10 @@ def copy_db(src, dst):
 
 
 @pytest.fixture(scope="module")
-def log(tmp_path_factory):
+def log(tmp_path_factory, example_packs):
     """(packs dir, episode log) after oracle and null played every gpt2 task."""
     out = tmp_path_factory.mktemp("research")
-    packs = out / "packs"
-    res = fmx("export", "examples/models/gpt2.py:build", "-o", packs / "gpt2", "--quiet")
-    assert res.returncode == 0, res.stderr
+    packs = example_packs.tasks("gpt2")
     db = out / "fmx.db"
     res = fmx("run", "--policy", "oracle,null", "--tasks", packs, "--db", db, "--jobs", "2")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -358,3 +356,50 @@ def test_export_system_message_is_the_servers_reset_goal(log):
     (line,) = [json.loads(l) for l in res.stdout.splitlines()]
     assert line["goal_source"] == "pack"
     assert line["messages"][0] == {"role": "system", "content": obs["text"]}
+
+
+# ---- a logged endless loop: replay and regrade --rerun end at the deadline ----
+
+ENDLESS = """import torch
+
+def forward(hidden_states: torch.Tensor, weights: dict) -> torch.Tensor:
+    while True:
+        pass
+"""
+
+
+def test_replay_and_rerun_of_a_logged_endless_loop_end_at_the_deadline(log, tmp_path):
+    """Logged code is evaluated as the server evaluated it (sandboxed, under
+    its --eval-timeout): an endless loop that timed out in the server times
+    out again in replay and in regrade --rerun, and both commands finish."""
+    from fmx import Client
+    packs, _ = log
+    sock = pathlib.Path(tempfile.mkdtemp(prefix="fmx-loop-"))
+    db = tmp_path / "loop.db"
+    srv = subprocess.Popen([FMX, "serve", "--tasks", packs, "--db", db, "--bind",
+                            f"ipc://{sock}/s.sock", "--workers", "1", "--eval-timeout", "1.5"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        with Client(f"ipc://{sock}/s.sock", timeout=60) as c:
+            _, info = c.reset(task="gpt2/GPT2MLP", policy="loop")
+            action = {"code": ENDLESS, "entry": "forward"}
+            verified = c.step({"tool": "verify_component", "args": action})
+            assert "timeout" in json.dumps(verified[0]), verified[0]
+            submitted = c.step({"tool": "submit", "args": action})
+            assert submitted[2]  # the episode ended
+            assert submitted[1] == 0
+    finally:
+        srv.send_signal(signal.SIGTERM)
+        srv.communicate(timeout=40)
+        shutil.rmtree(sock, ignore_errors=True)
+    ep = info["episode"]
+    replay = fmx("replay", "--db", db, ep, "--tasks", packs, "--eval-timeout", "1.5", timeout=90)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert "timeout" in replay.stdout
+    bad = fmx("replay", "--db", db, ep, "--tasks", packs, "--eval-timeout", "soon")
+    assert bad.returncode == 2 and "--eval-timeout takes seconds" in bad.stderr
+    res = fmx("regrade", "--db", db, "--rerun", "--tasks", packs, "--eval-timeout", "1.5",
+              timeout=90)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert sql(db, "SELECT correctness, reward FROM grades WHERE rerun = 1") == [(0.0, 0.0)]

@@ -65,12 +65,8 @@ def submit(code, entry="forward"):
 
 
 @pytest.fixture(scope="module")
-def packs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sandbox-packs")
-    res = subprocess.run([FMX, "export", "examples/models/qwen2.py:build", "-o", out / "qwen2",
-                          "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    return out
+def packs(example_packs):
+    return example_packs.tasks("qwen2")
 
 
 class Server:

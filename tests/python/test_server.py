@@ -46,12 +46,8 @@ def fmx(*args, **kw):
 
 
 @pytest.fixture(scope="session")
-def packs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("server-packs")
-    for ex in ("qwen2", "gpt2"):
-        res = fmx("export", f"examples/models/{ex}.py:build", "-o", out / ex, "--quiet")
-        assert res.returncode == 0, res.stderr
-    return out
+def packs(example_packs):
+    return example_packs.tasks("qwen2", "gpt2")
 
 
 class Server:

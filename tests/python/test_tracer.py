@@ -51,14 +51,12 @@ def submissions(db, policy="tracer"):
 
 
 @pytest.fixture(scope="module")
-def played(tmp_path_factory):
+def played(tmp_path_factory, example_packs):
     """(packs dir, log, fmx run's output) after the tracer played every task of three packs."""
     out = tmp_path_factory.mktemp("tracer")
-    packs = out / "packs"
-    for spec, name in (("examples/models/qwen2.py:build", "qwen2"), ("examples/models/gpt2.py:build", "gpt2"),
-                       ("tests/python/tiny_model.py:build", "tiny")):
-        res = fmx("export", spec, "-o", packs / name, "--quiet")
-        assert res.returncode == 0, res.stderr
+    packs = example_packs.tasks("qwen2", "gpt2")
+    res = fmx("export", "tests/python/tiny_model.py:build", "-o", packs / "tiny", "--quiet")
+    assert res.returncode == 0, res.stderr
     db = out / "fmx.db"
     res = fmx("run", "--policy", "tracer", "--tasks", packs, "--db", db, "--jobs", "2")
     assert res.returncode == 0, res.stdout + res.stderr

@@ -37,16 +37,9 @@ def verify(pack, source, *args, tmp_path=None):
 
 
 @pytest.fixture(scope="session")
-def packs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("packs")
-    made = {}
-    for ex, dtype in [("qwen2", "float32"), ("gpt2", "float32"), ("qwen2", "bfloat16")]:
-        name = ex if dtype == "float32" else f"{ex}-bf16"
-        res = fmx("export", f"examples/models/{ex}.py:build", "-o", out / name, "--dtype", dtype,
-                  "--quiet")
-        assert res.returncode == 0, res.stderr
-        made[name] = out / name
-    return made
+def packs(example_packs):
+    tasks = example_packs.tasks("qwen2", "gpt2", **{"qwen2-bf16": ("qwen2", "--dtype", "bfloat16")})
+    return {name: tasks / name for name in ("qwen2", "gpt2", "qwen2-bf16")}
 
 
 def solution(ex):
