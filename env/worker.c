@@ -538,8 +538,8 @@ static int fmx__warmup(const fmx_tasks *tasks, const fmx_reward_config *reward, 
         cfg.component = t->path;
         cfg.compile_check = 1;
         cJSON *report = NULL;
-        int vrc = fmx_verify_source(t->pack, trivial, sizeof trivial - 1, "warmup.py", &cfg,
-                                    &report);
+        int vrc =
+            fmx_verify_source(t->pack, trivial, sizeof trivial - 1, "warmup.py", &cfg, &report);
         const cJSON *e = cJSON_GetObjectItemCaseSensitive(report, "error");
         const char *stage = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(e, "stage"));
         if (!report || (vrc != FMX_OK && vrc != FMX_EMISMATCH && stage &&
@@ -850,8 +850,8 @@ static void __attribute__((noreturn)) fmx__worker_run(int fd, const fmx__wctx *w
         if (!rq) _exit(FMX__EXIT_OOM); /* the server's encoding is sound: out of memory */
         fmx__arm_cpu(w->cpu_s);
         /* the pool kills this worker at eval_timeout_s: evaluations end first */
-        double budget = w->eval_timeout_s > 1 ? w->eval_timeout_s - 0.25 : w->eval_timeout_s * 0.75;
-        fmx_evaluator_set_deadline(w->eval_timeout_s > 0 ? fmx_evaluator_now() + budget : 0);
+        double budget = fmx_eval_budget_s(w->eval_timeout_s);
+        fmx_evaluator_set_deadline(budget > 0 ? fmx_evaluator_now() + budget : 0);
         fmx_evaluator_take_fate(NULL, 0);
         cJSON *reply = fmx__job(w, rq);
         cJSON_Delete(rq);
@@ -1682,6 +1682,24 @@ static int fmx__failed_grade(const fmx_step_plan *plan, fmx_fate fate, const cha
     return FMX_OK;
 }
 
+double fmx_eval_budget_s(double eval_timeout_s) {
+    if (eval_timeout_s <= 0) return 0;
+    return eval_timeout_s > 1 ? eval_timeout_s - 0.25 : eval_timeout_s * 0.75;
+}
+
+fmx_fate fmx_fate_of_eval(fmx_eval_fate f) {
+    switch (f) {
+    case FMX_EVAL_OK:
+        return FMX_FATE_OK;
+    case FMX_EVAL_TIMEOUT:
+        return FMX_FATE_TIMEOUT;
+    case FMX_EVAL_OOM:
+        return FMX_FATE_OOM;
+    default:
+        return FMX_FATE_CRASHED;
+    }
+}
+
 int fmx_pool_outcome(const fmx_pool *p, const fmx_step_plan *plan, fmx_pool_result *res,
                      fmx_step_outcome *out) {
     memset(out, 0, sizeof *out);
@@ -1695,6 +1713,14 @@ int fmx_pool_outcome(const fmx_pool *p, const fmx_step_plan *plan, fmx_pool_resu
         fate = FMX_FATE_CRASHED;
         snprintf(why, sizeof why, "%s", e ? e : "the worker's reply is malformed");
     }
+    int rc = fmx_fate_outcome(&p->cfg, plan, fate, why, out);
+    if (rc == FMX_OK) out->ms = res->ms;
+    return rc;
+}
+
+int fmx_fate_outcome(const fmx_pool_config *cfg, const fmx_step_plan *plan, fmx_fate fate,
+                     const char *why, fmx_step_outcome *out) {
+    memset(out, 0, sizeof *out);
     const char *tool = plan->tool ? plan->tool : "";
     int is_submit = strcmp(tool, "submit") == 0;
     const char *after = is_submit
@@ -1705,12 +1731,12 @@ int fmx_pool_outcome(const fmx_pool *p, const fmx_step_plan *plan, fmx_pool_resu
         snprintf(text, sizeof text,
                  "Evaluation stopped: %s (limits: %g s wall clock, %g s CPU). The code did not "
                  "finish: a loop that never ends, or far too much work? %s",
-                 why, p->cfg.eval_timeout_s, fmx__cpu_budget(&p->cfg), after);
+                 why, cfg->eval_timeout_s, fmx__cpu_budget(cfg), after);
     else if (fate == FMX_FATE_OOM)
         snprintf(text, sizeof text,
                  "Evaluation stopped: out of memory: %s. An evaluation may allocate at most %ld "
                  "MiB. %s",
-                 why, p->cfg.mem_mb, after);
+                 why, cfg->mem_mb, after);
     else
         snprintf(text, sizeof text, "Evaluation failed: %s. %s", why, after);
     cJSON *obs = cJSON_CreateObject();
@@ -1726,10 +1752,10 @@ int fmx_pool_outcome(const fmx_pool *p, const fmx_step_plan *plan, fmx_pool_resu
     cJSON_AddStringToObject(data, "fate", fmx_fate_name(fate));
     cJSON_AddStringToObject(data, "detail", why);
     if (fate == FMX_FATE_TIMEOUT) {
-        fmx_proto_add_float(data, "limit_s", p->cfg.eval_timeout_s);
-        fmx_proto_add_float(data, "cpu_limit_s", fmx__cpu_budget(&p->cfg));
+        fmx_proto_add_float(data, "limit_s", cfg->eval_timeout_s);
+        fmx_proto_add_float(data, "cpu_limit_s", fmx__cpu_budget(cfg));
     }
-    if (fate == FMX_FATE_OOM) cJSON_AddNumberToObject(data, "limit_mb", (double)p->cfg.mem_mb);
+    if (fate == FMX_FATE_OOM) cJSON_AddNumberToObject(data, "limit_mb", (double)cfg->mem_mb);
     cJSON *e = cJSON_AddStringToObject(obs, "error", fmx_fate_name(fate));
     if (!e) {
         cJSON_Delete(obs);
@@ -1737,7 +1763,6 @@ int fmx_pool_outcome(const fmx_pool *p, const fmx_step_plan *plan, fmx_pool_resu
     }
     out->tool.observation = obs;
     out->tool.error = e->valuestring;
-    out->ms = res->ms;
     if (is_submit) {
         if (fmx__failed_grade(plan, fate, why, text, &out->tool.grade) != FMX_OK) {
             fmx_step_outcome_clear(out);

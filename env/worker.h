@@ -87,6 +87,7 @@
 #include <stddef.h>
 
 #include "episode.h"
+#include "evaluator.h"
 #include "rewards/reward.h"
 #include "tasks.h"
 
@@ -184,6 +185,17 @@ cJSON *fmx_worker_selftest_request(const char *what);
  * Clear with fmx_step_outcome_clear. FMX_OK or FMX_ENOMEM. */
 int fmx_pool_outcome(const fmx_pool *p, const fmx_step_plan *plan, fmx_pool_result *res,
                      fmx_step_outcome *out);
+/* The outcome of a step whose evaluation was stopped (fate not FMX_FATE_OK,
+ * why: what stopped it), worded with the limits of cfg: what
+ * fmx_pool_outcome gives for a failed job, for those that run steps
+ * in-process (replay). FMX_OK or FMX_ENOMEM. */
+int fmx_fate_outcome(const fmx_pool_config *cfg, const fmx_step_plan *plan, fmx_fate fate,
+                     const char *why, fmx_step_outcome *out);
+/* The wall-clock budget a worker gives the evaluations of one job under
+ * eval_timeout_s: they end before the pool kills the worker. */
+double fmx_eval_budget_s(double eval_timeout_s);
+/* The step fate of an evaluation fate. */
+fmx_fate fmx_fate_of_eval(fmx_eval_fate f);
 /* 1 when a failed step was the budget's last verify_component (its own code
  * may be what failed): the last verified code should be graded by a grade
  * job, then fmx_pool_fallback. */

@@ -26,6 +26,7 @@
 #include "env/status.h"
 #include "env/tasks.h"
 #include "env/tools.h"
+#include "env/worker.h"
 
 /* ---- reading the log ---- */
 
@@ -45,19 +46,55 @@ int fmx_replay_open_db(const char *db_path, int readonly, sqlite3 **out, char *e
     return FMX_OK;
 }
 
-/* A prepare failure: "no such table" means the file is not an fmx log. */
+/* The server's default --eval-timeout: what replay and regrade --rerun use
+ * unless told the server's own. */
 #define FMX_REPLAY_EVAL_TIMEOUT_S 30.0
 
 /* Logged code runs as the server ran it: in sandboxed evaluation processes
- * (env/evaluator.c) with the server's default limits, so a logged endless
- * loop ends at its deadline. */
-static void fmx__sandboxed_evaluations(const char *device) {
+ * (env/evaluator.c) with the server's limits, so a logged endless loop ends
+ * at its deadline. */
+static void fmx__sandboxed_evaluations(const char *device, double timeout_s) {
     fmx_evaluator_config ec = fmx_evaluator_config_default();
-    ec.timeout_s = FMX_REPLAY_EVAL_TIMEOUT_S;
+    ec.timeout_s = timeout_s > 0 ? timeout_s : FMX_REPLAY_EVAL_TIMEOUT_S;
     ec.device = device ? device : "cpu";
     fmx_evaluator_configure(&ec);
+    /* started now, as a worker starts it before its first job: its start-up
+     * is not the first step's evaluation time (a failure to start is
+     * reported by that evaluation) */
+    char err[512];
+    fmx_evaluator_shared(err, sizeof err);
 }
 
+/* Executes a planned step as a server's worker does: its evaluations under
+ * the worker's deadline; one stopped by a timeout, OOM or crash gives the
+ * step the observation the server gave it (fmx_fate_outcome). */
+static int fmx__execute_as_a_worker(fmx_step_plan *plan, double eval_timeout_s,
+                                    fmx_step_outcome *out) {
+    fmx_pool_config limits = fmx_pool_config_default();
+    limits.eval_timeout_s = eval_timeout_s > 0 ? eval_timeout_s : FMX_REPLAY_EVAL_TIMEOUT_S;
+    double budget = fmx_eval_budget_s(limits.eval_timeout_s);
+    fmx_evaluator_set_deadline(fmx_evaluator_now() + budget);
+    fmx_evaluator_take_fate(NULL, 0);
+    int rc = fmx_episode_execute(plan, out);
+    char why[256];
+    fmx_eval_fate fate = fmx_evaluator_take_fate(why, sizeof why);
+    fmx_evaluator_set_deadline(0);
+    if (rc != FMX_OK || fate == FMX_EVAL_OK) return rc;
+    fmx_step_outcome_clear(out);
+    return fmx_fate_outcome(&limits, plan, fmx_fate_of_eval(fate), why, out);
+}
+
+/* S of --eval-timeout S: a positive number of seconds (at most a day). */
+static int fmx__parse_timeout(const char *s, double *v) {
+    char *end;
+    errno = 0;
+    double x = strtod(s, &end);
+    if (errno || end == s || *end || !(x > 0 && x <= 86400)) return 0;
+    *v = x;
+    return 1;
+}
+
+/* A prepare failure: "no such table" means the file is not an fmx log. */
 static int fmx__prepare(sqlite3 *db, const char *sql, sqlite3_stmt **st, char *err, size_t errsz) {
     int rc = sqlite3_prepare_v2(db, sql, -1, st, NULL);
     if (rc == SQLITE_OK) return FMX_OK;
@@ -543,6 +580,7 @@ typedef struct {
     const char *device;
     size_t max_code_bytes;
     int max_diffs;
+    double eval_timeout_s; /* 0: the server's default */
 } fmx__replay_opts;
 
 /* Re-executes every step of t; *ndiff = steps that differ. FMX_OK, or an
@@ -559,7 +597,7 @@ static int fmx__reexecute(FILE *f, const fmx_transcript *t, const fmx__replay_op
     } else if (t->breakdown && fmx_replay_reward_of(t->breakdown, &reward) == FMX_OK) {
         reward_from = "the episode's stored breakdown";
     }
-    fmx__sandboxed_evaluations(o->device);
+    fmx__sandboxed_evaluations(o->device, o->eval_timeout_s);
     int rc = fmx_engine_set_device(o->device, err, errsz);
     if (rc) return rc;
     fmx_tasks *tasks = NULL;
@@ -599,7 +637,7 @@ static int fmx__reexecute(FILE *f, const fmx_transcript *t, const fmx__replay_op
         memset(&out, 0, sizeof out);
         memset(&res, 0, sizeof res);
         rc = fmx_episode_plan(ep, s->tool, args, &plan);
-        if (rc == FMX_OK) rc = fmx_episode_execute(&plan, &out);
+        if (rc == FMX_OK) rc = fmx__execute_as_a_worker(&plan, o->eval_timeout_s, &out);
         if (rc == FMX_OK) rc = fmx_episode_apply(ep, &plan, &out, &res);
         if (rc == FMX_OK) {
             fprintf(f, "[%lld] %-22s", (long long)s->idx, s->tool);
@@ -673,6 +711,8 @@ static const char fmx__replay_usage[] =
     "  --reward FILE         reward config (default: the one the episode's grade names)\n"
     "  --max-code-bytes N    the server's --max-code-bytes (default 65536)\n"
     "  --device DEV          where candidate code runs (default cpu)\n"
+    "  --eval-timeout S      the server's --eval-timeout: one evaluation's wall-clock\n"
+    "                        limit, seconds (default 30)\n"
     "exit status: 0 every step replayed the same, 1 a step differs, 2 error\n";
 
 static int fmx__parse_i64(const char *s, int64_t *v) {
@@ -702,6 +742,11 @@ int fmx_replay_main(int argc, char **argv) {
             o.reward_path = argv[++i];
         } else if (strcmp(a, "--device") == 0 && has) {
             o.device = argv[++i];
+        } else if (strcmp(a, "--eval-timeout") == 0 && has) {
+            if (!fmx__parse_timeout(argv[++i], &o.eval_timeout_s)) {
+                fprintf(stderr, "fmx replay: --eval-timeout takes seconds (a number > 0)\n");
+                return 2;
+            }
         } else if (strcmp(a, "--max-code-bytes") == 0 && has) {
             int64_t v;
             if (!fmx__parse_i64(argv[++i], &v) || v <= 0) {
@@ -852,11 +897,13 @@ static const char fmx__regrade_usage[] =
     "  --rerun         grade the code again (correctness, LOC, compile facts measured anew)\n"
     "                  instead of rescoring the stored facts; needs --tasks\n"
     "  --tasks DIR     the packs the server served (its --tasks DIR)\n"
-    "  --device DEV    where --rerun runs candidate code (default cpu)\n";
+    "  --device DEV    where --rerun runs candidate code (default cpu)\n"
+    "  --eval-timeout S  with --rerun: the server's --eval-timeout, seconds (default 30)\n";
 
 int fmx_regrade_main(int argc, char **argv) {
     const char *db_path = NULL, *reward_path = NULL, *tasks_dir = NULL, *device = "cpu";
     int rerun = 0;
+    double eval_timeout_s = FMX_REPLAY_EVAL_TIMEOUT_S;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         int has = i + 1 < argc;
@@ -871,6 +918,11 @@ int fmx_regrade_main(int argc, char **argv) {
             tasks_dir = argv[++i];
         } else if (strcmp(a, "--device") == 0 && has) {
             device = argv[++i];
+        } else if (strcmp(a, "--eval-timeout") == 0 && has) {
+            if (!fmx__parse_timeout(argv[++i], &eval_timeout_s)) {
+                fprintf(stderr, "fmx regrade: --eval-timeout takes seconds (a number > 0)\n");
+                return 2;
+            }
         } else if (strcmp(a, "--rerun") == 0) {
             rerun = 1;
         } else {
@@ -894,7 +946,7 @@ int fmx_regrade_main(int argc, char **argv) {
         return 2;
     }
     fmx_tasks *tasks = NULL;
-    if (rerun) fmx__sandboxed_evaluations(device);
+    if (rerun) fmx__sandboxed_evaluations(device, eval_timeout_s);
     if (rerun && (fmx_engine_set_device(device, err, sizeof err) != FMX_OK ||
                   fmx_tasks_open(tasks_dir, &tasks, stderr, err, sizeof err) != FMX_OK)) {
         fprintf(stderr, "fmx regrade: %s\n", err);
@@ -945,6 +997,11 @@ int fmx_regrade_main(int argc, char **argv) {
             }
             fmx_tool_ctx ctx = {.task = task, .reward = &cfg, .max_code_bytes = (size_t)-1};
             fmx_grade g;
+            /* under a worker's deadline: a submission the server stopped
+             * (timeout, OOM, crash) is stopped again and graded as it was,
+             * failing every probe with no facts */
+            fmx_evaluator_set_deadline(fmx_evaluator_now() + fmx_eval_budget_s(eval_timeout_s));
+            fmx_evaluator_take_fate(NULL, 0);
             if (fmx_tools_grade(&ctx, code, strlen(code), entry ? entry : "forward", &g) !=
                 FMX_OK) {
                 snprintf(err, sizeof err, "out of memory");
@@ -953,6 +1010,10 @@ int fmx_regrade_main(int argc, char **argv) {
             facts = g.facts;
             score = g.score;
             fmx_grade_clear(&g);
+            if (fmx_evaluator_take_fate(NULL, 0) != FMX_EVAL_OK) {
+                memset(&facts, 0, sizeof facts);
+                score = fmx_reward_score(&cfg, &facts);
+            }
         } else {
             if (!fmx__facts_of(breakdown, &facts)) {
                 fprintf(stderr,
