@@ -450,6 +450,14 @@ static void fmx__classify(fmx_eval_result *r, const cJSON *reply, double timeout
 
 /* Maps and checks the results the child wrote. 0, or -1 (r->why says why). */
 static int fmx__read_results(fmx_eval_result *r, int fd, size_t cap) {
+    /* The zygote answers when the child says it is done, before the child is
+     * gone: its results are read only once sealed against writes, so no
+     * thread still running there can change a byte after it was checked. */
+    int seals = fcntl(fd, F_GET_SEALS);
+    if (seals < 0 || !(seals & F_SEAL_WRITE)) {
+        snprintf(r->why, sizeof r->why, "the evaluation process did not seal its results");
+        return -1;
+    }
     unsigned char trailer[24];
     if (pread(fd, trailer, sizeof trailer, 0) != (ssize_t)sizeof trailer ||
         memcmp(trailer, "FMXRES01", 8) != 0) {
@@ -530,11 +538,12 @@ static int fmx__run(fmx_evaluator *ev, fmx_eval_job *job, fmx_eval_result **out,
         free(r);
         return FMX_EIO;
     }
-    /* results: a sealed, sparse memfd the child cannot grow */
+    /* results: a sealed, sparse memfd the child cannot grow; the child adds
+     * F_SEAL_WRITE when it is done (fmx__read_results) */
     size_t cap = (size_t)(ev->cfg.mem_mb > 0 ? ev->cfg.mem_mb : 4096) << 20;
     int res_fd = memfd_create("fmx-results", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (res_fd < 0 || ftruncate(res_fd, (off_t)cap) != 0 ||
-        fcntl(res_fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+        fcntl(res_fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0) {
         int e = errno;
         if (res_fd >= 0) close(res_fd);
         close(job_fd);

@@ -10,10 +10,13 @@ imports torch, warms it up (every lazy initialisation that opens files happens
 now), loads fmx's engine library (the TorchScript compile check) and then serves
 the AF_UNIX socket FD: each request `{"op": "run", "timeout_s": S}` comes with two
 file descriptors, a sealed memfd holding the job (below) and an empty sealed
-memfd of fixed size for the results. The zygote forks a fresh child for every
-request, so no heap or allocator state of an earlier evaluation is reachable,
-waits for it (SIGKILL at the deadline) and answers
-`{"status": "exit"|"signal"|"timeout", "code", "signal", "ms", "maxrss_kb"}`.
+memfd of fixed size for the results. Every request runs in a fresh child
+forked from the zygote (forked ahead, while the zygote has nothing to do), so
+no heap or allocator state of an earlier evaluation is reachable. The zygote
+waits for the child's "done" byte (its results written and sealed against
+writes: the child is killed then and reaped later, so its exit is not on the
+grade's path), its end, or the deadline (SIGKILL), and answers
+`{"status": "exit"|"signal"|"timeout", "code", "signal", "done", "ms"}`.
 The zygote never runs candidate code and never reads a job.
 
 Child: maps the job (MAP_PRIVATE: the inputs are its own copies) and the weights
@@ -26,7 +29,8 @@ env/sandbox.c: no files, sockets, processes), then:
   2. with "run": executes the file as a module (imports limited to torch, math,
      typing), calls the entry on every call of the job with the call's inputs
      bound by parameter name and a fresh weights dict, records tap() values;
-  3. writes its results into the results memfd and exits 0.
+  3. writes its results into the results memfd, seals it (F_SEAL_WRITE), says
+     "done" and exits 0.
 The child holds only what it was given: the weights and the inputs of the calls
 it runs — never a reference output, never another probe's data.
 
@@ -54,6 +58,7 @@ from __future__ import annotations
 
 import ast
 import ctypes
+import fcntl
 import inspect
 import io
 import json
@@ -219,7 +224,12 @@ def zygote(fd, engine_path, threads, device):
     sock = socket.socket(fileno=fd)
     sock.sendall(json.dumps({"ready": True, "pid": os.getpid(),
                              "torch": torch.__version__}).encode())
+    spare = None  # the next evaluation's child, forked while there is nothing to do
+    dying = []  # children that said "done" and were killed: reaped later
     while True:
+        dying = [pid for pid in dying if os.waitpid(pid, os.WNOHANG)[0] == 0]
+        if spare is None:
+            spare = Spare(sock.fileno(), lib)
         try:
             msg, fds, _, _ = socket.recv_fds(sock, 65536, 4)
         except OSError:
@@ -236,46 +246,96 @@ def zygote(fd, engine_path, threads, device):
             sock.sendall(json.dumps({"status": "refused", "why": "bad request"}).encode())
             continue
         t0 = time.monotonic()
-        pid = os.fork()
-        if pid == 0:
-            child(fds[0], fds[1], sock.fileno(), lib)
-        for f in fds:
-            os.close(f)
-        reply = wait_child(pid, float(req.get("timeout_s") or 0), t0, sock)
+        child_, spare = spare, None
+        child_.start(fds)
+        reply = wait_child(child_, float(req.get("timeout_s") or 0), t0, sock)
         if reply is None:  # the grader is gone
             os._exit(0)
         sock.sendall(json.dumps(reply).encode())
+        if reply.get("done"):
+            dying.append(child_.pid)
 
 
-def wait_child(pid, timeout_s, t0, sock):
-    """Waits for the child; SIGKILL at the deadline, or at once when the
-    grader's socket closes (then None). The reply for the grader."""
-    timed_out = gone = False
-    pidfd = os.pidfd_open(pid)
+class Spare:
+    """A child forked from the clean zygote before its job is known. It waits
+    on its own socket for the job's two descriptors (start), then runs the
+    job (child) and, once its results are sealed, writes a byte to its done
+    pipe: the zygote answers then and kills it, and the child's exit (tearing
+    down a torch-sized address space) is off the grade's path."""
+
+    def __init__(self, zygote_fd, lib):
+        ctl_parent, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        done_r, done_w = os.pipe()
+        zygote = os.getpid()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+                if os.getppid() != zygote:  # it died before the line above
+                    os._exit(0)
+                ctl_parent.close()
+                os.close(done_r)
+                _, fds, _, _ = socket.recv_fds(ctl_child, 16, 2)
+                ctl_child.close()
+            except BaseException:  # noqa: BLE001 — the zygote is gone
+                os._exit(0)
+            if len(fds) != 2:
+                os._exit(0)
+            child(fds[0], fds[1], zygote_fd, lib, done_w)
+        ctl_child.close()
+        os.close(done_w)
+        self.ctl, self.done = ctl_parent, done_r
+
+    def start(self, fds):
+        try:
+            socket.send_fds(self.ctl, [b"j"], fds)
+        except OSError:
+            pass  # it died waiting: wait_child reports it
+        finally:
+            for f in fds:
+                os.close(f)
+            self.ctl.close()
+
+
+def wait_child(ch, timeout_s, t0, sock):
+    """Waits for the child: its done byte (results sealed; it is killed and
+    reaped later), its end, the deadline (SIGKILL), or the grader's socket
+    closing (SIGKILL, then None). The reply for the grader."""
+    timed_out = gone = done = False
+    pidfd = os.pidfd_open(ch.pid)
     try:
         poller = select.poll()
+        poller.register(ch.done, select.POLLIN)
         poller.register(pidfd, select.POLLIN)
         poller.register(sock.fileno(), select.POLLIN | select.POLLHUP)
         while True:
             left = None if timeout_s <= 0 else timeout_s - (time.monotonic() - t0)
             if left is not None and left <= 0:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(ch.pid, signal.SIGKILL)
                 timed_out = True
                 break
             events = poller.poll(None if left is None else max(1, int(left * 1000)))
-            if any(fd == pidfd for fd, _ in events):
+            ready = {fd for fd, _ in events}
+            if ch.done in ready and os.read(ch.done, 1):
+                os.kill(ch.pid, signal.SIGKILL)
+                done = True
+                break
+            if pidfd in ready:
                 break
             if events and not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(ch.pid, signal.SIGKILL)
                 gone = True
                 break
     finally:
         os.close(pidfd)
-    _, status, ru = os.wait4(pid, 0)
+        os.close(ch.done)
+    ms = (time.monotonic() - t0) * 1000.0
+    if done:
+        return {"status": "exit", "code": 0, "done": True, "ms": ms}
+    _, status, ru = os.wait4(ch.pid, 0)
     if gone:
         return None
-    out = {"ms": (time.monotonic() - t0) * 1000.0, "maxrss_kb": ru.ru_maxrss,
-           "cpu_s": ru.ru_utime + ru.ru_stime}
+    out = {"ms": ms, "maxrss_kb": ru.ru_maxrss, "cpu_s": ru.ru_utime + ru.ru_stime}
     if timed_out:
         out["status"] = "timeout"
     elif os.WIFSIGNALED(status):
@@ -366,18 +426,16 @@ class Results:
         os.pwrite(self.fd, MAGIC + struct.pack("<QQ", self.off, len(data)), 0)
 
 
-def child(job_fd, result_fd, zygote_fd, lib):
+def child(job_fd, result_fd, zygote_fd, lib, done_fd):
     try:
         os.close(zygote_fd)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        libc = ctypes.CDLL(None)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: dies with the zygote
         job, tensors, weights_map = map_job(job_fd)
         null = os.open("/dev/null", os.O_RDWR)
         os.dup2(null, 0)
         os.dup2(null, 1)
         os.close(null)
-        keep = {0, 1, 2, result_fd}
+        keep = {0, 1, 2, result_fd, done_fd}
         for name in os.listdir("/proc/self/fd"):
             fd = int(name)
             if fd not in keep:
@@ -400,6 +458,10 @@ def child(job_fd, result_fd, zygote_fd, lib):
         results = Results(result_fd)
         header = evaluate(job, tensors, weights_map, results, lib)
         results.finish(header)
+        # sealed: nothing (no thread the candidate started) can change them
+        # now, so the grader may read them before this process is gone
+        fcntl.fcntl(result_fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+        os.write(done_fd, b"d")
         os._exit(0)
     except MemoryError:
         os._exit(EXIT_OOM)
