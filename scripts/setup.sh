@@ -14,7 +14,7 @@ packages=(
   libtorch-dev python3-torch python3-numpy
   libcjson-dev libcmocka-dev libsqlite3-dev libzmq3-dev libmsgpack-dev libseccomp-dev
   clang libclang-rt-14-dev
-  python3-pytest python3-zmq python3-msgpack
+  python3-pytest python3-pytest-xdist python3-zmq python3-msgpack
   libcurl4-openssl-dev
   chromium  # headless, for the HTML leaderboard test (tests/python/test_research.py)
 )
