@@ -45,7 +45,7 @@
 #include "worker.h"
 
 #ifndef FMX_VERSION
-#define FMX_VERSION "0.0.0"
+#error "FMX_VERSION is the project version, defined by CMakeLists.txt"
 #endif
 
 static const char *usage_text =

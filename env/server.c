@@ -34,7 +34,7 @@
 #include "worker.h"
 
 #ifndef FMX_VERSION
-#define FMX_VERSION "0.1.0"
+#error "FMX_VERSION is the project version, defined by CMakeLists.txt"
 #endif
 
 #define FMX__MAX_IDENTITY 256

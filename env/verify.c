@@ -335,6 +335,8 @@ static int fmx__grade_call(fmx_pack *pack, const fmx_verify_config *cfg, const f
     fmx_tensor **tvals = calloc((size_t)nt + 1, sizeof *tvals);
     cJSON *taps = cJSON_AddArrayToObject(r, "taps");
     const char *tap_bad = NULL;
+    if (nt > 0 && (!tnames || !tvals))
+        cJSON_AddStringToObject(r, "taps_note", "taps not graded: out of memory");
     if (tnames && tvals) {
         for (int j = 0; j < nt; j++) {
             const cJSON *b = cJSON_GetArrayItem(tl, j);

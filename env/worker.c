@@ -9,7 +9,6 @@
 #include "worker.h"
 
 #include <cjson/cJSON.h>
-#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -583,16 +582,10 @@ static void fmx__on_fatal(int sig) {
     raise(sig);
 }
 
-/* Sets libtorch's intra-op threads: at::set_num_threads (C++, found by its
- * mangled name: nothing outside env/engine includes libtorch), else
- * OpenMP's. A forked worker so never uses the thread pools of the server. */
+/* Sets libtorch's intra-op threads (env/engine: nothing else touches
+ * libtorch). A forked worker so never uses the thread pools of the server. */
 static void fmx__set_threads(int n) {
-    void (*at_set)(int) = (void (*)(int))dlsym(RTLD_DEFAULT, "_ZN2at15set_num_threadsEi");
-    void (*omp_set)(int) = (void (*)(int))dlsym(RTLD_DEFAULT, "omp_set_num_threads");
-    if (at_set)
-        at_set(n);
-    else if (omp_set)
-        omp_set(n);
+    fmx_engine_set_threads(n);
 }
 
 static void fmx__close_fds(int keep) {

@@ -2168,6 +2168,11 @@ template <typename T> double elem(const void *base, int64_t i) {
     return static_cast<double>(static_cast<const T *>(base)[i]);
 }
 
+/* bool as its byte (fmx_tensor_wrap admits only 0 and 1; never read as bool) */
+double elem_bool(const void *base, int64_t i) {
+    return static_cast<const unsigned char *>(base)[i] != 0 ? 1.0 : 0.0;
+}
+
 using elem_fn = double (*)(const void *, int64_t);
 
 elem_fn elem_reader(at::ScalarType t) {
@@ -2181,7 +2186,7 @@ elem_fn elem_reader(at::ScalarType t) {
     case at::kShort: return elem<int16_t>;
     case at::kChar: return elem<int8_t>;
     case at::kByte: return elem<uint8_t>;
-    case at::kBool: return elem<bool>;
+    case at::kBool: return elem_bool;
     default: return nullptr;
     }
 }
@@ -2384,6 +2389,10 @@ extern "C" int fmx_engine_set_device(const char *device, char *err, size_t errsz
     });
 }
 
+extern "C" void fmx_engine_set_threads(int n) {
+    at::set_num_threads(n > 0 ? n : 1);
+}
+
 extern "C" const char *fmx_engine_device(void) {
     try {
         std::lock_guard<std::mutex> lk(g_device_mu);
@@ -2417,6 +2426,17 @@ extern "C" int fmx_tensor_wrap(void *data, fmx_dtype dt, const int64_t *shape, i
             t->t = at::empty(sizes, opts);
         } else {
             if (!data) fail(FMX_EINVAL, "data is NULL");
+            // a bool byte other than 0 or 1 is undefined behaviour in every
+            // kernel that reads it: such bytes (a damaged pack, a candidate's
+            // results) are refused here, where they enter
+            if (dt == FMX_DT_BOOL) {
+                const unsigned char *b = static_cast<const unsigned char *>(data);
+                for (int64_t i = 0; i < numel; i++)
+                    if (b[i] > 1)
+                        fail(FMX_EFORMAT, "a bool tensor holds the byte " + std::to_string(b[i]) +
+                                              " at element " + std::to_string(i) +
+                                              " (bool bytes are 0 or 1)");
+            }
             t->t = at::from_blob(data, sizes, opts);
             t->borrowed = true;
         }

@@ -56,6 +56,8 @@ const char *fmx_engine_version(void);
 int fmx_engine_set_device(const char *device, char *err, size_t errsz);
 /* Current device name. Static string, valid until the next set_device. */
 const char *fmx_engine_device(void);
+/* libtorch's intra-op threads of this process (at::set_num_threads). */
+void fmx_engine_set_threads(int n);
 
 /* ---- tensors ---- */
 
@@ -168,7 +170,7 @@ int fmx_program_facts_get(fmx_program *p, const char *fn, fmx_program_facts *out
 
 /* ---- calls ---- */
 
-fmx_args *fmx_args_create(void); /* caller frees with fmx_args_destroy */
+fmx_args *fmx_args_create(void);    /* caller frees with fmx_args_destroy */
 void fmx_args_destroy(fmx_args *a); /* accepts NULL */
 void fmx_args_clear(fmx_args *a);   /* empties it for reuse */
 /* Each setter keeps its own reference/copy of the value. */
@@ -188,14 +190,14 @@ int fmx_args_weights(fmx_args *a, const char *name, const char *const *keys,
  * with fmx_run_destroy. Runtime errors name the candidate's line. */
 int fmx_program_run(fmx_program *p, const char *fn, const fmx_args *a, fmx_run **out, char *err,
                     size_t errsz);
-void fmx_run_destroy(fmx_run *r); /* accepts NULL */
+void fmx_run_destroy(fmx_run *r);    /* accepts NULL */
 double fmx_run_ms(const fmx_run *r); /* wall time of the call, device-synchronised */
 int fmx_run_noutputs(const fmx_run *r);
 /* Borrowed, valid until fmx_run_destroy. */
 const fmx_tensor *fmx_run_output(const fmx_run *r, int i);
 int fmx_run_ntaps(const fmx_run *r);
-const char *fmx_run_tap_name(const fmx_run *r, int i);       /* borrowed */
-const fmx_tensor *fmx_run_tap(const fmx_run *r, int i);      /* borrowed */
+const char *fmx_run_tap_name(const fmx_run *r, int i);  /* borrowed */
+const fmx_tensor *fmx_run_tap(const fmx_run *r, int i); /* borrowed */
 
 /* Whether fn computes the same outputs with the graph executor's
  * optimisations on (the profiling executor, its specialisations and the
@@ -237,12 +239,12 @@ typedef struct {
 
 typedef struct {
     int shape_ok, dtype_ok, pass;
-    int64_t compared;  /* elements graded (mask applied) */
-    int64_t bad;       /* elements outside tolerance (non-finite included) */
-    int64_t nonfinite; /* graded elements of got that are NaN/Inf */
-    double max_abs;    /* max |got - want| over graded elements */
-    double max_rel;    /* max |got - want| / max(|want|, scale) */
-    double scale;      /* RMS of want over graded elements */
+    int64_t compared;            /* elements graded (mask applied) */
+    int64_t bad;                 /* elements outside tolerance (non-finite included) */
+    int64_t nonfinite;           /* graded elements of got that are NaN/Inf */
+    double max_abs;              /* max |got - want| over graded elements */
+    double max_rel;              /* max |got - want| / max(|want|, scale) */
+    double scale;                /* RMS of want over graded elements */
     int64_t worst[FMX_MAX_DIMS]; /* index of the worst element */
     int worst_ndim;
     double worst_got, worst_want;
