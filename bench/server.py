@@ -14,7 +14,12 @@ budget large enough that cheap steps never truncate, then measures:
   2. verify_component latency (the reference solution of a decoder layer), alone
      and while 4 clients run cheap steps;
   3. oracle episodes/s (reset, four reads, verify_component, submit) with 1 and
-     4 clients.
+     4 clients;
+  4. the transport floor, in the same run: raw ZeroMQ DEALER clients (one
+     process each, --window messages in flight, the same pre-encoded cheap
+     step requests) against a bare ROUTER that echoes every message
+     (build/bench/bench_echo) and against `fmx serve`; fmx's rate is printed
+     as a fraction of the floor, with the log's growth in bytes per step.
 
 Every step is committed to the log before its reply, so the numbers include
 SQLite. Prints a table; nothing is asserted. Not a test.
@@ -31,6 +36,9 @@ import sys
 import tempfile
 import time
 from typing import Dict, List, Sequence, Tuple
+
+import msgpack
+import zmq
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
@@ -138,6 +146,54 @@ def oracle_worker(addr: str, offset: int, start: float, seconds: float) -> int:
     return done
 
 
+def raw_worker(addr: str, payloads: List[bytes], start: float, seconds: float) -> int:
+    """A bare DEALER: one message in flight per payload (its slot is its req
+    id), each reply answered by the next message of that slot, until start +
+    seconds; the same work against fmx and against the echo floor."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(addr)
+    n = 0
+    try:
+        wait_until(start)
+        end = start + seconds
+        for p in payloads:
+            sock.send(p, copy=False)
+        inflight = len(payloads)
+        while inflight:
+            if not sock.poll(30000):
+                raise RuntimeError(f"{addr}: no reply in 30 s")
+            reply = msgpack.unpackb(sock.recv(copy=False), raw=False)
+            inflight -= 1
+            n += 1
+            if time.time() < end:
+                sock.send(payloads[reply["req"]], copy=False)
+                inflight += 1
+    finally:
+        sock.close()
+        ctx.term()
+    return n
+
+
+def step_payloads(addr: str, tools: str, window: int) -> List[bytes]:
+    """`window` episodes opened on fmx and one encoded cheap step for each
+    (req = its slot), the tools in turn."""
+    names = tools.split(",")
+    with Client(addr, timeout=60) as c:
+        episodes = [ep for ep, _, _ in c.reset_many([CHEAP_TASK] * window, policy="bench-raw")]
+    return [msgpack.packb({"op": "step", "req": i, "episode": ep,
+                           "action": {"tool": names[i % len(names)], "args": {}}},
+                          use_bin_type=True) for i, ep in enumerate(episodes)]
+
+
+def run_raw(pool_ctx, addrs: Sequence[str], payloads: List[List[bytes]], seconds: float) -> float:
+    start = time.time() + 1.0
+    with pool_ctx.Pool(len(payloads)) as pool:
+        done = pool.starmap(raw_worker, [(a, p, start, seconds) for a, p in zip(addrs, payloads)])
+    return sum(done) / seconds
+
+
 # ---- the measurements ----
 
 def run_cheap(pool_ctx, addr: str, tools: str, clients: int, window: int, seconds: float
@@ -169,6 +225,15 @@ def run_oracle(pool_ctx, addr: str, clients: int, seconds: float) -> float:
     with pool_ctx.Pool(clients) as pool:
         done = pool.starmap(oracle_worker, [(addr, 7 * i, start, seconds) for i in range(clients)])
     return sum(done) / seconds
+
+
+def db_bytes(db: pathlib.Path) -> int:
+    """Bytes the log's pages in use hold, committed write-ahead log included."""
+    import sqlite3
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        size, pages, free = (conn.execute(f"PRAGMA {p}").fetchone()[0]
+                             for p in ("page_size", "page_count", "freelist_count"))
+    return size * (pages - free)
 
 
 def main() -> int:
@@ -223,6 +288,26 @@ def main() -> int:
             rate = run_oracle(ctx, addr, n, args.seconds)
             print(f"{'oracle episodes (6 steps, verify + submit)':44s} {n:7d} "
                   f"{f'{rate:,.1f}/s':>12s}", flush=True)
+        echo_bin = pathlib.Path(args.fmx).resolve().parent / "bench" / "bench_echo"
+        if echo_bin.exists():
+            echo_addr = f"ipc://{tmp}/echo.sock"
+            echo = subprocess.Popen([echo_bin, echo_addr])
+            try:
+                print()
+                for n in (1, 4):
+                    payloads = [step_payloads(addr, args.tools, args.window) for _ in range(n)]
+                    floor = run_raw(ctx, [echo_addr] * n, payloads, args.seconds)
+                    size0 = db_bytes(tmp / "bench.db")
+                    got = run_raw(ctx, [addr] * n, payloads, args.seconds)
+                    grown = db_bytes(tmp / "bench.db") - size0
+                    print(f"raw DEALER clients, cheap steps: {n} client(s): echo floor "
+                          f"{floor:,.0f}/s, fmx {got:,.0f}/s = {got / floor:.2f} of the floor; "
+                          f"log +{grown / max(1, got * args.seconds):,.0f} bytes/step", flush=True)
+            finally:
+                echo.send_signal(signal.SIGTERM)
+                echo.wait(timeout=10)
+        else:
+            print(f"(no {echo_bin}: build bench_echo for the transport floor)")
     finally:
         if server is not None and server.poll() is None:
             server.send_signal(signal.SIGTERM)

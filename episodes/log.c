@@ -8,6 +8,13 @@
  * fmx_log_step binds the caller's pointers (no copy, no allocation) and runs
  * one INSERT, whose trigger bumps episodes.steps in the same statement.
  *
+ * JSON fields (kind J: a step's args and observation) are stored once per
+ * distinct text: the table `blobs` holds each text with its SHA-256, and the
+ * step's row in `step_rows` refers to it by id; `steps` is a view that
+ * joins them back, so readers (replay, export, regrade, leaderboards, any
+ * SQL) see one row per step with every FMX_STEP_FIELDS column as before. A
+ * cheap step whose observation repeats an earlier one costs its row only.
+ *
  * Schema versions: meta.schema_version says which schema a file holds. A
  * file with no fmx tables (new, empty, or a meta row saying 0) gets the
  * current schema in one step; a file at an older version is upgraded one
@@ -15,13 +22,15 @@
  * generated from FMX_STEP_FIELDS, and open refuses a file whose steps columns
  * differ from it, so changing the field list without a migration is caught
  * at the first open. To change the schema: bump FMX_LOG_SCHEMA_VERSION and add
- * the migration from the previous version to MIGRATIONS.
+ * the migration from the previous version to MIGRATIONS. The log owns every
+ * table, `grades` (written by fmx regrade) included.
  *
  * Not here: what a step means (env/), replay and leaderboards (readers).
  */
 #define _POSIX_C_SOURCE 200809L
 #include "episodes/log.h"
 
+#include <openssl/evp.h>
 #include <pthread.h>
 #include <sqlite3.h>
 #include <stdarg.h>
@@ -39,25 +48,107 @@ struct fmx_log {
     sqlite3_stmt *begin, *commit, *rollback;
     sqlite3_stmt *task, *policy_ins, *policy_sel;
     sqlite3_stmt *ep_begin, *ep_end, *ep_status, *abort_open;
-    sqlite3_stmt *step, *sub;
+    sqlite3_stmt *step, *sub, *blob_ins, *blob_sel;
     char msg[512];
 };
 
-/* ---- the steps table, from the X-macro ---- */
-
-#define FMX__STEP_COLUMN(kind, name, sql, desc) #name " " sql ", "
-static const char STEPS_TABLE_SQL[] =
-    "CREATE TABLE steps (" FMX_STEP_FIELDS(FMX__STEP_COLUMN) "PRIMARY KEY (episode, idx), "
-                                                             "FOREIGN KEY (episode) REFERENCES "
-                                                             "episodes(id));";
-#undef FMX__STEP_COLUMN
+/* ---- the steps, from the X-macro ---- */
 
 #define FMX__STEP_NAME(kind, name, sql, desc) #name,
 static const char *const STEP_NAMES[] = {FMX_STEP_FIELDS(FMX__STEP_NAME)};
 #undef FMX__STEP_NAME
+#define FMX__STEP_SQL(kind, name, sql, desc) sql,
+static const char *const STEP_SQL_TYPES[] = {FMX_STEP_FIELDS(FMX__STEP_SQL)};
+#undef FMX__STEP_SQL
+#define FMX__STEP_KIND(kind, name, sql, desc) #kind[0],
+static const char STEP_KINDS[] = {FMX_STEP_FIELDS(FMX__STEP_KIND)};
+#undef FMX__STEP_KIND
 #define N_STEP_FIELDS ((int)(sizeof STEP_NAMES / sizeof STEP_NAMES[0]))
 
+/* A growable SQL text for the statements built from the field list. */
+typedef struct {
+    char buf[4096];
+    size_t n;
+    int over;
+} sqltext;
+
+static void sqlf(sqltext *t, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int k = vsnprintf(t->buf + t->n, sizeof t->buf - t->n, fmt, ap);
+    va_end(ap);
+    if (k < 0 || (size_t)k >= sizeof t->buf - t->n)
+        t->over = 1;
+    else
+        t->n += (size_t)k;
+}
+
+/* blobs, step_rows (a J field as NAME_id), the steps view and its trigger. */
+static void steps_ddl(sqltext *t) {
+    sqlf(t, "CREATE TABLE blobs (id INTEGER PRIMARY KEY, hash BLOB NOT NULL UNIQUE, "
+            "body TEXT NOT NULL);");
+    sqlf(t, "CREATE TABLE step_rows (");
+    for (int i = 0; i < N_STEP_FIELDS; i++)
+        if (STEP_KINDS[i] == 'J')
+            sqlf(t, "%s_id INTEGER NOT NULL REFERENCES blobs(id), ", STEP_NAMES[i]);
+        else
+            sqlf(t, "%s %s, ", STEP_NAMES[i], STEP_SQL_TYPES[i]);
+    sqlf(t, "PRIMARY KEY (episode, idx), FOREIGN KEY (episode) REFERENCES episodes(id));");
+    sqlf(t, "CREATE VIEW steps AS SELECT ");
+    for (int i = 0; i < N_STEP_FIELDS; i++)
+        if (STEP_KINDS[i] == 'J')
+            sqlf(t, "%sb_%s.body AS %s", i ? ", " : "", STEP_NAMES[i], STEP_NAMES[i]);
+        else
+            sqlf(t, "%ss.%s AS %s", i ? ", " : "", STEP_NAMES[i], STEP_NAMES[i]);
+    sqlf(t, " FROM step_rows s");
+    for (int i = 0; i < N_STEP_FIELDS; i++)
+        if (STEP_KINDS[i] == 'J')
+            sqlf(t, " JOIN blobs b_%s ON b_%s.id = s.%s_id", STEP_NAMES[i], STEP_NAMES[i],
+                 STEP_NAMES[i]);
+    sqlf(t, ";CREATE TRIGGER steps_count AFTER INSERT ON step_rows BEGIN"
+            "  UPDATE episodes SET steps = steps + 1 WHERE id = NEW.episode;"
+            "END;");
+}
+
+/* The SHA-256 of a text, as blobs.hash holds it. */
+static int sha256(const void *data, size_t n, unsigned char out[32]) {
+    unsigned int len = 0;
+    return EVP_Digest(data, n, out, &len, EVP_sha256(), NULL) == 1 && len == 32 ? 0 : -1;
+}
+
+/* fmx_sha256(text) in SQL, for the migration that fills blobs. */
+static void sql_sha256(sqlite3_context *ctx, int argc, sqlite3_value **argv) {
+    (void)argc;
+    const unsigned char *text = sqlite3_value_text(argv[0]);
+    unsigned char md[32];
+    if (!text) {
+        sqlite3_result_null(ctx);
+    } else if (sha256(text, (size_t)sqlite3_value_bytes(argv[0]), md) != 0) {
+        sqlite3_result_error(ctx, "sha256 failed", -1);
+    } else {
+        sqlite3_result_blob(ctx, md, 32, SQLITE_TRANSIENT);
+    }
+}
+
 /* ---- schema: the current version, created in one step ---- */
+
+/* fmx regrade's grades: one row per (submission, reward version, rerun). */
+#define GRADES_SQL                                                                                 \
+    "CREATE TABLE IF NOT EXISTS grades ("                                                          \
+    "  id INTEGER PRIMARY KEY,"                                                                    \
+    "  submission INTEGER NOT NULL REFERENCES submissions(id),"                                    \
+    "  episode INTEGER NOT NULL REFERENCES episodes(id),"                                          \
+    "  reward_version TEXT NOT NULL,"                                                              \
+    "  rerun INTEGER NOT NULL," /* 1: the code graded again; 0: stored facts rescored */           \
+    "  correctness REAL NOT NULL,"                                                                 \
+    "  loc INTEGER NOT NULL,"                                                                      \
+    "  loc_score REAL NOT NULL,"                                                                   \
+    "  compile_score REAL NOT NULL,"                                                               \
+    "  reward REAL NOT NULL,"                                                                      \
+    "  breakdown TEXT NOT NULL,"                                                                   \
+    "  created_at REAL NOT NULL,"                                                                  \
+    "  UNIQUE (submission, reward_version, rerun));"                                               \
+    "CREATE INDEX IF NOT EXISTS grades_episode ON grades(episode);"
 
 static const char SCHEMA_SQL[] =
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value NOT NULL);"
@@ -83,12 +174,9 @@ static const char SCHEMA_SQL[] =
     "  reward REAL,"
     "  steps INTEGER NOT NULL DEFAULT 0);"
     "CREATE INDEX episodes_policy_task ON episodes(policy_id, task_id);"
-    /* PRIMARY KEY (episode, idx) is already an index led by episode: it serves
-     * every per-episode read, so no second index on steps(episode). */
+    /* the steps (steps_ddl). PRIMARY KEY (episode, idx) is already an index
+     * led by episode: it serves every per-episode read. */
     "%s"
-    "CREATE TRIGGER steps_count AFTER INSERT ON steps BEGIN"
-    "  UPDATE episodes SET steps = steps + 1 WHERE id = NEW.episode;"
-    "END;"
     "CREATE TABLE submissions ("
     "  id INTEGER PRIMARY KEY,"
     "  episode INTEGER NOT NULL REFERENCES episodes(id),"
@@ -103,15 +191,7 @@ static const char SCHEMA_SQL[] =
     "  breakdown TEXT,"
     "  truncated INTEGER NOT NULL,"
     "  created_at REAL NOT NULL);"
-    "CREATE INDEX submissions_episode ON submissions(episode);";
-
-/* Upgrades: MIGRATIONS[i] takes a file from version i + 1 to i + 2. Version 1
- * is the only version so far; the next schema change appends its SQL here
- * (e.g. "ALTER TABLE steps ADD COLUMN ...;"). */
-static const char *const MIGRATIONS[] = {
-    NULL, /* placeholder: keeps the array non-empty; never run while version 1 is current */
-};
-#define N_MIGRATIONS ((int)(sizeof MIGRATIONS / sizeof MIGRATIONS[0]))
+    "CREATE INDEX submissions_episode ON submissions(episode);" GRADES_SQL;
 
 /* ---- errors ---- */
 
@@ -263,18 +343,62 @@ static int set_version(sqlite3 *db, int64_t version, char *err, size_t errsz) {
 }
 
 static int create_schema(sqlite3 *db, char *err, size_t errsz) {
-    size_t n = sizeof SCHEMA_SQL + sizeof STEPS_TABLE_SQL;
+    sqltext steps = {.n = 0};
+    steps_ddl(&steps);
+    if (steps.over) {
+        copy_err(err, errsz, "the steps schema is longer than %zu bytes", sizeof steps.buf);
+        return FMX_EINTERNAL;
+    }
+    size_t n = sizeof SCHEMA_SQL + steps.n;
     char *sql = malloc(n);
     if (!sql) {
         copy_err(err, errsz, "out of memory");
         return FMX_ENOMEM;
     }
-    snprintf(sql, n, SCHEMA_SQL, STEPS_TABLE_SQL);
+    snprintf(sql, n, SCHEMA_SQL, steps.buf);
     int st = exec(db, sql, err, errsz, "create schema");
     free(sql);
     if (st) return st;
     return set_version(db, FMX_LOG_SCHEMA_VERSION, err, errsz);
 }
+
+/* ---- migrations: MIGRATIONS[i] takes a file from version i + 1 to i + 2 ---- */
+
+/* 1 -> 2: every JSON field stored once per distinct text (blobs), the steps
+ * table becomes step_rows and the steps view; the grades table joins the
+ * schema (fmx regrade created it before). */
+static int migrate_1_to_2(sqlite3 *db, char *err, size_t errsz) {
+    sqltext t = {.n = 0};
+    sqlf(&t, "ALTER TABLE steps RENAME TO steps_v1; DROP TRIGGER steps_count;");
+    steps_ddl(&t);
+    sqlf(&t, "INSERT INTO blobs (hash, body) SELECT fmx_sha256(body), body FROM (");
+    int first = 1;
+    for (int i = 0; i < N_STEP_FIELDS; i++)
+        if (STEP_KINDS[i] == 'J') {
+            sqlf(&t, "%sSELECT %s AS body FROM steps_v1", first ? "" : " UNION ", STEP_NAMES[i]);
+            first = 0;
+        }
+    sqlf(&t, ");INSERT INTO step_rows SELECT ");
+    for (int i = 0; i < N_STEP_FIELDS; i++)
+        if (STEP_KINDS[i] == 'J')
+            sqlf(&t, "%s(SELECT id FROM blobs WHERE hash = fmx_sha256(v.%s))", i ? ", " : "",
+                 STEP_NAMES[i]);
+        else
+            sqlf(&t, "%sv.%s", i ? ", " : "", STEP_NAMES[i]);
+    sqlf(&t, " FROM steps_v1 v ORDER BY v.episode, v.idx;"
+             /* the new trigger counted the copied steps again */
+             "UPDATE episodes SET steps = (SELECT count(*) FROM step_rows WHERE episode = "
+             "episodes.id);"
+             "DROP TABLE steps_v1;" GRADES_SQL);
+    if (t.over) {
+        copy_err(err, errsz, "the 1 -> 2 migration is longer than %zu bytes", sizeof t.buf);
+        return FMX_EINTERNAL;
+    }
+    return exec(db, t.buf, err, errsz, "migrate schema 1 -> 2");
+}
+
+static int (*const MIGRATIONS[])(sqlite3 *, char *, size_t) = {migrate_1_to_2};
+#define N_MIGRATIONS ((int)(sizeof MIGRATIONS / sizeof MIGRATIONS[0]))
 
 /* The steps columns must be FMX_STEP_FIELDS, in order. */
 static int check_steps_columns(sqlite3 *db, char *err, size_t errsz) {
@@ -332,15 +456,13 @@ static int migrate(sqlite3 *db, const char *path, char *err, size_t errsz) {
     if (!st && v == 0) st = create_schema(db, err, errsz);
     /* Older files: one version at a time, each step setting its version. */
     for (; !st && v > 0 && v < FMX_LOG_SCHEMA_VERSION; v++) {
-        const char *sql = v - 1 < N_MIGRATIONS ? MIGRATIONS[v - 1] : NULL;
-        if (!sql) {
+        if (v - 1 >= N_MIGRATIONS) {
             copy_err(err, errsz, "%s: no migration from log schema version %lld", path,
                      (long long)v);
             st = FMX_EVERSION;
             break;
         }
-        if (!(st = exec(db, sql, err, errsz, "migrate schema")))
-            st = set_version(db, v + 1, err, errsz);
+        if (!(st = MIGRATIONS[v - 1](db, err, errsz))) st = set_version(db, v + 1, err, errsz);
     }
     if (!st) st = check_steps_columns(db, err, errsz);
     if (st) {
@@ -360,19 +482,19 @@ static int prepare(fmx_log *log, sqlite3_stmt **st, const char *sql, char *err, 
 }
 
 static int prepare_all(fmx_log *log, char *err, size_t errsz) {
-    /* INSERT INTO steps (a, b, ...) VALUES (?, ?, ...) from the field list. */
-    char step_sql[1024];
-    size_t n = (size_t)snprintf(step_sql, sizeof step_sql, "INSERT INTO steps (");
-    for (int i = 0; i < N_STEP_FIELDS && n < sizeof step_sql; i++)
-        n += (size_t)snprintf(step_sql + n, sizeof step_sql - n, "%s%s", i ? ", " : "",
-                              STEP_NAMES[i]);
-    for (int i = 0; i < N_STEP_FIELDS && n < sizeof step_sql; i++)
-        n += (size_t)snprintf(step_sql + n, sizeof step_sql - n, "%s", i ? ", ?" : ") VALUES (?");
-    if (n < sizeof step_sql) n += (size_t)snprintf(step_sql + n, sizeof step_sql - n, ")");
-    if (n >= sizeof step_sql) {
-        copy_err(err, errsz, "steps INSERT longer than %zu bytes", sizeof step_sql);
+    /* INSERT INTO step_rows (a, b_id, ...) VALUES (?, ?, ...) from the field list. */
+    sqltext step = {.n = 0};
+    sqlf(&step, "INSERT INTO step_rows (");
+    for (int i = 0; i < N_STEP_FIELDS; i++)
+        sqlf(&step, "%s%s%s", i ? ", " : "", STEP_NAMES[i], STEP_KINDS[i] == 'J' ? "_id" : "");
+    for (int i = 0; i < N_STEP_FIELDS; i++)
+        sqlf(&step, "%s", i ? ", ?" : ") VALUES (?");
+    sqlf(&step, ")");
+    if (step.over) {
+        copy_err(err, errsz, "steps INSERT longer than %zu bytes", sizeof step.buf);
         return FMX_EINTERNAL;
     }
+    const char *step_sql = step.buf;
 
     const struct {
         sqlite3_stmt **st;
@@ -395,6 +517,9 @@ static int prepare_all(fmx_log *log, char *err, size_t errsz) {
         {&log->abort_open, "UPDATE episodes SET status = 'aborted', ended_at = ?1 "
                            "WHERE status = 'open'"},
         {&log->step, step_sql},
+        {&log->blob_ins, "INSERT INTO blobs (hash, body) VALUES (?1, ?2) "
+                         "ON CONFLICT (hash) DO NOTHING"},
+        {&log->blob_sel, "SELECT id FROM blobs WHERE hash = ?1"},
         {&log->sub, "INSERT INTO submissions (episode, code, entry, correctness, loc, loc_score, "
                     "compile_score, reward, reward_version, breakdown, truncated, created_at) "
                     "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"},
@@ -447,7 +572,9 @@ int fmx_log_open(const char *path, fmx_log **out, char *err, size_t errsz) {
         copy_err(err, errsz, "out of memory");
         return FMX_ENOMEM;
     }
-    int rc = sqlite3_open_v2(path, &log->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL);
+    /* URI: fmx_log_merge attaches its source read-only (file:PATH?mode=ro) */
+    int rc = sqlite3_open_v2(path, &log->db,
+                             SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI, NULL);
     if (rc != SQLITE_OK) {
         copy_err(err, errsz, "%s: cannot open: %s", path,
                  log->db ? sqlite3_errmsg(log->db) : sqlite3_errstr(rc));
@@ -456,6 +583,8 @@ int fmx_log_open(const char *path, fmx_log **out, char *err, size_t errsz) {
     }
     sqlite3_extended_result_codes(log->db, 1);
     sqlite3_busy_timeout(log->db, FMX__LOG_BUSY_MS);
+    sqlite3_create_function_v2(log->db, "fmx_sha256", 1, SQLITE_UTF8 | SQLITE_DETERMINISTIC, NULL,
+                               sql_sha256, NULL, NULL, NULL);
 
     char why[384] = "";
     /* Read before writing anything: a file that is not SQLite fails the first
@@ -490,7 +619,8 @@ void fmx_log_close(fmx_log *log) {
     if (!log) return;
     sqlite3_stmt **all[] = {&log->begin,      &log->commit,     &log->rollback, &log->task,
                             &log->policy_ins, &log->policy_sel, &log->ep_begin, &log->ep_end,
-                            &log->ep_status,  &log->abort_open, &log->step,     &log->sub};
+                            &log->ep_status,  &log->abort_open, &log->step,     &log->sub,
+                            &log->blob_ins,   &log->blob_sel};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         sqlite3_finalize(*all[i]);
     /* An open transaction is rolled back by sqlite3_close. */
@@ -651,15 +781,47 @@ int fmx_log_rollback(fmx_log *log) {
 
 /* ---- the hot path ---- */
 
+/* The id in blobs of a text, inserted if new. FMX_OK or an error status. */
+static int blob_id(fmx_log *log, const char *field, const char *text, int64_t *id) {
+    if (!text) return fail(log, FMX_EINVAL, "step: %s is NULL", field);
+    size_t n = strlen(text);
+    unsigned char md[32];
+    if (sha256(text, n, md) != 0) return fail(log, FMX_EINTERNAL, "step: %s: sha256 failed", field);
+    sqlite3_bind_blob(log->blob_ins, 1, md, 32, SQLITE_STATIC);
+    sqlite3_bind_text(log->blob_ins, 2, text, (int)n, SQLITE_STATIC);
+    int st = run(log, log->blob_ins, "insert blob");
+    if (st) return st;
+    if (sqlite3_changes(log->db) == 1) {
+        *id = sqlite3_last_insert_rowid(log->db);
+        return FMX_OK;
+    }
+    sqlite3_stmt *s = log->blob_sel;
+    sqlite3_bind_blob(s, 1, md, 32, SQLITE_STATIC);
+    int rc = sqlite3_step(s);
+    if (rc == SQLITE_ROW) *id = sqlite3_column_int64(s, 0);
+    sqlite3_reset(s);
+    sqlite3_clear_bindings(s);
+    return rc == SQLITE_ROW ? FMX_OK : fail_sql(log, rc, "select blob");
+}
+
 int fmx_log_step(fmx_log *log, const fmx_step_record *step) {
     if (!log) return FMX_EINVAL;
     if (!step) return fail(log, FMX_EINVAL, "step: record is NULL");
     sqlite3_stmt *s = log->step;
     int i = 0;
+    int64_t id = 0;
 #define FMX__BIND_I(name) sqlite3_bind_int64(s, ++i, step->name);
 #define FMX__BIND_F(name) sqlite3_bind_double(s, ++i, step->name);
 #define FMX__BIND_S(name) bind_text_or_null(s, ++i, step->name);
-#define FMX__BIND_J(name) bind_text_or_null(s, ++i, step->name);
+#define FMX__BIND_J(name)                                                                          \
+    {                                                                                              \
+        int st_ = blob_id(log, #name, step->name, &id);                                            \
+        if (st_) {                                                                                 \
+            sqlite3_clear_bindings(s);                                                             \
+            return st_;                                                                            \
+        }                                                                                          \
+        sqlite3_bind_int64(s, ++i, id);                                                            \
+    }
 #define FMX__BIND(kind, name, sql, desc) FMX__BIND_##kind(name)
     FMX_STEP_FIELDS(FMX__BIND)
 #undef FMX__BIND
@@ -727,4 +889,128 @@ static void step_fields_init(void) {
 const char *fmx_log_step_fields_json(void) {
     pthread_once(&step_fields_once, step_fields_init);
     return step_fields_json;
+}
+
+/* ---- merging logs ---- */
+
+/* Runs sql on log's connection; on failure log's message says what. */
+static int merge_exec(fmx_log *log, const char *sql, const char *what) {
+    char *m = NULL;
+    int rc = sqlite3_exec(log->db, sql, NULL, NULL, &m);
+    if (rc == SQLITE_OK) return FMX_OK;
+    int st = fail(log, status_of(rc), "%s: %s", what, m ? m : sqlite3_errmsg(log->db));
+    sqlite3_free(m);
+    return st;
+}
+
+/* The copy, once src is attached: tasks and policies by name, episodes and
+ * submissions under new ids (in their order), steps through blobs, grades. */
+static int merge_attached(fmx_log *log, int has_grades) {
+    static const char *const head[] = {
+        "INSERT INTO tasks SELECT * FROM src.tasks WHERE true ON CONFLICT (id) DO NOTHING;"
+        "INSERT INTO policies (name) SELECT name FROM src.policies WHERE true "
+        "  ON CONFLICT (name) DO NOTHING;"
+        "CREATE TEMP TABLE fmx_epmap (old INTEGER PRIMARY KEY, new INTEGER NOT NULL);"
+        "INSERT INTO temp.fmx_epmap SELECT id, (SELECT coalesce(max(id), 0) FROM main.episodes)"
+        "  + row_number() OVER (ORDER BY id) FROM src.episodes;"
+        "INSERT INTO main.episodes (id, task_id, policy_id, seed, status, started_at, ended_at,"
+        "  reward, steps) SELECT m.new, e.task_id, (SELECT id FROM main.policies WHERE name ="
+        "  p.name), e.seed, e.status, e.started_at, e.ended_at, e.reward, 0 FROM src.episodes e"
+        "  JOIN src.policies p ON p.id = e.policy_id JOIN temp.fmx_epmap m ON m.old = e.id"
+        "  ORDER BY m.new;"
+        "CREATE TEMP TABLE fmx_submap (old INTEGER PRIMARY KEY, new INTEGER NOT NULL);"
+        "INSERT INTO temp.fmx_submap SELECT id, (SELECT coalesce(max(id), 0) FROM "
+        "  main.submissions) + row_number() OVER (ORDER BY id) FROM src.submissions;"
+        "INSERT INTO main.submissions (id, episode, code, entry, correctness, loc, loc_score,"
+        "  compile_score, reward, reward_version, breakdown, truncated, created_at)"
+        "  SELECT sm.new, m.new, s.code, s.entry, s.correctness, s.loc, s.loc_score,"
+        "  s.compile_score, s.reward, s.reward_version, s.breakdown, s.truncated, s.created_at"
+        "  FROM src.submissions s JOIN temp.fmx_submap sm ON sm.old = s.id"
+        "  JOIN temp.fmx_epmap m ON m.old = s.episode ORDER BY sm.new;"};
+    int st = merge_exec(log, head[0], "copy episodes and submissions");
+    if (st) return st;
+    /* the steps: every JSON text into blobs, then the rows */
+    sqltext t = {.n = 0};
+    sqlf(&t, "INSERT INTO main.blobs (hash, body) SELECT fmx_sha256(body), body FROM (");
+    int first = 1;
+    for (int i = 0; i < N_STEP_FIELDS; i++)
+        if (STEP_KINDS[i] == 'J') {
+            sqlf(&t, "%sSELECT %s AS body FROM src.steps", first ? "" : " UNION ", STEP_NAMES[i]);
+            first = 0;
+        }
+    sqlf(&t, ") WHERE true ON CONFLICT (hash) DO NOTHING;INSERT INTO main.step_rows SELECT ");
+    for (int i = 0; i < N_STEP_FIELDS; i++)
+        if (strcmp(STEP_NAMES[i], "episode") == 0)
+            sqlf(&t, "%sm.new", i ? ", " : "");
+        else if (STEP_KINDS[i] == 'J')
+            sqlf(&t, "%s(SELECT id FROM main.blobs WHERE hash = fmx_sha256(s.%s))", i ? ", " : "",
+                 STEP_NAMES[i]);
+        else
+            sqlf(&t, "%ss.%s", i ? ", " : "", STEP_NAMES[i]);
+    sqlf(&t, " FROM src.steps s JOIN temp.fmx_epmap m ON m.old = s.episode ORDER BY m.new, s.idx;");
+    if (has_grades)
+        sqlf(&t, "INSERT INTO main.grades (submission, episode, reward_version, rerun,"
+                 " correctness, loc, loc_score, compile_score, reward, breakdown, created_at)"
+                 " SELECT sm.new, m.new, g.reward_version, g.rerun, g.correctness, g.loc,"
+                 " g.loc_score, g.compile_score, g.reward, g.breakdown, g.created_at"
+                 " FROM src.grades g JOIN temp.fmx_submap sm ON sm.old = g.submission"
+                 " JOIN temp.fmx_epmap m ON m.old = g.episode WHERE true ON CONFLICT DO NOTHING;");
+    if (t.over) return fail(log, FMX_EINTERNAL, "merge: SQL longer than %zu bytes", sizeof t.buf);
+    return merge_exec(log, t.buf, "copy steps and grades");
+}
+
+int fmx_log_merge(fmx_log *log, const char *src_path, int64_t *episodes) {
+    if (!log) return FMX_EINVAL;
+    if (!src_path) return fail(log, FMX_EINVAL, "merge: no source log");
+    if (episodes) *episodes = 0;
+    /* read-only: the source is never changed (an older one is not migrated) */
+    char *uri = sqlite3_malloc64(3 * strlen(src_path) + 16);
+    if (!uri) return fail(log, FMX_ENOMEM, "out of memory");
+    char *u = uri + sprintf(uri, "file:");
+    for (const char *c = src_path; *c; c++) /* a URI's own characters, escaped */
+        u += *c == '%' || *c == '?' || *c == '#' ? sprintf(u, "%%%02X", (unsigned char)*c)
+                                                 : sprintf(u, "%c", *c);
+    strcpy(u, "?mode=ro");
+    sqlite3_stmt *at = NULL;
+    int rc = sqlite3_prepare_v2(log->db, "ATTACH ?1 AS src", -1, &at, NULL);
+    if (rc == SQLITE_OK) {
+        sqlite3_bind_text(at, 1, uri, -1, SQLITE_STATIC);
+        rc = sqlite3_step(at);
+        if (rc == SQLITE_DONE) rc = SQLITE_OK;
+    }
+    sqlite3_finalize(at);
+    sqlite3_free(uri);
+    if (rc != SQLITE_OK) return fail_sql(log, rc, src_path);
+    int64_t v = 0, n = 0, grades = 0;
+    int found = 0;
+    char why[256] = "";
+    int st = query_int(log->db, "SELECT value FROM src.meta WHERE key = 'schema_version'", &v,
+                       &found, why, sizeof why);
+    if (st || !found || v < 1 || v > FMX_LOG_SCHEMA_VERSION) {
+        if (!st && !found) snprintf(why, sizeof why, "no schema version");
+        if (!st && found) snprintf(why, sizeof why, "log schema version %lld", (long long)v);
+        st = fail(log, st ? st : FMX_EFORMAT, "%s: not an fmx episode log this fmx reads (%s)",
+                  src_path, why);
+    }
+    if (!st)
+        st = query_int(log->db,
+                       "SELECT count(*) FROM src.sqlite_master WHERE name = 'grades' AND "
+                       "type = 'table'",
+                       &grades, &found, why, sizeof why);
+    if (!st)
+        st = query_int(log->db, "SELECT count(*) FROM src.episodes", &n, &found, why, sizeof why);
+    if (!st) st = merge_exec(log, "BEGIN IMMEDIATE", "begin merge");
+    if (!st) {
+        st = merge_attached(log, grades > 0);
+        if (!st) st = merge_exec(log, "COMMIT", "commit merge");
+        if (st) sqlite3_exec(log->db, "ROLLBACK", NULL, NULL, NULL);
+    }
+    sqlite3_exec(log->db,
+                 "DROP TABLE IF EXISTS temp.fmx_epmap; DROP TABLE IF EXISTS "
+                 "temp.fmx_submap; DETACH src",
+                 NULL, NULL, NULL);
+    if (st) return st;
+    if (episodes) *episodes = n;
+    ok(log);
+    return FMX_OK;
 }

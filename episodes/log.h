@@ -24,7 +24,7 @@ extern "C" {
 
 typedef struct fmx_log fmx_log;
 
-#define FMX_LOG_SCHEMA_VERSION 1
+#define FMX_LOG_SCHEMA_VERSION 2
 
 /* X(ctype_kind, name, sql_type, description)
  * ctype_kind: I = int64_t, F = double, S = const char * (UTF-8, may be NULL),
@@ -110,14 +110,24 @@ int fmx_log_abort_open(fmx_log *log, int64_t *n_aborted);
  * failed commit rolls the whole batch back: nothing of it is stored and no
  * transaction is open. rollback with no transaction open does nothing. */
 int fmx_log_begin(fmx_log *log);
-/* Inserts the step and adds one to its episode's `steps` (one statement).
- * No allocation: the record's strings are bound in place. NULL is allowed
- * only for fields whose sql_type allows it (error). */
+/* Inserts the step and adds one to its episode's `steps`. Its JSON fields
+ * (args, observation) are stored once per distinct text (log.c). No
+ * allocation: the record's strings are bound in place. NULL is allowed only
+ * for fields whose sql_type allows it (error). */
 int fmx_log_step(fmx_log *log, const fmx_step_record *step);
 /* created_at is now. submission_id may be NULL. */
 int fmx_log_submission(fmx_log *log, const fmx_submission_record *sub, int64_t *submission_id);
 int fmx_log_commit(fmx_log *log);
 int fmx_log_rollback(fmx_log *log);
+
+/* Appends every episode of the log at src_path to log, in one transaction:
+ * tasks and policies by name, episodes and submissions under new ids (in
+ * their order), their steps and fmx regrade's grades. The source is opened
+ * read-only and may be at any schema version this fmx reads. *episodes (may
+ * be NULL) gets how many were added. Open episodes stay open (a server that
+ * opens the merged log aborts them). FMX_EFORMAT for a source that is not an
+ * fmx log. */
+int fmx_log_merge(fmx_log *log, const char *src_path, int64_t *episodes);
 
 /* The step field list as JSON: [{"name":..,"type":"int|float|str|json","doc":..}, ...]
  * in FMX_STEP_FIELDS order. Static string, never freed; thread-safe. */

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 packages=(
   build-essential cmake pkg-config
   libtorch-dev python3-torch python3-numpy
-  libcjson-dev libcmocka-dev libsqlite3-dev libzmq3-dev libmsgpack-dev libseccomp-dev
+  libcjson-dev libcmocka-dev libsqlite3-dev libssl-dev libzmq3-dev libmsgpack-dev libseccomp-dev
   clang libclang-rt-14-dev
   python3-pytest python3-pytest-xdist python3-zmq python3-msgpack
   libcurl4-openssl-dev

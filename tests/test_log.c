@@ -115,12 +115,15 @@ static void test_open_creates_schema(void **state) {
     sqlite3 *db = reader(path);
     assert_int_equal(q_int(db, "SELECT value FROM meta WHERE key = 'schema_version'"),
                      FMX_LOG_SCHEMA_VERSION);
-    const char *tables[] = {"meta", "tasks", "policies", "episodes", "steps", "submissions"};
+    const char *tables[] = {"meta",      "tasks", "policies",    "episodes",
+                            "step_rows", "blobs", "submissions", "grades"};
     for (size_t i = 0; i < sizeof tables / sizeof tables[0]; i++)
         assert_int_equal(
             q_int(db, "SELECT count(*) FROM sqlite_master WHERE type='table' AND name='%s'",
                   tables[i]),
             1);
+    assert_int_equal(
+        q_int(db, "SELECT count(*) FROM sqlite_master WHERE type='view' AND name='steps'"), 1);
     /* WAL is a property of the file, seen by every connection. */
     sqlite3_stmt *st = NULL;
     assert_int_equal(sqlite3_prepare_v2(db, "PRAGMA journal_mode", -1, &st, NULL), SQLITE_OK);
@@ -571,17 +574,24 @@ static void test_newer_version_refused(void **state) {
     (void)state;
     char path[300], err[512] = "";
     new_path(path, sizeof path);
-    make_db(path, "CREATE TABLE meta (key TEXT PRIMARY KEY, value NOT NULL);"
-                  "INSERT INTO meta VALUES ('schema_version', 2);");
+    char sql[200], want[64];
+    snprintf(sql, sizeof sql,
+             "CREATE TABLE meta (key TEXT PRIMARY KEY, value NOT NULL);"
+             "INSERT INTO meta VALUES ('schema_version', %d);",
+             FMX_LOG_SCHEMA_VERSION + 1);
+    make_db(path, sql);
     fmx_log *log = (fmx_log *)&err; /* must be reset to NULL */
     assert_int_equal(fmx_log_open(path, &log, err, sizeof err), FMX_EVERSION);
     assert_null(log);
     assert_non_null(strstr(err, path));
-    assert_non_null(strstr(err, "version 2 is newer"));
-    assert_non_null(strstr(err, "supports (1)"));
+    snprintf(want, sizeof want, "version %d is newer", FMX_LOG_SCHEMA_VERSION + 1);
+    assert_non_null(strstr(err, want));
+    snprintf(want, sizeof want, "supports (%d)", FMX_LOG_SCHEMA_VERSION);
+    assert_non_null(strstr(err, want));
     /* and the file was not touched */
     sqlite3 *db = reader(path);
-    assert_int_equal(q_int(db, "SELECT value FROM meta WHERE key = 'schema_version'"), 2);
+    assert_int_equal(q_int(db, "SELECT value FROM meta WHERE key = 'schema_version'"),
+                     FMX_LOG_SCHEMA_VERSION + 1);
     assert_int_equal(q_int(db, "SELECT count(*) FROM sqlite_master"), 2); /* meta + its index */
     sqlite3_stmt *st = NULL;
     assert_int_equal(sqlite3_prepare_v2(db, "PRAGMA journal_mode", -1, &st, NULL), SQLITE_OK);
@@ -651,7 +661,8 @@ static void test_empty_and_version0_files_get_schema(void **state) {
     log = setup_episode(path, &ep);
     fmx_log_close(log);
     sqlite3 *db = reader(path);
-    assert_int_equal(q_int(db, "SELECT value FROM meta WHERE key = 'schema_version'"), 1);
+    assert_int_equal(q_int(db, "SELECT value FROM meta WHERE key = 'schema_version'"),
+                     FMX_LOG_SCHEMA_VERSION);
     sqlite3_close(db);
 
     /* A file at version 0 (meta only) is brought up to the current version. */
@@ -662,22 +673,199 @@ static void test_empty_and_version0_files_get_schema(void **state) {
     log = setup_episode(path, &ep);
     fmx_log_close(log);
     db = reader(path);
-    assert_int_equal(q_int(db, "SELECT value FROM meta WHERE key = 'schema_version'"), 1);
+    assert_int_equal(q_int(db, "SELECT value FROM meta WHERE key = 'schema_version'"),
+                     FMX_LOG_SCHEMA_VERSION);
     assert_int_equal(q_int(db, "SELECT count(*) FROM meta"), 2);
     assert_int_equal(q_int(db, "SELECT count(*) FROM episodes"), 1);
     sqlite3_close(db);
 
-    /* A version-1 file whose steps table is not the X-macro's is refused. */
+    /* A current file whose steps are not the X-macro's is refused. */
     new_path(path, sizeof path);
     log = open_ok(path);
     fmx_log_close(log);
     sqlite3 *w = NULL;
     assert_int_equal(sqlite3_open(path, &w), SQLITE_OK);
-    exec_sql(w, "ALTER TABLE steps ADD COLUMN extra INTEGER");
+    exec_sql(w, "DROP VIEW steps; CREATE VIEW steps AS SELECT episode, idx FROM step_rows");
     sqlite3_close(w);
     char err[512];
     assert_int_equal(fmx_log_open(path, &log, err, sizeof err), FMX_EFORMAT);
     assert_non_null(strstr(err, "differ from FMX_STEP_FIELDS"));
+}
+
+/* ---- observations stored once ---- */
+
+/* A repeated observation (and args) is stored once; the steps view reads
+ * every step back whole, and a repeated step costs its row only. */
+static void test_repeated_observations_are_stored_once(void **state) {
+    (void)state;
+    char path[300];
+    int64_t ep = 0;
+    fmx_log *log = setup_episode(new_path(path, sizeof path), &ep);
+    char big[6000];
+    memset(big, 'x', sizeof big - 1);
+    big[sizeof big - 1] = '\0';
+    char obs[6100];
+    snprintf(obs, sizeof obs, "{\"tool\":\"read_module_source\",\"text\":\"%s\"}", big);
+    assert_int_equal(fmx_log_begin(log), FMX_OK);
+    for (int i = 0; i < 200; i++) {
+        fmx_step_record s = make_step(ep, i, "read_module_source");
+        s.args = "{}";
+        s.observation = i == 100 ? "{\"other\":1}" : obs;
+        assert_int_equal(fmx_log_step(log, &s), FMX_OK);
+    }
+    assert_int_equal(fmx_log_commit(log), FMX_OK);
+    fmx_log_close(log);
+    sqlite3 *db = reader(path);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM blobs"), 3); /* {}, obs, other */
+    assert_int_equal(q_int(db, "SELECT count(*) FROM steps WHERE episode = %lld", (long long)ep),
+                     200);
+    assert_int_equal(
+        q_int(db, "SELECT count(*) FROM steps WHERE length(observation) = %zu", strlen(obs)), 199);
+    assert_int_equal(q_int(db, "SELECT idx FROM steps WHERE observation = '{\"other\":1}'"), 100);
+    assert_int_equal(q_int(db, "SELECT steps FROM episodes WHERE id = %lld", (long long)ep), 200);
+    /* the pages the 199 copies would have needed are not there */
+    assert_true(q_int(db, "PRAGMA page_count") * q_int(db, "PRAGMA page_size") < 200 * 1024);
+    sqlite3_close(db);
+}
+
+/* A version-1 file (every field a column of the steps table) is migrated:
+ * its steps read back the same through the view, repeated texts once. */
+static void test_version1_file_is_migrated(void **state) {
+    (void)state;
+    char path[300];
+    new_path(path, sizeof path);
+    make_db(path,
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value NOT NULL);"
+            "INSERT INTO meta VALUES ('schema_version', 1);"
+            "CREATE TABLE tasks (id TEXT PRIMARY KEY, kind TEXT NOT NULL, pack TEXT NOT NULL,"
+            "  module TEXT, class TEXT, target_loc INTEGER);"
+            "CREATE TABLE policies (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);"
+            "CREATE TABLE episodes (id INTEGER PRIMARY KEY, task_id TEXT NOT NULL REFERENCES "
+            "  tasks(id), policy_id INTEGER NOT NULL REFERENCES policies(id), seed INTEGER,"
+            "  status TEXT NOT NULL CHECK (status IN ('open', 'submitted', 'truncated', "
+            "  'aborted', 'closed')), started_at REAL NOT NULL, ended_at REAL, reward REAL,"
+            "  steps INTEGER NOT NULL DEFAULT 0);"
+            "CREATE INDEX episodes_policy_task ON episodes(policy_id, task_id);"
+            "CREATE TABLE steps (episode INTEGER NOT NULL, idx INTEGER NOT NULL, tool TEXT NOT "
+            "  NULL, args TEXT NOT NULL, observation TEXT NOT NULL, reward REAL NOT NULL,"
+            "  terminated INTEGER NOT NULL, truncated INTEGER NOT NULL, error TEXT,"
+            "  started_at REAL NOT NULL, ms REAL NOT NULL, PRIMARY KEY (episode, idx),"
+            "  FOREIGN KEY (episode) REFERENCES episodes(id));"
+            "CREATE TRIGGER steps_count AFTER INSERT ON steps BEGIN"
+            "  UPDATE episodes SET steps = steps + 1 WHERE id = NEW.episode; END;"
+            "CREATE TABLE submissions (id INTEGER PRIMARY KEY, episode INTEGER NOT NULL "
+            "  REFERENCES episodes(id), code TEXT NOT NULL, entry TEXT, correctness REAL NOT "
+            "  NULL, loc INTEGER NOT NULL, loc_score REAL NOT NULL, compile_score REAL NOT NULL,"
+            "  reward REAL NOT NULL, reward_version TEXT NOT NULL, breakdown TEXT,"
+            "  truncated INTEGER NOT NULL, created_at REAL NOT NULL);"
+            "CREATE INDEX submissions_episode ON submissions(episode);"
+            "INSERT INTO tasks VALUES ('t', 'model', 't', NULL, NULL, 10);"
+            "INSERT INTO policies VALUES (1, 'p');"
+            "INSERT INTO episodes (id, task_id, policy_id, status, started_at) VALUES "
+            "  (1, 't', 1, 'open', 1.0), (2, 't', 1, 'submitted', 2.0);"
+            "INSERT INTO steps VALUES (1, 0, 'read', '{}', '{\"a\":1}', 0, 0, 0, NULL, 1.5, 0.1),"
+            "  (1, 1, 'read', '{}', '{\"a\":1}', 0, 0, 0, NULL, 1.6, 0.2),"
+            "  (2, 0, 'submit', '{\"code\":\"x\"}', '{\"b\":2}', 1, 1, 0, 'e', 2.5, 3.0);");
+    fmx_log *log = open_ok(path);
+    fmx_log_close(log);
+    sqlite3 *db = reader(path);
+    assert_int_equal(q_int(db, "SELECT value FROM meta WHERE key = 'schema_version'"),
+                     FMX_LOG_SCHEMA_VERSION);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM blobs"), 4); /* {}, a, code x, b */
+    assert_int_equal(q_int(db, "SELECT count(*) FROM steps"), 3);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM steps WHERE episode = 1 AND "
+                               "observation = '{\"a\":1}' AND args = '{}'"),
+                     2);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM steps WHERE episode = 2 AND idx = 0 AND "
+                               "tool = 'submit' AND args = '{\"code\":\"x\"}' AND "
+                               "observation = '{\"b\":2}' AND reward = 1 AND terminated = 1 "
+                               "AND error = 'e' AND started_at = 2.5 AND ms = 3.0"),
+                     1);
+    assert_int_equal(q_int(db, "SELECT steps FROM episodes WHERE id = 1"), 2);
+    assert_int_equal(q_int(db, "SELECT steps FROM episodes WHERE id = 2"), 1);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM sqlite_master WHERE name = 'grades'"), 1);
+    sqlite3_close(db);
+    /* and the migrated log takes new steps */
+    log = open_ok(path);
+    fmx_step_record s = make_step(1, 2, "read");
+    s.observation = "{\"a\":1}";
+    assert_int_equal(fmx_log_step(log, &s), FMX_OK);
+    fmx_log_close(log);
+    db = reader(path);
+    assert_int_equal(q_int(db, "SELECT steps FROM episodes WHERE id = 1"), 3);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM blobs WHERE body = '{\"a\":1}'"), 1);
+    sqlite3_close(db);
+}
+
+/* ---- merging logs ---- */
+
+/* Two servers' logs merge into a third: every episode, step, submission and
+ * grade under new ids, tasks and policies by name; the sources unchanged. */
+static void test_merge_two_logs(void **state) {
+    (void)state;
+    char a[300], b[300], out[300], err[512];
+    int64_t ep_a = 0, ep_b = 0;
+    fmx_log *la = setup_episode(new_path(a, sizeof a), &ep_a);
+    log_steps(la, ep_a, 0, 3);
+    fmx_submission_record sub = {.episode = ep_a,
+                                 .code = "def forward(x): return x",
+                                 .correctness = 1,
+                                 .loc = 1,
+                                 .loc_score = 1,
+                                 .reward = 1,
+                                 .reward_version = "v1"};
+    int64_t sid = 0;
+    assert_int_equal(fmx_log_submission(la, &sub, &sid), FMX_OK);
+    assert_int_equal(fmx_log_episode_end(la, ep_a, "submitted", 1.0), FMX_OK);
+    fmx_log_close(la);
+    sqlite3 *w = NULL;
+    assert_int_equal(sqlite3_open(a, &w), SQLITE_OK);
+    exec_sql(w, "INSERT INTO grades (submission, episode, reward_version, rerun, correctness, "
+                "loc, loc_score, compile_score, reward, breakdown, created_at) "
+                "SELECT id, episode, 'v2', 0, 1, 1, 1, 0, 0.9, '{}', 1 FROM submissions");
+    sqlite3_close(w);
+    fmx_log *lb = setup_episode(new_path(b, sizeof b), &ep_b);
+    log_steps(lb, ep_b, 0, 5);
+    fmx_log_close(lb);
+
+    fmx_log *lo = open_ok(new_path(out, sizeof out));
+    int64_t n = 0;
+    assert_int_equal(fmx_log_merge(lo, a, &n), FMX_OK);
+    assert_int_equal(n, 1);
+    assert_int_equal(fmx_log_merge(lo, b, &n), FMX_OK);
+    assert_int_equal(n, 1);
+    /* the merged log itself is a log too: its 2 episodes once more */
+    assert_int_equal(fmx_log_merge(lo, out, &n), FMX_OK);
+    assert_int_equal(n, 2);
+    /* not a log: refused, nothing added */
+    char junk[300];
+    new_path(junk, sizeof junk);
+    make_db(junk, "CREATE TABLE notes (t TEXT);");
+    assert_int_not_equal(fmx_log_merge(lo, junk, &n), FMX_OK);
+    snprintf(err, sizeof err, "%s", fmx_log_errmsg(lo));
+    assert_non_null(strstr(err, "not an fmx episode log"));
+    fmx_log_close(lo);
+
+    sqlite3 *db = reader(out);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM episodes"), 4);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM policies"), 1); /* same name */
+    assert_int_equal(q_int(db, "SELECT count(*) FROM steps"), 16);   /* (3 + 5) x 2 */
+    assert_int_equal(q_int(db, "SELECT sum(steps) FROM episodes"), 16);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM submissions"), 2);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM grades g JOIN submissions s ON s.id = "
+                               "g.submission AND s.episode = g.episode"),
+                     2);
+    /* each episode kept its own steps, in order */
+    assert_int_equal(q_int(db, "SELECT count(*) FROM episodes e WHERE e.steps = (SELECT "
+                               "max(idx) + 1 FROM steps WHERE episode = e.id)"),
+                     4);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM episodes WHERE status = 'submitted' AND "
+                               "reward = 1.0"),
+                     2);
+    sqlite3_close(db);
+    db = reader(a);
+    assert_int_equal(q_int(db, "SELECT count(*) FROM episodes"), 1);
+    sqlite3_close(db);
 }
 
 /* ---- durability across a process that dies ---- */
@@ -769,6 +957,9 @@ int main(void) {
         cmocka_unit_test(test_newer_version_refused),
         cmocka_unit_test(test_not_sqlite_refused),
         cmocka_unit_test(test_empty_and_version0_files_get_schema),
+        cmocka_unit_test(test_repeated_observations_are_stored_once),
+        cmocka_unit_test(test_version1_file_is_migrated),
+        cmocka_unit_test(test_merge_two_logs),
         cmocka_unit_test(test_durable_after_exit),
         cmocka_unit_test(test_durable_after_sigkill),
     };
