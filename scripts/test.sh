@@ -8,28 +8,52 @@
 # test fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# each stage's wall time, printed at the end (and as each stage ends)
+timings=()
+stage_start=$SECONDS
+stage_done() { # NAME STATUS
+  local took=$((SECONDS - stage_start))
+  timings+=("$(printf '%-12s %4d s  %s' "$1" "$took" "$2")")
+  echo "-- $1: $2 in ${took} s"
+  stage_start=$SECONDS
+}
+trap 'echo "== stage times"; printf "  %s\n" "${timings[@]}"; echo "  total        $SECONDS s"' EXIT
+
 scripts/setup.sh
+stage_done setup ok
 build=${FMX_BUILD_DIR:-build}
 case "$build" in /*) ;; *) build="$PWD/$build" ;; esac
 
 status=0
+run_stage() { # NAME COMMAND...: runs it, records its time and outcome
+  local name=$1
+  shift
+  if "$@" </dev/null; then
+    stage_done "$name" ok
+  else
+    stage_done "$name" FAILED
+    status=1
+  fi
+}
+
 echo "== C unit tests (ctest)"
-ctest --test-dir "$build" --output-on-failure </dev/null || status=1
+run_stage ctest ctest --test-dir "$build" --output-on-failure
 
 echo "== Python tests (pytest)"
-FMX_BIN="$build/fmx" PYTHONPATH="$PWD/python" \
-  /usr/bin/python3 -m pytest -q -p no:cacheprovider tests/python </dev/null || status=1
+run_stage pytest env FMX_BIN="$build/fmx" PYTHONPATH="$PWD/python" \
+  /usr/bin/python3 -m pytest -q -p no:cacheprovider --durations=15 -n 2 --dist loadfile tests/python
 
 # ---- sanitizers: a second build of the C code (the libtorch bridge is
 # reused from $build), its unit tests and one served episode ----
 if [ "${FMX_SKIP_SANITIZE:-0}" != 1 ]; then
   echo "== Sanitizers (scripts/sanitize.sh)"
-  FMX_BUILD_DIR="$build" scripts/sanitize.sh </dev/null || status=1
+  run_stage sanitizers env FMX_BUILD_DIR="$build" scripts/sanitize.sh
 fi
 # ---- protocol fuzzing: libFuzzer over msgpack validate/decode and step
 # dispatch, for a bounded time (FUZZ_SECONDS, default 60); any crash fails ----
 if [ "${FMX_SKIP_FUZZ:-0}" != 1 ]; then
   echo "== Fuzzing (fuzz/run.sh, ${FUZZ_SECONDS:-60} s)"
-  FMX_BUILD_DIR="$build" fuzz/run.sh </dev/null || status=1
+  run_stage fuzz env FMX_BUILD_DIR="$build" fuzz/run.sh
 fi
 exit $status

@@ -316,16 +316,23 @@ def wait_child(ch, timeout_s, t0, sock):
                 break
             events = poller.poll(None if left is None else max(1, int(left * 1000)))
             ready = {fd for fd, _ in events}
-            if ch.done in ready and os.read(ch.done, 1):
-                os.kill(ch.pid, signal.SIGKILL)
-                done = True
-                break
+            if ch.done in ready:
+                if os.read(ch.done, 1):
+                    os.kill(ch.pid, signal.SIGKILL)
+                    done = True
+                    break
+                poller.unregister(ch.done)  # closed unsaid: the child is ending
             if pidfd in ready:
                 break
-            if events and not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
-                os.kill(ch.pid, signal.SIGKILL)
-                gone = True
-                break
+            if sock.fileno() in ready:
+                try:
+                    alive = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                if not alive:
+                    os.kill(ch.pid, signal.SIGKILL)
+                    gone = True
+                    break
     finally:
         os.close(pidfd)
         os.close(ch.done)
@@ -656,15 +663,20 @@ def load_candidate(job):
     taps = TapRecorder(int(job.get("max_taps") or 1024), int(job.get("max_tap_bytes") or 0))
     g = {"__name__": "fmx_candidate", "__file__": filename,
          "__builtins__": candidate_builtins(), "tap": taps}
+    guard = CodeGuard(filename)
     try:
         compiled = compile(tree, filename, "exec", dont_inherit=True)
+        guard.install(torch)
+        guard.module_code, guard.armed = compiled, True
         with torch.no_grad():
             exec(compiled, g)
     except MemoryError:
         raise
     except BaseException as e:  # noqa: BLE001 — the candidate's error, reported as such
         return None, {"stage": "compile", "message": "loading the file: " +
-                      describe_error(e, filename, lines)}
+                      (guard.violation or describe_error(e, filename, lines))}
+    if guard.violation:
+        return None, {"stage": "compile", "message": "loading the file: " + guard.violation}
     g["tap"] = taps  # a top-level `def tap` (the identity) is replaced by fmx's recorder
     fn = g.get(entry)
     if not callable(fn) or isinstance(fn, type):
@@ -674,6 +686,7 @@ def load_candidate(job):
                       f"the candidate has no function '{entry}'; it defines: "
                       f"{', '.join(defined) if defined else '(nothing)'}"}
     fn.__fmx_taps__ = taps
+    fn.__fmx_guard__ = guard
     return fn, None
 
 
@@ -721,6 +734,108 @@ def candidate_builtins():
     for name in ("open", "input", "breakpoint", "exit", "quit", "help"):
         b.pop(name, None)
     return b
+
+
+class CodeGuard:
+    """What LOC counts is what runs: once armed, code the file did not hold
+    in its own source is refused (tools/adversarial: exec of a string, a
+    docstring or a comment read back from memory). An audit hook (permanent:
+    a candidate cannot remove it) catches Python's dynamic code — compile,
+    exec and eval of strings, code and function objects made at run time —
+    and ctypes called from the candidate's frames; TorchScript's compilers
+    (`torch.jit.script`, `CompilationUnit`, ...) are replaced by refusals in
+    every loaded module. A caught attempt raises in the candidate and fails
+    the evaluation even if the candidate catches the exception (`violation`).
+    Imports torch makes lazily (their code objects come from files) pass."""
+
+    EVENTS = {"compile", "exec", "code.__new__", "function.__new__", "marshal.loads",
+              "ctypes.dlopen", "ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.call_function",
+              "ctypes.cdata", "ctypes.cdata/buffer", "ctypes.string_at", "ctypes.wstring_at",
+              "ctypes.addressof", "ctypes.create_string_buffer"}
+
+    def __init__(self, filename):
+        self.filename = filename
+        self.armed = False
+        self.violation = None
+        self.module_code = None
+
+    def install(self, torch):
+        sys.addaudithook(self.hook)
+        self.refuse_torchscript(torch)
+
+    def refuse_torchscript(self, torch):
+        jit = torch.jit
+        originals = {id(o): name for name, o in [
+            ("torch.jit.script", getattr(jit, "script", None)),
+            ("torch.jit.trace", getattr(jit, "trace", None)),
+            ("torch.jit.trace_module", getattr(jit, "trace_module", None)),
+            ("torch.jit.script_method", getattr(jit, "script_method", None)),
+            ("torch.jit.CompilationUnit", getattr(jit, "CompilationUnit", None)),
+            ("torch.jit.compile", getattr(jit, "compile", None)),
+            ("torch._C.CompilationUnit", getattr(torch._C, "CompilationUnit", None)),
+            ("torch._C._jit_script_compile", getattr(torch._C, "_jit_script_compile", None)),
+            ("torch._C._jit_script_class_compile",
+             getattr(torch._C, "_jit_script_class_compile", None)),
+            ("torch.compile", getattr(torch, "compile", None))] if o is not None}
+        stubs = {}
+
+        def stub_for(name):
+            def refused(*args, **kwargs):
+                self.refuse(f"{name}() compiles code at run time")
+            return refused
+        for mod in list(sys.modules.values()):
+            d = getattr(mod, "__dict__", None)
+            if not isinstance(d, dict):
+                continue
+            for key, value in list(d.items()):
+                name = originals.get(id(value))
+                if name is not None:
+                    d[key] = stubs.setdefault(name, stub_for(name))
+
+    def from_candidate(self, depth):
+        frame = sys._getframe(depth)
+        return frame is not None and frame.f_code.co_filename == self.filename
+
+    def hook(self, event, args):
+        if not self.armed or event not in self.EVENTS:
+            return
+        if event == "exec" and args and args[0] is self.module_code:
+            self.module_code = None  # fmx's own exec of the file, once
+            return
+        if event == "compile":
+            where = args[1] if len(args) > 1 else ""
+            if isinstance(where, bytes):
+                where = where.decode(errors="replace")
+            if self.from_candidate(2) or not self.real_file(where):
+                self.refuse(f"compile()/exec()/eval() of a string ({where})")
+        elif event == "exec":
+            code = args[0] if args else None
+            where = getattr(code, "co_filename", "")
+            if self.from_candidate(2) or where == self.filename or not self.real_file(where):
+                self.refuse("exec()/eval() of a code object")
+        elif event in ("code.__new__", "function.__new__", "marshal.loads"):
+            if self.from_candidate(2):
+                self.refuse(f"{event.replace('.__new__', '()')} made at run time")
+        elif self.from_candidate(2):  # ctypes: raw memory and foreign calls
+            self.refuse(f"ctypes ({event})")
+
+    @staticmethod
+    def real_file(where):
+        return bool(where) and not where.startswith("<") and os.path.isabs(where)
+
+    def refuse(self, what):
+        if self.violation is None:
+            line = ""
+            frame = sys._getframe(1)
+            while frame is not None:
+                if frame.f_code.co_filename == self.filename:
+                    line = f"{self.filename}:{frame.f_lineno}: "
+                    break
+                frame = frame.f_back
+            self.violation = (f"{line}{what}: an fmx file runs only the code it holds (LOC is "
+                              "counted on the file's source, so code built from strings, "
+                              "comments or data at run time is not allowed); write it in the file")
+        raise RuntimeError(self.violation)
 
 
 class TapRecorder:
@@ -825,8 +940,10 @@ def run_call(job, fn, call, tensors, weights_for, results):
     except MemoryError:
         return {"ok": False, "stage": "run", "error": "out of memory (MemoryError)"}
     except BaseException as e:  # noqa: BLE001 — the candidate's error
-        return {"ok": False, "stage": "run",
-                "error": describe_error(e, filename, job["code"].splitlines())}
+        return {"ok": False, "stage": "run", "error": fn.__fmx_guard__.violation or
+                describe_error(e, filename, job["code"].splitlines())}
+    if fn.__fmx_guard__.violation:
+        return {"ok": False, "stage": "run", "error": fn.__fmx_guard__.violation}
     if isinstance(out, torch.Tensor):
         outs = [out]
     elif isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
