@@ -422,6 +422,7 @@ cJSON *fmx_worker_step_request(const fmx_step_plan *plan) {
     cJSON_AddItemToObject(r, "args",
                           plan->args ? cJSON_Duplicate(plan->args, 1) : cJSON_CreateNull());
     cJSON_AddBoolToObject(r, "final", plan->final);
+    cJSON_AddBoolToObject(r, "finish", plan->finish);
     if (plan->fallback_code) cJSON_AddStringToObject(r, "fallback_code", plan->fallback_code);
     if (plan->fallback_entry) cJSON_AddStringToObject(r, "fallback_entry", plan->fallback_entry);
     return r;
@@ -538,8 +539,8 @@ static int fmx__warmup(const fmx_tasks *tasks, const fmx_reward_config *reward, 
         cfg.component = t->path;
         cfg.compile_check = 1;
         cJSON *report = NULL;
-        int vrc = fmx_verify_source(t->pack, trivial, sizeof trivial - 1, "warmup.py", &cfg,
-                                    &report);
+        int vrc =
+            fmx_verify_source(t->pack, trivial, sizeof trivial - 1, "warmup.py", &cfg, &report);
         const cJSON *e = cJSON_GetObjectItemCaseSensitive(report, "error");
         const char *stage = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(e, "stage"));
         if (!report || (vrc != FMX_OK && vrc != FMX_EMISMATCH && stage &&
@@ -802,6 +803,7 @@ static cJSON *fmx__job(const fmx__wctx *w, cJSON *rq) {
     plan.tool = fmx__dup_arg(rq, "tool");
     plan.args = cJSON_IsObject(args) ? cJSON_Duplicate(args, 1) : NULL;
     plan.final = fmx__flag(rq, "final");
+    plan.finish = fmx__flag(rq, "finish");
     plan.fallback_code = fmx__dup_arg(rq, "fallback_code");
     plan.fallback_entry = fmx__dup_arg(rq, "fallback_entry");
     cJSON *r = NULL;
@@ -1747,7 +1749,8 @@ int fmx_pool_outcome(const fmx_pool *p, const fmx_step_plan *plan, fmx_pool_resu
         cJSON_AddItemToObject(data, "grade", cJSON_Duplicate(out->tool.grade.summary, 1));
         return FMX_OK;
     }
-    out->truncated = plan->final; /* the budget's last step ends the episode all the same */
+    /* the budget's last step, or a finish, ends the episode all the same */
+    out->truncated = plan->final || plan->finish;
     return FMX_OK;
 }
 
