@@ -24,8 +24,7 @@ import threading
 
 import pytest
 
-import fmx
-from fmx import AsyncClient, Client, EpisodeOver, FmxError, UnknownEpisode
+from fmx import AsyncClient, BadRequest, Client, EpisodeOver, FmxError, UnknownEpisode
 from fmx import adapters
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -234,7 +233,7 @@ def test_protocol_finish_action_and_lower_budget(server):
         c.step({"tool": "trace_ops", "args": {}})
         *_, terminated, truncated, info = c.step({"tool": "trace_ops", "args": {}})
         assert truncated and info["steps_left"] == 0
-        with pytest.raises(fmx.BadRequest, match="max_steps"):
+        with pytest.raises(BadRequest, match="max_steps"):
             c.reset(task=MLP, max_steps=1000)  # raising it is refused
 
 
@@ -327,3 +326,219 @@ def test_gymnasium_env_contract(server):
     obs, _ = env.reset(options={"task": "qwen2"})
     assert "the whole model" in obs
     env.close()
+
+
+# ---- the command line ----
+
+def fmx(*args, **kw):
+    return subprocess.run([FMX, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=300, **kw)
+
+
+COMMANDS = ["export", "verify", "trace", "mutate", "info", "serve", "keygen", "run", "leaderboard",
+            "replay", "regrade", "episodes export", "version"]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_every_command_has_its_own_help(cmd):
+    res = fmx(*cmd.split(), "--help")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"usage: fmx {cmd}"), res.stdout[:200]
+    # not the Python modules' argparse usage (fmx export / fmx trace run them)
+    assert "[-h]" not in res.stdout and "usage: python3" not in res.stdout
+    assert "fmx-tracer" not in res.stdout and "--pack PACK" not in res.stdout
+
+
+def test_run_plays_every_task_named_and_shows_progress(server):
+    tasks = [MLP, "qwen2/Qwen2RMSNorm"]
+    res = fmx("run", "--policy", "null", "--connect", server["addr"], "--task", tasks[0],
+              "--task", tasks[1], "--jobs", "1")
+    assert res.returncode == 0, res.stderr
+    assert "null     2 episodes on 2 tasks" in res.stdout, res.stdout
+    # not a terminal: a line per ~10%, the last one k/N = N/N with the time
+    lines = [l for l in res.stderr.splitlines() if l.startswith("episodes ")]
+    assert lines and lines[-1].startswith("episodes 2/2 (100%)") and " s" in lines[-1]
+    with sqlite3.connect(server["db"]) as db:
+        played = {t for (t,) in db.execute(
+            "SELECT e.task_id FROM episodes e JOIN policies p ON p.id = e.policy_id "
+            "WHERE p.name = 'null'")}
+    assert played == set(tasks)
+    bad = fmx("run", "--policy", "null", "--connect", server["addr"], "--task", "nope")
+    assert bad.returncode == 2 and "no task 'nope'" in bad.stderr
+
+
+def _leaderboard_reward(out, policy):
+    """The mean reward of a policy's rank row in `fmx leaderboard` output."""
+    for line in out.splitlines():
+        cols = line.split()
+        if len(cols) > 4 and cols[0].isdigit() and cols[1] == policy:
+            return float(cols[4])
+    raise AssertionError(f"no rank row for {policy} in:\n{out}")
+
+
+def test_regrades_are_visible_to_the_leaderboard(server, tmp_path):
+    code, entry = reference("Qwen2MLP")
+    with Client(server["addr"], timeout=120) as c:
+        c.reset(task=MLP, policy="lb-version")
+        obs, reward, *_ = c.step({"tool": "submit", "args": {"code": code, "entry": entry}})
+    db = server["db"]
+    bad = tmp_path / "bad.conf"
+    bad.write_text('version = "v-bad"\nw_correct = 0.6\nw_loc = 0.35\nw_compile = 0.15\n')
+    res = fmx("regrade", "--db", db, "--reward", bad)
+    assert res.returncode == 2 and "sum to 1.1" in res.stderr
+    conf = tmp_path / "v2.conf"
+    conf.write_text('version = "v2-lb"\nw_correct = 0.5\nw_loc = 0.1\nw_compile = 0.4\n')
+    res = fmx("regrade", "--db", db, "--reward", conf)
+    assert res.returncode == 0, res.stderr
+    with sqlite3.connect(db) as con:
+        (new,) = con.execute("SELECT g.reward FROM grades g JOIN episodes e ON e.id = g.episode "
+                             "JOIN policies p ON p.id = e.policy_id WHERE p.name = 'lb-version' "
+                             "AND g.reward_version = 'v2-lb'").fetchone()
+    assert abs(new - reward) > 1e-3  # the weights move it
+    plain = fmx("leaderboard", "--db", db, "--policy", "lb-version")
+    assert _leaderboard_reward(plain.stdout, "lb-version") == pytest.approx(reward, abs=5e-4)
+    assert "v2-lb" in plain.stdout and "--reward-version" in plain.stdout
+    v2 = fmx("leaderboard", "--db", db, "--policy", "lb-version", "--reward-version", "v2-lb")
+    assert v2.returncode == 0, v2.stderr
+    assert _leaderboard_reward(v2.stdout, "lb-version") == pytest.approx(new, abs=5e-4)
+
+
+def test_replay_without_tasks_finds_the_packs_or_says_what_it_needs(server, tmp_path):
+    with Client(server["addr"], timeout=120) as c:
+        c.reset(task=MLP, policy="replay-test")
+        c.step({"tool": "get_weight_info", "args": {}})
+        ep = c.episode
+        c.close()
+    beside = server["packs"] / "copy.db"  # a log beside its packs, as demo.sh keeps it
+    with sqlite3.connect(server["db"]) as a, sqlite3.connect(beside) as b:
+        a.backup(b)
+    try:
+        res = fmx("replay", "--db", beside, ep)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "packs beside the log" in res.stderr and "same" in res.stdout
+    finally:
+        beside.unlink()
+    alone = tmp_path / "alone.db"
+    with sqlite3.connect(server["db"]) as a, sqlite3.connect(alone) as b:
+        a.backup(b)
+    res = fmx("replay", "--db", alone, ep)
+    assert res.returncode == 2 and "--tasks DIR" in res.stderr and "--no-exec" in res.stderr
+    assert fmx("replay", "--db", alone, ep, "--no-exec").returncode == 0
+
+
+def test_episodes_export_for_trl(server, tmp_path):
+    with Client(server["addr"], timeout=120) as c:
+        c.reset(task=MLP, policy="export-test")
+        c.step({"tool": "no_such_tool", "args": {}})  # an LLM's invented tool
+        c.step({"tool": "get_weight_info", "args": {"path": "gate_proj"}})
+        c.close()
+        c.reset(task=MLP, policy="export-test")  # a 0-step episode
+        c.close()
+    db, packs = server["db"], server["packs"]
+    res = fmx("episodes", "export", "--db", db, "--filter", "policy=export-test")
+    assert res.returncode == 2 and "--tasks DIR" in res.stderr  # no silent weaker goal
+    res = fmx("episodes", "export", "--db", db, "--tasks", packs, "--filter",
+              "policy=export-test", "--arguments", "object")
+    assert res.returncode == 0, res.stderr
+    (line,) = [json.loads(l) for l in res.stdout.splitlines()]
+    assert line["goal_source"] == "pack"
+    msgs = line["messages"][2:]
+    assert [m["role"] for m in msgs] == ["assistant", "tool"]
+    call, result = msgs
+    assert call["tool_calls"][0]["function"] == {"name": "get_weight_info",
+                                                 "arguments": {"path": "gate_proj"}}
+    assert result["name"] == "get_weight_info"
+    assert "left out 1 calls" in res.stderr and "1 episodes" in res.stderr
+    res = fmx("episodes", "export", "--db", db, "--tasks", packs, "--filter",
+              "policy=export-test", "--keep-invalid")
+    lines = [json.loads(l) for l in res.stdout.splitlines()]
+    assert [l["steps"] for l in lines] == [2, 0]
+    calls = [m["tool_calls"][0]["function"] for m in lines[0]["messages"] if "tool_calls" in m]
+    assert [c["name"] for c in calls] == ["no_such_tool", "get_weight_info"]
+    assert json.loads(calls[1]["arguments"]) == {"path": "gate_proj"}  # a JSON string by default
+
+
+# ---- an engineer's own model ----
+
+IMAGE_MODEL = '''
+import torch
+from torch import nn
+
+
+class Patchify(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 4, stride=4)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, pixel_values):
+        return self.norm(self.proj(pixel_values).flatten(2).transpose(1, 2))
+
+
+def build():
+    return Patchify()
+
+
+def fmx_inputs(model, batch, seq, padding, generator):
+    return {"pixel_values": torch.randn(batch, 3, 8, 8, generator=generator)}
+'''
+
+
+def test_info_describes_image_probes_and_marks_bf16_ones(server, tmp_path):
+    src = tmp_path / "patchify.py"
+    src.write_text(IMAGE_MODEL)
+    res = fmx("export", f"{src}:build", "-o", tmp_path / "img", "--quiet")
+    assert res.returncode == 0, res.stderr
+    info = fmx("info", tmp_path / "img")
+    assert info.returncode == 0, info.stderr
+    probes = [l for l in info.stdout.splitlines() if re.match(r"\s+p\d+ ", l)]
+    assert probes and all("pixel_values (" in l and ", 3, 8, 8) " in l for l in probes)
+    assert not any("× seq" in l for l in probes)
+    assert any("bfloat16 (copy of p" in l for l in probes)  # the bf16 rerun, marked
+    # token probes keep their words; verify's text marks the bf16 probe too
+    info = fmx("info", server["packs"] / "qwen2")
+    assert re.search(r"p\d+\s+visible\s+batch \d+ × seq \d+, padding \w+, bfloat16 \(copy of p\d+\)",
+                     info.stdout), info.stdout
+    code, entry = reference("Qwen2MLP")
+    sol = tmp_path / "mlp.py"
+    sol.write_text(code)
+    res = fmx("verify", server["packs"] / "qwen2", sol, "--component", "model.layers.0.mlp",
+              "--entry", entry)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert re.search(r"probe p\d+ \(batch .*, bfloat16 \(copy of p\d+\)\)", res.stdout), res.stdout
+
+
+def test_a_missing_weight_key_names_the_nearest_keys(server):
+    code, entry = reference("Qwen2MLP")
+    wrong = code.replace('prefix + "gate_proj."', 'prefix + "gate_prj."')
+    assert wrong != code
+    with Client(server["addr"], timeout=120) as c:
+        c.reset(task=MLP)
+        obs, *_ = c.step({"tool": "verify_component", "args": {"code": wrong, "entry": entry}})
+        c.close()
+    assert "KeyError: 'gate_prj.weight'" in obs["text"], obs["text"]
+    assert "nearest of the" in obs["text"] and "'gate_proj.weight'" in obs["text"]
+
+
+def test_a_helpers_relative_tap_is_graded(server, tmp_path):
+    code, _ = reference("Qwen2ForCausalLM")
+    mlp_out = ('    return linear(gate * linear(x, weights, prefix + "up_proj."), weights, '
+               'prefix + "down_proj.")\n')
+    assert mlp_out in code
+    right = code.replace(mlp_out, mlp_out.replace("return linear(", 'return tap("mlp", linear(')
+                         .replace('down_proj.")', 'down_proj."))'))
+    wrong = code.replace(mlp_out, mlp_out.replace("return linear(", 'return tap("mlp", 2 * linear(')
+                         .replace('down_proj.")', 'down_proj."))'))
+    reports = {}
+    for name, src in (("right", right), ("wrong", wrong)):
+        f = tmp_path / f"{name}.py"
+        f.write_text(src)
+        res = fmx("verify", server["packs"] / "qwen2", f, "--json")
+        reports[name] = json.loads(res.stdout)
+    taps = [t for t in reports["right"]["probes"][0]["taps"] if t["name"] == "mlp"]
+    assert [t["module"] for t in taps] == [f"model.layers.{i}.mlp" for i in range(len(taps))]
+    assert len(taps) >= 2 and all(t["pass"] and "resolved" in t for t in taps)
+    assert reports["right"]["status"] == "match"
+    wrong_taps = [t for t in reports["wrong"]["probes"][0]["taps"] if t["name"] == "mlp"]
+    assert wrong_taps and not wrong_taps[0]["pass"]
+    assert reports["wrong"]["first_divergence"]["name"] == "mlp"
