@@ -27,7 +27,7 @@ import zmq.asyncio
 
 from .client import (DEFAULT_ADDR, Action, BadMessage, BadRequest, Client, FmxError, Info,
                      Observation, StepResult, Timeout, _step_result, decode_step,
-                     error_from_reply)
+                     error_from_reply, read_steps)
 
 
 class AsyncClient:
@@ -194,3 +194,12 @@ class AsyncClient:
     async def decode_step(self, record: Union[Mapping[str, Any], Sequence[Any]]
                           ) -> Dict[str, Any]:
         return decode_step(await self.step_fields(), record)
+
+    async def steps(self, episode: Optional[int] = None, db: Optional[str] = None
+                    ) -> List[Dict[str, Any]]:
+        """Every logged step of an episode (default: the current one), decoded; db: the log
+        (default: the path health() reports). Read in a thread: the loop is not blocked."""
+        ep = self._episode(episode)
+        path = db or (await self.health())["db"]
+        fields = await self.step_fields()
+        return await asyncio.get_running_loop().run_in_executor(None, read_steps, path, ep, fields)

@@ -181,6 +181,17 @@ def decode_step(fields: Sequence[Mapping[str, str]],
     return out
 
 
+def read_steps(path: str, episode: int, fields: Sequence[Mapping[str, str]]
+               ) -> List[Dict[str, Any]]:
+    """Every logged step of an episode in the SQLite log at path (opened read-only), decoded."""
+    cols = ", ".join(f'"{f["name"]}"' for f in fields)
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+        rows = conn.execute(f"SELECT {cols} FROM steps WHERE episode = ? ORDER BY idx",
+                            (episode,)).fetchall()
+    return [decode_step(fields, row) for row in rows]
+
+
 def _step_result(reply: Mapping[str, Any]) -> StepResult:
     return (reply["observation"], float(reply["reward"]), bool(reply["terminated"]),
             bool(reply["truncated"]), reply["info"])
@@ -485,11 +496,4 @@ class Client:
         which must be reachable from here). Opened read-only.
         """
         ep = self._episode(episode)
-        path = db or self.health()["db"]
-        names = [f["name"] for f in self.step_fields()]
-        cols = ", ".join(f'"{n}"' for n in names)
-        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-        with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
-            rows = conn.execute(f"SELECT {cols} FROM steps WHERE episode = ? ORDER BY idx",
-                                (ep,)).fetchall()
-        return [self.decode_step(row) for row in rows]
+        return read_steps(db or self.health()["db"], ep, self.step_fields())

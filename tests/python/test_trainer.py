@@ -114,6 +114,8 @@ def test_async_client_many_episodes_in_flight(server):
                 assert "aten" in obs["text"] or obs["data"], obs
                 assert info["step"] == 1 and not terminated
             assert isinstance(results[6][1], UnknownEpisode)
+            logged = await env.steps(ids[0])
+            assert [r["tool"] for r in logged] == ["trace_ops"] and logged[0]["idx"] == 0
             closed = await asyncio.gather(*(env.close(ep) for ep in ids))
             assert all(c["closed"] for c in closed)
             tasks = await env.list_tasks()
