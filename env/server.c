@@ -757,6 +757,19 @@ static void fmx__ended(fmx__server *s, fmx__slot *slot) {
         fmx__remove(s, s->ended_head);
 }
 
+/* close with grade: true: 1 for such a request (an episode still open is
+ * ended by a finish step, whose reply says closed). */
+static int fmx__graded_close(const fmx__request *rq) {
+    const char *op = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(rq->body, "op"));
+    return op && strcmp(op, "close") == 0 &&
+           cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(rq->body, "grade"));
+}
+
+/* 1 if rq, a close, runs as a finish step on slot's open episode. */
+static int fmx__finishing_close(const fmx__slot *slot, const fmx__request *rq) {
+    return fmx__graded_close(rq) && fmx_episode_status_of(slot->ep) == FMX_EP_OPEN;
+}
+
 /* Applies a finished step (inline or from a worker): state, log, reply. */
 static int fmx__complete_step(fmx__server *s, fmx__slot *slot, fmx__request *rq,
                               fmx_step_plan *plan, fmx_step_outcome *outcome) {
@@ -811,7 +824,7 @@ static int fmx__complete_step(fmx__server *s, fmx__slot *slot, fmx__request *rq,
         return 0;
     }
     cJSON *b = fmx__ok();
-    if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(rq->body, "grade"))) {
+    if (fmx__graded_close(rq)) {
         /* a close with grade: the finish step's reply, closed */
         cJSON_AddBoolToObject(b, "closed", 1);
         cJSON_AddNumberToObject(b, "episode", (double)slot->id);
@@ -827,23 +840,10 @@ static int fmx__complete_step(fmx__server *s, fmx__slot *slot, fmx__request *rq,
     return 0;
 }
 
-/* A step request for a slot that is free to run it. Takes rq. */
-static int fmx__run_close(fmx__server *s, fmx__slot *slot, fmx__request *rq);
-
-/* close with grade: true on an open episode is a finish step (its reply says
- * closed); on an ended one, a plain close. */
-static int fmx__graded_close(const fmx__request *rq) {
-    const char *op = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(rq->body, "op"));
-    return op && strcmp(op, "close") == 0 &&
-           cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(rq->body, "grade"));
-}
-
+/* A step request for a slot that is free to run it (or a close that runs a
+ * finish step, fmx__finishing_close). Takes rq. */
 static int fmx__run_step(fmx__server *s, fmx__slot *slot, fmx__request *rq) {
     fmx_episode_status st = fmx_episode_status_of(slot->ep);
-    if (st != FMX_EP_OPEN && fmx__graded_close(rq)) {
-        fmx__run_close(s, slot, rq);
-        return 0;
-    }
     if (st != FMX_EP_OPEN) {
         if (slot->idled)
             fmx__reply_error(s, rq, "episode_over",
@@ -931,7 +931,7 @@ static void fmx__drain_queue(fmx__server *s, fmx__slot *slot) {
         slot->nqueued--;
         rq->next = NULL;
         const char *op = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(rq->body, "op"));
-        if (op && strcmp(op, "close") == 0 && !fmx__graded_close(rq)) {
+        if (op && strcmp(op, "close") == 0 && !fmx__finishing_close(slot, rq)) {
             if (fmx__run_close(s, slot, rq)) return;
         } else {
             fmx__run_step(s, slot, rq);
@@ -1048,7 +1048,7 @@ static int fmx__op_episode(fmx__server *s, fmx__request *rq, int is_close) {
         slot->nqueued++;
         return 0;
     }
-    if (is_close && !fmx__graded_close(rq))
+    if (is_close && !fmx__finishing_close(slot, rq))
         fmx__run_close(s, slot, rq);
     else
         fmx__run_step(s, slot, rq);

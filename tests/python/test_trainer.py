@@ -215,11 +215,24 @@ def test_protocol_close_with_grade_grades_the_last_verified_code(server):
         c.reset(task=MLP, policy="close-grade")
         reply = c.close(grade=True)
         assert reply["reward"] == 0 and reply["terminated"]
+        # queued behind a running verify, it grades what that verify compiled
+        c.reset(task=MLP, policy="close-grade")
+        ep = c.episode
+        verify = c._send("step", {"episode": ep, "action": {
+            "tool": "verify_component", "args": {"code": code, "entry": entry}}})
+        close = c._send("close", {"episode": ep, "grade": True})
+        assert c._wait(verify, 120)["ok"]
+        reply = c._wait(close, 120)
+        assert reply["closed"] and reply["reward"] > 0.6
+        # an episode already over: a plain close
+        reply = c.close(ep, grade=True)
+        assert reply["closed"] and "reward" not in reply
     with sqlite3.connect(server["db"]) as db:
         rows = db.execute("SELECT e.status, e.reward FROM episodes e JOIN policies p "
                           "ON p.id = e.policy_id WHERE p.name = 'close-grade' ORDER BY e.id").fetchall()
     assert rows[0][0] == "submitted" and rows[0][1] > 0.6
     assert rows[1] == ("closed", 0.0)
+    assert rows[2][0] == "submitted" and rows[2][1] > 0.6
 
 
 def test_protocol_finish_action_and_lower_budget(server):
