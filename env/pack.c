@@ -81,7 +81,7 @@ struct fmx_pack {
         char *path;
         int n;
         const char **rel, **file_key;
-    } * names;
+    } *names;
     int nnames;
 };
 

@@ -539,8 +539,8 @@ static int fmx__warmup(const fmx_tasks *tasks, const fmx_reward_config *reward, 
         cfg.component = t->path;
         cfg.compile_check = 1;
         cJSON *report = NULL;
-        int vrc =
-            fmx_verify_source(t->pack, trivial, sizeof trivial - 1, "warmup.py", &cfg, &report);
+        int vrc = fmx_verify_source(t->pack, trivial, sizeof trivial - 1, "warmup.py", &cfg,
+                                    &report);
         const cJSON *e = cJSON_GetObjectItemCaseSensitive(report, "error");
         const char *stage = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(e, "stage"));
         if (!report || (vrc != FMX_OK && vrc != FMX_EMISMATCH && stage &&
