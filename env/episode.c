@@ -273,15 +273,17 @@ int fmx_episode_plan(const fmx_episode *ep, const char *tool, const cJSON *args,
         .task = ep->task, .reward = ep->reward, .max_code_bytes = ep->budget.max_code_bytes};
     plan->tool = strdup(tool ? tool : "");
     plan->args = args ? cJSON_Duplicate(args, 1) : NULL;
+    plan->finish = tool && strcmp(tool, "finish") == 0;
     plan->final = ep->steps + 1 >= ep->budget.max_steps;
-    if (plan->final && ep->last_code) {
+    if ((plan->final || plan->finish) && ep->last_code) {
         plan->fallback_code = strdup(ep->last_code);
         plan->fallback_entry = strdup(ep->last_entry ? ep->last_entry : "forward");
     }
     plan->heavy = fmx_tools_is_heavy(plan->tool ? plan->tool : "") ||
-                  (plan->final && plan->fallback_code != NULL);
+                  ((plan->final || plan->finish) && plan->fallback_code != NULL);
     if (!plan->tool || (args && !plan->args) ||
-        (ep->last_code && plan->final && (!plan->fallback_code || !plan->fallback_entry))) {
+        (ep->last_code && (plan->final || plan->finish) &&
+         (!plan->fallback_code || !plan->fallback_entry))) {
         fmx_step_plan_clear(plan);
         return FMX_ENOMEM;
     }
@@ -314,7 +316,9 @@ int fmx_episode_execute(const fmx_step_plan *plan, fmx_step_outcome *out) {
     double t0 = fmx__now_ms();
     int rc = fmx_tools_run(&plan->ctx, plan->tool, plan->args, &out->tool);
     if (rc) return rc;
-    if (plan->final && !out->tool.submitted) {
+    /* a finish ends the episode unless its arguments were refused */
+    int finishing = plan->finish && !out->tool.error;
+    if ((plan->final || finishing) && !out->tool.submitted) {
         out->truncated = 1;
         const char *code = plan->fallback_code, *entry = plan->fallback_entry;
         if (out->tool.verified_task_code) {
@@ -673,6 +677,25 @@ int fmx_episode_apply(fmx_episode *ep, const fmx_step_plan *plan, fmx_step_outco
         res->graded_code = fmx__arg_str(plan->args, "code", "");
         res->graded_entry = fmx__arg_str(plan->args, "entry", "forward");
         res->reward = outcome->tool.grade.score.reward;
+    } else if (outcome->truncated && plan->finish &&
+               !(outcome->tool.error && strcmp(outcome->tool.error, "bad_args") == 0)) {
+        /* finish: the policy ended it; graded like a submit of the last verified code */
+        ep->status = outcome->trunc_graded ? FMX_EP_SUBMITTED : FMX_EP_CLOSED;
+        res->terminated = 1;
+        if (outcome->trunc_graded) {
+            res->graded = 1;
+            res->grade = &outcome->trunc_grade;
+            res->graded_code = outcome->graded_code;
+            res->graded_entry = outcome->graded_entry;
+            res->reward = outcome->trunc_grade.score.reward;
+            fmx__append_text(res->observation, " The last code verify_component compiled for the "
+                                               "task's module was graded as if submitted:\n");
+            fmx__append_text(res->observation,
+                             outcome->trunc_grade.text ? outcome->trunc_grade.text : "");
+        } else {
+            fmx__append_text(res->observation, " No code was verified for the task's module, so "
+                                               "the reward is 0.");
+        }
     } else if (outcome->truncated) {
         ep->status = FMX_EP_TRUNCATED;
         res->truncated = 1;

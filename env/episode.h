@@ -19,6 +19,10 @@
  * compiled FOR THE TASK'S MODULE had been submitted (this very step's code
  * included); with no such code the reward is 0. The observation says so.
  *
+ * finish: the `finish` tool (or a close with grade) ends the episode the
+ * same way at once: the last verified code is graded as if submitted
+ * (status submitted, terminated), or, with none, it ends closed with reward 0.
+ *
  * Observations are capped before they are logged or sent: a step's data at
  * the budget's max_observation bytes of compact JSON (FMX_OBS_DATA_MAX by
  * default) and its text at an eighth of that (fmx_observation_cap), with a
@@ -94,7 +98,8 @@ typedef struct {
     cJSON *args;         /* the action's args (a copy), or NULL */
     int heavy;           /* run on a worker thread */
     int final;           /* this step is the last of the budget */
-    char *fallback_code; /* the last verified code, for truncation; may be NULL */
+    int finish;          /* the finish tool: end now, grading the last verified code */
+    char *fallback_code; /* the last verified code, for truncation and finish; may be NULL */
     char *fallback_entry;
 } fmx_step_plan;
 
@@ -106,7 +111,7 @@ void fmx_step_plan_clear(fmx_step_plan *plan); /* accepts NULL */
 
 typedef struct {
     fmx_tool_result tool;
-    int truncated;    /* the budget ran out on this step */
+    int truncated;    /* the budget ran out on this step, or it finished */
     int trunc_graded; /* ... and there was code to grade */
     fmx_grade trunc_grade;
     char *graded_code;  /* the code graded on truncation (owned) */

@@ -90,6 +90,79 @@ static const char *usage_text =
     "\n"
     "exit status: 0 match/ok, 1 mismatch, 2 error\n";
 
+/* `fmx CMD --help` for the commands whose options are parsed elsewhere (the
+ * Python exporter and tracer) or that have none of their own; the other
+ * commands print their own usage. */
+static const struct {
+    const char *cmd, *usage;
+} fmx__command_help[] = {
+    {"export",
+     "usage: fmx export SPEC -o DIR [options]\n"
+     "       fmx export --hf DIR -o DIR [--random-init] [options]\n"
+     "       fmx export --hf-config config.json --random-init -o DIR [options]\n"
+     "  runs a PyTorch model on probe inputs and writes a task pack (task.json,\n"
+     "  weights.safetensors, weights_hidden.safetensors, probes.safetensors)\n"
+     "  SPEC                     FILE.py:NAME, a factory called as NAME(**overrides) or an\n"
+     "                           nn.Module class with config_class\n"
+     "  -o DIR                   the pack directory to create\n"
+     "  --hf DIR                 a local transformers snapshot (config.json + safetensors)\n"
+     "  --hf-config FILE         a transformers config; weights are random\n"
+     "  --random-init            with --hf: random weights from the snapshot's config\n"
+     "  --sensitive-init         redraw the weights so that every op moves the output\n"
+     "  --set KEY=VALUE          config override (VALUE is JSON, else a string); repeatable\n"
+     "  --seed N                 seed of the weights and probes (default 0)\n"
+     "  --probes N --hidden M    visible and hidden probes (default 3 and 3)\n"
+     "  --probe-shapes BxT:PAD,...  probe shapes, e.g. 1x8:none,2x13:left (visible first)\n"
+     "  --dtype float32|bfloat16 the model's dtype (default float32)\n"
+     "  --no-bf16-probe          no bfloat16 rerun of a visible and a hidden probe\n"
+     "  --tolerance DTYPE=ATOL:RTOL,...  tolerances recorded in the pack\n"
+     "  --device DEV             where the reference runs (default cpu)\n"
+     "  --name NAME              pack name (default: DIR's folder name)\n"
+     "  --force                  replace an existing pack\n"
+     "  --quiet                  no progress lines\n"
+     "  --equivalent FILE        equivalent mutants of the pack's solutions (JSON)\n"
+     "  --solution FILE          then run fmx mutate DIR FILE and print the mutation score\n"
+     "  (docs/pack-format.md says what a pack holds; FMX_PYTHON picks the interpreter)\n"},
+    {"verify",
+     "usage: fmx verify PACK FILE [options]\n"
+     "  grades candidate FILE against PACK: every graded output of the component on every\n"
+     "  probe, the first divergence, and the compile check\n"
+     "  --component PATH         verify one module (default: the whole model)\n"
+     "  --entry NAME             function to call (default: forward)\n"
+     "  --probes visible|all     probes to grade (default: visible)\n"
+     "  --atol X --rtol Y        override the pack's tolerance\n"
+     "  --device cpu|cuda[:N]    where to run (default: cpu)\n"
+     "  --timeout S              give up after S seconds (exit 2)\n"
+     "  --json                   print the report as JSON\n"
+     "exit status: 0 every graded output matches, 1 mismatch, 2 error\n"},
+    {"trace", "usage: fmx trace PACK [--component PATH] [-o FILE] [--verify]\n"
+              "  writes flat functional code for PACK from its op traces alone (the tracer\n"
+              "  policy: no server, no LLM), warning about any module whose trace is not general\n"
+              "  --component PATH         one module (default: the whole model)\n"
+              "  -o FILE                  write the code here (default: standard output)\n"
+              "  --verify                 then fmx verify --probes all on it (needs -o)\n"},
+    {"info", "usage: fmx info PACK [--json] [--tensor KEY]\n"
+             "  what a pack holds: root class, dtype, where its reference ran, hidden weights,\n"
+             "  constants no probe sees, probes (shapes, padding, dtype) and the module tree\n"
+             "  --json                   the same as JSON, with the files and classes\n"
+             "  --tensor KEY             one stored tensor (weight or capture) as JSON + hex\n"},
+    {"keygen",
+     "usage: fmx keygen [-o FILE]\n"
+     "  makes a CURVE key pair for fmx serve --curve-secret-key FILE: prints the public key\n"
+     "  (hand it to clients) and, with -o, writes both keys to FILE (mode 0600)\n"},
+    {"version", "usage: fmx version\n  fmx's version and its libtorch's (version, device)\n"},
+};
+
+/* The usage of `fmx CMD --help` (or -h anywhere after CMD) when fmx__command_help has it. */
+static const char *fmx__help_for(int argc, char **argv) {
+    int asked = 0;
+    for (int i = 2; i < argc; i++)
+        asked |= strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0;
+    for (size_t k = 0; asked && k < sizeof fmx__command_help / sizeof fmx__command_help[0]; k++)
+        if (strcmp(argv[1], fmx__command_help[k].cmd) == 0) return fmx__command_help[k].usage;
+    return NULL;
+}
+
 static int die(const char *fmt, const char *a) {
     fprintf(stderr, "fmx: ");
     fprintf(stderr, fmt, a);
@@ -237,11 +310,8 @@ static int cmd_verify(int argc, char **argv) {
         } else if (strcmp(a, "--device") == 0) {
             if (!need_value(i, argc, argv)) return 2;
             device = argv[++i];
-        } else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
-            fputs(usage_text, stdout);
-            return 0;
         } else if (a[0] == '-' && a[1]) {
-            return die("verify: unknown option '%s' (see fmx --help)", a);
+            return die("verify: unknown option '%s' (see fmx verify --help)", a);
         } else if (npos < 2) {
             pos[npos++] = a;
         } else {
@@ -324,7 +394,9 @@ static int cmd_info(int argc, char **argv) {
         else if (strcmp(argv[i], "--tensor") == 0) {
             if (!need_value(i, argc, argv)) return 2;
             tensor = argv[++i];
-        } else if (!dir)
+        } else if (argv[i][0] == '-' && argv[i][1])
+            return die("info: unknown option '%s' (see fmx info --help)", argv[i]);
+        else if (!dir)
             dir = argv[i];
         else
             return die("info: unexpected argument '%s'", argv[i]);
@@ -408,8 +480,9 @@ static int cmd_info(int argc, char **argv) {
     printf("\nprobes:\n");
     for (int i = 0; i < fmx_pack_nprobes(pack); i++) {
         const fmx_probe *p = fmx_pack_probe(pack, i);
-        printf("  %-4s %-7s batch %d × seq %d, padding %s\n", p->name,
-               p->visible ? "visible" : "hidden", p->batch, p->seq, p->padding);
+        char words[256];
+        printf("  %-4s %-7s %s\n", p->name, p->visible ? "visible" : "hidden",
+               fmx_pack_probe_describe(pack, i, words, sizeof words));
     }
     printf("\nmodules (%d):\n", fmx_pack_nmodules(pack));
     for (int i = 0; i < fmx_pack_nmodules(pack); i++) {
@@ -431,6 +504,11 @@ int main(int argc, char **argv) {
         return argc < 2 ? 2 : 0;
     }
     const char *cmd = argv[1];
+    const char *help = fmx__help_for(argc, argv);
+    if (help) {
+        fputs(help, stdout);
+        return 0;
+    }
     if (strcmp(cmd, "export") == 0) return cmd_python(cmd, "fmx.export", NULL, argc - 1, argv + 1);
     if (strcmp(cmd, "trace") == 0)
         return cmd_python(cmd, "fmx.tracer", "--pack", argc - 1, argv + 1);

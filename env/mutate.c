@@ -25,6 +25,7 @@
 
 #include "engine/engine.h"
 #include "pack.h"
+#include "progress.h"
 #include "pyexec.h"
 #include "evaluator.h"
 #include "status.h"
@@ -600,14 +601,18 @@ int fmx_mutate_main(int argc, char **argv) {
         printf("the solution matches on every probe; %d mutants\n\n", cJSON_GetArraySize(mutants));
     }
     int color = !o.json && isatty(STDOUT_FILENO);
+    /* mutants k/N on stderr, unless each one's line goes to a terminal already */
+    fmx_progress *progress = fmx_progress_create("mutants", cJSON_GetArraySize(mutants), color);
     const cJSON *m;
     cJSON_ArrayForEach(m, mutants) {
+        fmx_progress_step(progress, fmx__str(m, "id"));
         const char *msrc = fmx__str(m, "source");
         if (!msrc || !fmx__str(m, "id") || !fmx__str(m, "operator")) {
             status = fmx__error_out(&o, "generate",
                                     "the generator's mutant lacks id, operator or source");
             cJSON_Delete(summary);
             cJSON_Delete(ops);
+            fmx_progress_destroy(progress);
             goto done;
         }
         double tm = fmx__now_ms();
@@ -652,6 +657,7 @@ int fmx_mutate_main(int argc, char **argv) {
         fmx__count(ops, fmx__str(m, "operator"), verdict);
         if (!o.json) fmx__print_mutant(stdout, r, color);
     }
+    fmx_progress_destroy(progress);
 
     cJSON *unused = cJSON_AddArrayToObject(report, "unused_equivalents");
     for (int i = 0; i < eq.n; i++) {

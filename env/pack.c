@@ -710,6 +710,50 @@ int fmx_pack_nprobes(const fmx_pack *p) {
 const fmx_probe *fmx_pack_probe(const fmx_pack *p, int i) {
     return (i >= 0 && i < p->nprobes) ? &p->probe_list[i] : NULL;
 }
+const char *fmx_pack_probe_describe(const fmx_pack *p, int i, char *buf, size_t n) {
+    const fmx_probe *pr = fmx_pack_probe(p, i);
+    if (!buf || n == 0) return buf;
+    buf[0] = '\0';
+    if (!pr) return buf;
+    const cJSON *entry = cJSON_GetArrayItem(cJSON_GetObjectItem(p->manifest, "probes"), i);
+    const cJSON *inputs = cJSON_GetObjectItem(entry, "inputs"), *in;
+    /* token inputs: some tensor is (batch, seq) */
+    int tokens = !cJSON_IsArray(inputs) || cJSON_GetArraySize(inputs) == 0;
+    cJSON_ArrayForEach(in, inputs) {
+        const cJSON *shape = cJSON_GetObjectItem(in, "shape");
+        tokens |= cJSON_GetArraySize(shape) == 2 &&
+                  cJSON_GetArrayItem(shape, 0)->valueint == pr->batch &&
+                  cJSON_GetArrayItem(shape, 1)->valueint == pr->seq;
+    }
+    size_t used = 0;
+#define FMX__PUT(...)                                                                              \
+    do {                                                                                           \
+        if (used < n) used += (size_t)snprintf(buf + used, n - used, __VA_ARGS__);                 \
+    } while (0)
+    if (tokens) {
+        FMX__PUT("batch %d \u00d7 seq %d, padding %s", pr->batch, pr->seq, pr->padding);
+    } else {
+        int k = 0;
+        cJSON_ArrayForEach(in, inputs) {
+            FMX__PUT("%s%s (", k++ ? ", " : "",
+                     cJSON_GetStringValue(cJSON_GetObjectItem(in, "name")));
+            const cJSON *d;
+            int j = 0;
+            cJSON_ArrayForEach(d, cJSON_GetObjectItem(in, "shape"))
+                FMX__PUT("%s%d", j++ ? ", " : "", d->valueint);
+            FMX__PUT("%s) %s", j == 1 ? "," : "",
+                     cJSON_GetStringValue(cJSON_GetObjectItem(in, "dtype")));
+        }
+    }
+    const char *of = cJSON_GetStringValue(cJSON_GetObjectItem(entry, "inputs_of"));
+    if (strcmp(fmx_dtype_name(pr->dtype), fmx_pack_dtype(p)) != 0)
+        FMX__PUT(", %s%s%s%s", fmx_dtype_name(pr->dtype), of ? " (copy of " : "", of ? of : "",
+                 of ? ")" : "");
+#undef FMX__PUT
+    if (used >= n && n > 4) memcpy(buf + n - 4, "...", 4);
+    return buf;
+}
+
 int fmx_pack_ncalls(const fmx_pack *p) {
     return p->ncalls;
 }

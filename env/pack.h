@@ -93,6 +93,12 @@ int fmx_pack_find_module(const fmx_pack *p, const char *path);
 
 int fmx_pack_nprobes(const fmx_pack *p);
 const fmx_probe *fmx_pack_probe(const fmx_pack *p, int i);
+/* Probe i in words, into buf: token inputs as "batch 2 × seq 7, padding left";
+ * other inputs (images, audio: the model file's fmx_inputs) by their tensors,
+ * "pixel_values (2, 3, 32, 32) float32", from the manifest's probe `inputs`
+ * (packs without it: the token form); a probe in another dtype than the
+ * pack's says so: ", bfloat16 (copy of p1)". Returns buf. */
+const char *fmx_pack_probe_describe(const fmx_pack *p, int i, char *buf, size_t n);
 
 int fmx_pack_ncalls(const fmx_pack *p);
 const fmx_call *fmx_pack_call(const fmx_pack *p, int i);

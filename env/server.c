@@ -570,9 +570,45 @@ static void fmx__op_spec(fmx__server *s, fmx__request *rq) {
     fmx__push_reply(s, &rq->env, rq->req, rq->has_req, 0, b);
 }
 
+/* The goal text of task ti under the server's budget (the reset observation
+ * of a new episode), made once. Borrowed; NULL when out of memory. */
+static const cJSON *fmx__task_goal(fmx__server *s, int ti) {
+    if (!s->goals[ti]) {
+        fmx_episode *ep = fmx_episode_create(0, fmx_tasks_get(s->tasks, ti), "anonymous", 0, "", 0,
+                                             s->cfg->budget, &s->reward);
+        if (ep) s->goals[ti] = fmx_episode_goal(ep);
+        fmx_episode_destroy(ep);
+    }
+    return s->goals[ti];
+}
+
 static void fmx__op_list_tasks(fmx__server *s, fmx__request *rq) {
+    const cJSON *jg = cJSON_GetObjectItemCaseSensitive(rq->body, "goals");
+    if (jg && !cJSON_IsBool(jg)) {
+        fmx__reply_error(s, rq, "bad_request", "list_tasks: 'goals' must be true or false");
+        return;
+    }
     cJSON *b = fmx__ok();
-    cJSON_AddItemReferenceToObject(b, "tasks", s->task_list);
+    if (!cJSON_IsTrue(jg)) {
+        cJSON_AddItemReferenceToObject(b, "tasks", s->task_list);
+        fmx__push_reply(s, &rq->env, rq->req, rq->has_req, 0, b);
+        return;
+    }
+    /* goals: each task with the text reset would send (a dataset of prompts) */
+    cJSON *tasks = cJSON_AddArrayToObject(b, "tasks");
+    int i = 0;
+    for (const cJSON *t = s->task_list->child; t; t = t->next, i++) {
+        cJSON *o = cJSON_Duplicate(t, 1);
+        const cJSON *goal = fmx__task_goal(s, i);
+        const char *text = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(goal, "text"));
+        if (!o || !text || !cJSON_AddStringToObject(o, "goal", text)) {
+            cJSON_Delete(o);
+            cJSON_Delete(b);
+            fmx__reply_error(s, rq, "internal", "out of memory");
+            return;
+        }
+        cJSON_AddItemToArray(tasks, o);
+    }
     fmx__push_reply(s, &rq->env, rq->req, rq->has_req, 0, b);
 }
 
@@ -633,6 +669,16 @@ static int fmx__op_reset(fmx__server *s, fmx__request *rq) {
         return fmx__reply_error(s, rq, "bad_request", "reset: 'task' must be a task id string");
     if (jp && !cJSON_IsString(jp) && !cJSON_IsNull(jp))
         return fmx__reply_error(s, rq, "bad_request", "reset: 'policy' must be a string");
+    int64_t max_steps = 0;
+    int has_max_steps;
+    fmx_budget budget = s->cfg->budget;
+    if (!fmx__get_int(rq->body, "max_steps", &max_steps, &has_max_steps) ||
+        (has_max_steps && (max_steps < 1 || max_steps > budget.max_steps)))
+        return fmx__reply_error(s, rq, "bad_request",
+                                "reset: 'max_steps' must be an integer from 1 to the server's "
+                                "budget, %d (a reset may lower the budget, not raise it)",
+                                budget.max_steps);
+    if (has_max_steps) budget.max_steps = (int)max_steps;
     const char *policy = cJSON_IsString(jp) && jp->valuestring[0] ? jp->valuestring : "anonymous";
     if (strlen(policy) > FMX__MAX_POLICY)
         return fmx__reply_error(s, rq, "bad_request", "reset: 'policy' is longer than %d bytes",
@@ -668,8 +714,8 @@ static int fmx__op_reset(fmx__server *s, fmx__request *rq) {
                                 fmx_log_errmsg(s->log));
     fmx__slot *slot = calloc(1, sizeof *slot);
     if (slot)
-        slot->ep = fmx_episode_create(id, task, policy, seed, rq->env.id, rq->env.id_len,
-                                      s->cfg->budget, &s->reward);
+        slot->ep = fmx_episode_create(id, task, policy, seed, rq->env.id, rq->env.id_len, budget,
+                                      &s->reward);
     if (slot) slot->id = id;
     if (!slot || !slot->ep || fmx__insert(s, slot) != FMX_OK) {
         if (slot) fmx_episode_destroy(slot->ep);
@@ -681,11 +727,12 @@ static int fmx__op_reset(fmx__server *s, fmx__request *rq) {
     slot->client = rq->client;
     slot->client->refs++;
     slot->active = fmx__mono();
-    if (!s->goals[ti]) s->goals[ti] = fmx_episode_goal(slot->ep);
+    /* the goal names the budget: the server's is made once per task */
+    const cJSON *goal = has_max_steps ? NULL : fmx__task_goal(s, ti);
     cJSON *b = fmx__ok();
     cJSON_AddNumberToObject(b, "episode", (double)id);
-    if (s->goals[ti])
-        cJSON_AddItemReferenceToObject(b, "observation", s->goals[ti]);
+    if (goal)
+        cJSON_AddItemReferenceToObject(b, "observation", (cJSON *)goal);
     else
         cJSON_AddItemToObject(b, "observation", fmx_episode_goal(slot->ep));
     cJSON_AddItemToObject(b, "info", fmx_episode_info(slot->ep));
@@ -708,6 +755,19 @@ static void fmx__ended(fmx__server *s, fmx__slot *slot) {
     while (s->nended > FMX__ENDED_MAX && s->ended_head && !s->ended_head->busy &&
            !s->ended_head->qhead)
         fmx__remove(s, s->ended_head);
+}
+
+/* close with grade: true: 1 for such a request (an episode still open is
+ * ended by a finish step, whose reply says closed). */
+static int fmx__graded_close(const fmx__request *rq) {
+    const char *op = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(rq->body, "op"));
+    return op && strcmp(op, "close") == 0 &&
+           cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(rq->body, "grade"));
+}
+
+/* 1 if rq, a close, runs as a finish step on slot's open episode. */
+static int fmx__finishing_close(const fmx__slot *slot, const fmx__request *rq) {
+    return fmx__graded_close(rq) && fmx_episode_status_of(slot->ep) == FMX_EP_OPEN;
 }
 
 /* Applies a finished step (inline or from a worker): state, log, reply. */
@@ -764,6 +824,11 @@ static int fmx__complete_step(fmx__server *s, fmx__slot *slot, fmx__request *rq,
         return 0;
     }
     cJSON *b = fmx__ok();
+    if (fmx__graded_close(rq)) {
+        /* a close with grade: the finish step's reply, closed */
+        cJSON_AddBoolToObject(b, "closed", 1);
+        cJSON_AddNumberToObject(b, "episode", (double)slot->id);
+    }
     cJSON_AddItemToObject(b, "observation", res.observation);
     fmx_proto_add_float(b, "reward", res.reward);
     cJSON_AddBoolToObject(b, "terminated", res.terminated);
@@ -775,7 +840,8 @@ static int fmx__complete_step(fmx__server *s, fmx__slot *slot, fmx__request *rq,
     return 0;
 }
 
-/* A step request for a slot that is free to run it. Takes rq. */
+/* A step request for a slot that is free to run it (or a close that runs a
+ * finish step, fmx__finishing_close). Takes rq. */
 static int fmx__run_step(fmx__server *s, fmx__slot *slot, fmx__request *rq) {
     fmx_episode_status st = fmx_episode_status_of(slot->ep);
     if (st != FMX_EP_OPEN) {
@@ -793,7 +859,8 @@ static int fmx__run_step(fmx__server *s, fmx__slot *slot, fmx__request *rq) {
     const cJSON *action = cJSON_GetObjectItemCaseSensitive(rq->body, "action");
     const cJSON *tool = cJSON_GetObjectItemCaseSensitive(action, "tool");
     const cJSON *args = cJSON_GetObjectItemCaseSensitive(action, "args");
-    if (!cJSON_IsObject(action) || !cJSON_IsString(tool)) {
+    int graded_close = fmx__graded_close(rq);
+    if (!graded_close && (!cJSON_IsObject(action) || !cJSON_IsString(tool))) {
         fmx__reply_error(s, rq, "bad_request",
                          "step needs 'action': {\"tool\": STR, \"args\": MAP}; tools: "
                          "read_module_source, get_weight_info, capture_intermediate, trace_ops, "
@@ -801,7 +868,8 @@ static int fmx__run_step(fmx__server *s, fmx__slot *slot, fmx__request *rq) {
         return fmx__request_free(s, rq);
     }
     fmx__job *job = calloc(1, sizeof *job);
-    if (!job || fmx_episode_plan(slot->ep, tool->valuestring, args, &job->plan) != FMX_OK) {
+    if (!job || fmx_episode_plan(slot->ep, graded_close ? "finish" : tool->valuestring,
+                                 graded_close ? NULL : args, &job->plan) != FMX_OK) {
         free(job);
         fmx__reply_error(s, rq, "internal", "out of memory");
         return fmx__request_free(s, rq);
@@ -863,7 +931,7 @@ static void fmx__drain_queue(fmx__server *s, fmx__slot *slot) {
         slot->nqueued--;
         rq->next = NULL;
         const char *op = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(rq->body, "op"));
-        if (op && strcmp(op, "close") == 0) {
+        if (op && strcmp(op, "close") == 0 && !fmx__finishing_close(slot, rq)) {
             if (fmx__run_close(s, slot, rq)) return;
         } else {
             fmx__run_step(s, slot, rq);
@@ -980,7 +1048,7 @@ static int fmx__op_episode(fmx__server *s, fmx__request *rq, int is_close) {
         slot->nqueued++;
         return 0;
     }
-    if (is_close)
+    if (is_close && !fmx__finishing_close(slot, rq))
         fmx__run_close(s, slot, rq);
     else
         fmx__run_step(s, slot, rq);
@@ -1173,6 +1241,8 @@ static cJSON *fmx__build_spec(const fmx_serve_config *cfg) {
     cJSON *spec = cJSON_CreateObject();
     cJSON_AddNumberToObject(spec, "protocol", FMX_PROTO_VERSION);
     cJSON_AddItemToObject(spec, "tools", fmx_tools_spec());
+    cJSON_AddItemToObject(spec, "tools_strict", fmx_tools_spec_strict());
+    cJSON_AddStringToObject(spec, "system_prompt", fmx_tools_system_prompt());
     cJSON_AddStringToObject(
         spec, "observation",
         "A map {tool, text, data, error?}: text is what the policy reads, data the same content "

@@ -124,7 +124,8 @@ static const fmx__arg fmx__args_weights[] = {{"path", FMX__A_STR, 0, NULL, fmx__
 static const fmx__arg fmx__args_capture[] = {
     {"path", FMX__A_STR, 0, NULL, fmx__path_desc},
     {"probe", FMX__A_PROBE, 1, NULL,
-     "A visible probe: its index (0, 1, ...) or its name (\"p0\"). Hidden probes are refused."},
+     "A visible probe's name (\"p0\", \"p1\", ...; the index as an integer works too). Hidden "
+     "probes are refused."},
     {"call", FMX__A_INT, 0, NULL,
      "Which call of the module on that probe, 0 = the first (a module used in a loop or shared "
      "is called several times). Default: 0."},
@@ -168,6 +169,8 @@ static void fmx__trace_ops(const fmx_tool_ctx *, const fmx__args *, fmx_tool_res
 static void fmx__verify_component(const fmx_tool_ctx *, const fmx__args *, fmx_tool_result *,
                                   fmx__sb *, cJSON *);
 static void fmx__submit(const fmx_tool_ctx *, const fmx__args *, fmx_tool_result *, fmx__sb *,
+                        cJSON *);
+static void fmx__finish(const fmx_tool_ctx *, const fmx__args *, fmx_tool_result *, fmx__sb *,
                         cJSON *);
 
 #define FMX__N(a) ((int)(sizeof(a) / sizeof((a)[0])))
@@ -219,7 +222,53 @@ static const fmx__tool fmx__tools[] = {
      "included: correctness (fraction of probes where every output matches), logical lines of "
      "code against a target, and whether it compiles and runs on every shape. Ends the episode.",
      fmx__args_submit, FMX__N(fmx__args_submit), 1, fmx__submit},
+    /* The grading itself is the episode's (env/episode.c): it holds the code. */
+    {"finish",
+     "finish() — end the episode now: the last code verify_component compiled for the task's "
+     "module is graded as if submitted (reward 0 if none)",
+     "End the episode without writing the code again: the last code that verify_component "
+     "compiled for the task's module is graded as if it had been submitted (every probe, hidden "
+     "ones included). With no such code the episode ends with reward 0.",
+     NULL, 0, 0, fmx__finish},
 };
+
+/* What fmx wants, for a model: the README's candidate language in short (the
+ * llm policy's system prompt, and spec's system_prompt). */
+static const char fmx__system_prompt[] =
+    "You rewrite a module of a PyTorch model as flat functional PyTorch for fmx: one Python "
+    "file of plain typed functions that computes exactly what the module's forward computes, "
+    "from the module's inputs and its weights. fmx compiles the file with TorchScript and "
+    "compares it with the real module on probes; the same file must also run in plain Python.\n"
+    "\n"
+    "The candidate language:\n"
+    "- Imports only: import torch; import torch.nn.functional as F; from torch import Tensor; "
+    "import math; from typing import Dict, List, Optional, Tuple.\n"
+    "- Top-level constants NAME = literal or simple expression; top-level functions with "
+    "every parameter and the return type annotated. No classes, no decorators, no nn.Module.\n"
+    "- Functional only: no in-place tensor ops (x += y on tensors, x[i] = y, add_, copy_); no "
+    "print, no torch.ops, no files.\n"
+    "- The entry function (named `forward` unless you pass another `entry`) takes the module's "
+    "inputs as keyword arguments named as in the original forward (declare only those you "
+    "use) plus one `weights: Dict[str, Tensor]` keyed relative to the module's path "
+    "(get_weight_info lists the keys), and returns the module's tensor outputs in order: a "
+    "Tensor or a tuple.\n"
+    "- Optional: define `def tap(name: str, x: Tensor) -> Tensor: return x` and call "
+    "tap(\"child.path\", h) to have verify_component compare h with that child module's "
+    "output.\n"
+    "\n"
+    "Reward: correctness on every probe, hidden ones included, comes first; then few logical "
+    "lines (at most the task's target) and code that compiles cleanly (no .item() or "
+    ".tolist(), no control flow on tensor values).\n"
+    "\n"
+    "Use the tools: read_module_source, get_weight_info, capture_intermediate and trace_ops "
+    "to learn the module; verify_component to check your code on the visible probes; submit "
+    "with the final code when it matches. Every tool call is one step of a limited budget and "
+    "submit ends the episode, so call submit before you stop (finish grades the last code "
+    "verify_component compiled, without sending it again).";
+
+const char *fmx_tools_system_prompt(void) {
+    return fmx__system_prompt;
+}
 
 static const fmx__tool *fmx__find_tool(const char *name) {
     for (int i = 0; name && i < FMX__N(fmx__tools); i++)
@@ -251,7 +300,9 @@ const char *fmx_tools_summary(void) {
     return fmx__summary;
 }
 
-cJSON *fmx_tools_spec(void) {
+/* The schemas; strict: OpenAI's strict mode (every property required, the
+ * optional ones nullable, "strict": true). */
+static cJSON *fmx__tools_spec(int strict) {
     cJSON *list = cJSON_CreateArray();
     for (int i = 0; list && i < FMX__N(fmx__tools); i++) {
         const fmx__tool *t = &fmx__tools[i];
@@ -260,6 +311,7 @@ cJSON *fmx_tools_spec(void) {
         cJSON *f = cJSON_AddObjectToObject(o, "function");
         cJSON_AddStringToObject(f, "name", t->name);
         cJSON_AddStringToObject(f, "description", t->desc);
+        if (strict) cJSON_AddBoolToObject(f, "strict", 1);
         cJSON *params = cJSON_AddObjectToObject(f, "parameters");
         cJSON_AddStringToObject(params, "type", "object");
         cJSON *props = cJSON_AddObjectToObject(params, "properties");
@@ -267,8 +319,15 @@ cJSON *fmx_tools_spec(void) {
         for (int k = 0; k < t->nargs; k++) {
             const fmx__arg *a = &t->args[k];
             cJSON *p = cJSON_AddObjectToObject(props, a->name);
-            static const char *types[] = {"string", "integer", "boolean", "integer"};
-            cJSON_AddStringToObject(p, "type", types[a->type]);
+            /* a probe is named ("p0"); the server takes its index too */
+            static const char *types[] = {"string", "integer", "boolean", "string"};
+            int nullable = strict && !a->required; /* null = the default */
+            if (nullable) {
+                const char *both[] = {types[a->type], "null"};
+                cJSON_AddItemToObject(p, "type", cJSON_CreateStringArray(both, 2));
+            } else {
+                cJSON_AddStringToObject(p, "type", types[a->type]);
+            }
             cJSON_AddStringToObject(p, "description", a->desc);
             if (a->choices) {
                 cJSON *e = cJSON_AddArrayToObject(p, "enum");
@@ -276,13 +335,22 @@ cJSON *fmx_tools_spec(void) {
                 snprintf(tmp, sizeof tmp, "%s", a->choices);
                 for (char *save, *c = strtok_r(tmp, "|", &save); c; c = strtok_r(NULL, "|", &save))
                     cJSON_AddItemToArray(e, cJSON_CreateString(c));
+                if (nullable) cJSON_AddItemToArray(e, cJSON_CreateNull());
             }
-            if (a->required) cJSON_AddItemToArray(req, cJSON_CreateString(a->name));
+            if (a->required || strict) cJSON_AddItemToArray(req, cJSON_CreateString(a->name));
         }
         cJSON_AddBoolToObject(params, "additionalProperties", 0);
         cJSON_AddItemToArray(list, o);
     }
     return list;
+}
+
+cJSON *fmx_tools_spec(void) {
+    return fmx__tools_spec(0);
+}
+
+cJSON *fmx_tools_spec_strict(void) {
+    return fmx__tools_spec(1);
 }
 
 /* ---- results ---- */
@@ -345,6 +413,7 @@ static int fmx__parse_args(const fmx_tool_ctx *ctx, const fmx__tool *t, const cJ
             fmx__valid_args(t, text);
             return 0;
         }
+        if (cJSON_IsNull(v) && !spec->required) continue; /* null: the default (strict mode) */
         const char *want = NULL;
         switch (spec->type) {
         case FMX__A_STR:
@@ -1629,6 +1698,12 @@ static void fmx__submit(const fmx_tool_ctx *ctx, const fmx__args *a, fmx_tool_re
     out->submitted = 1;
     fmx__sb_printf(text, "Submitted; the episode is over.\n%s", out->grade.text);
     cJSON_AddItemToObject(data, "grade", cJSON_Duplicate(out->grade.summary, 1));
+}
+
+/* finish: says what happens; the episode grades its last verified code. */
+static void fmx__finish(const fmx_tool_ctx *ctx, const fmx__args *a, fmx_tool_result *out,
+                        fmx__sb *text, cJSON *data) {
+    fmx__sb_printf(text, "Finished; the episode is over.");
 }
 
 /* ---- cache of cheap observations ----

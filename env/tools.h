@@ -1,5 +1,5 @@
 /*
- * tools.h — the six tools of an episode (the action space, DESIGN.md):
+ * tools.h — the seven tools of an episode (the action space, DESIGN.md):
  *
  *   read_module_source(path, mode="full"|"live")   class source, bases, called functions
  *   get_weight_info(path)                          names, shapes, dtypes, ties, buffers
@@ -7,6 +7,8 @@
  *   trace_ops(path)                                the module's op trace (probe 0)
  *   verify_component(path, code, entry="forward")  compile + grade on visible probes
  *   submit(code, entry="forward")                  grade on every probe, hidden too
+ *   finish()                                       end: the episode grades its last verified
+ *                                                  code (env/episode.c)
  *
  * `path` defaults to the task's module everywhere; any module path of the
  * pack is accepted. Each tool returns an observation, a cJSON object
@@ -69,7 +71,7 @@ void fmx_tool_result_clear(fmx_tool_result *r); /* accepts NULL */
 
 /* 1 if tool runs candidate code (verify_component, submit). */
 int fmx_tools_is_heavy(const char *tool);
-/* 1 if tool is one of the six. */
+/* 1 if tool is one of the seven. */
 int fmx_tools_exists(const char *tool);
 
 /* Runs tool with args (a cJSON object, or NULL for none). Always fills out
@@ -88,6 +90,15 @@ int fmx_tools_grade(const fmx_tool_ctx *ctx, const char *code, size_t len, const
 /* The tools as OpenAI function-calling schemas: [{"type": "function",
  * "function": {name, description, parameters}}]. Caller frees. */
 cJSON *fmx_tools_spec(void);
+/* The same in OpenAI's strict mode: "strict": true, `required` lists every
+ * property, the optional ones are nullable (null = the default) and enums
+ * hold null too. Caller frees. */
+cJSON *fmx_tools_spec_strict(void);
+
+/* The system prompt an LLM policy is given (policies/llm.c sends it; spec
+ * publishes it as system_prompt): the candidate language, the reward, the
+ * tools. Static. */
+const char *fmx_tools_system_prompt(void);
 
 /* One line per tool ("name(args) — what it returns"), for goal texts. Static. */
 const char *fmx_tools_summary(void);

@@ -119,6 +119,23 @@ static int fmx__tap_module(const fmx_pack *pack, const char *component, const ch
     return fmx_pack_find_module(pack, name);
 }
 
+/* A tap whose name is no path (relative or absolute), as a helper shared by
+ * several modules writes it (tap("mlp", h) inside a layer helper): its k-th
+ * occurrence is the k-th call on the probe of a module whose path ends in
+ * ".name", in the order calls started. The call's index, or -1. */
+static int fmx__tap_by_suffix(const fmx_pack *pack, int probe_i, const char *name, int k) {
+    size_t ln = strlen(name);
+    for (int c = 0; c < fmx_pack_ncalls(pack); c++) {
+        const fmx_call *call = fmx_pack_call(pack, c);
+        if (call->probe != probe_i) continue;
+        const char *path = fmx_pack_module(pack, call->module)->path;
+        size_t lp = strlen(path);
+        if (lp > ln && path[lp - ln - 1] == '.' && strcmp(path + lp - ln, name) == 0 && k-- == 0)
+            return c;
+    }
+    return -1;
+}
+
 /* Grades the taps of one call (names[i], tensors[i], in call order);
  * returns the first failing tap's name or NULL. */
 static const char *fmx__grade_taps(fmx_pack *pack, const fmx_verify_config *cfg, int probe_i,
@@ -136,6 +153,13 @@ static const char *fmx__grade_taps(fmx_pack *pack, const fmx_verify_config *cfg,
         for (int j = 0; j < i; j++)
             k += seen_module[j] == m;
         int c = m >= 0 ? fmx_pack_find_call(pack, probe_i, m, k) : -1;
+        if (m < 0) { /* k: earlier taps of the same unresolved name */
+            k = 0;
+            for (int j = 0; j < i; j++)
+                k += seen_module[j] < 0 && strcmp(names[j], name) == 0;
+            c = fmx__tap_by_suffix(pack, probe_i, name, k);
+            if (c >= 0) m = fmx_pack_call(pack, c)->module;
+        }
         const fmx_call *call = fmx_pack_call(pack, c);
         const fmx_io *out0 = NULL;
         for (int j = 0; call && j < call->noutputs && !out0; j++)
@@ -145,8 +169,9 @@ static const char *fmx__grade_taps(fmx_pack *pack, const fmx_verify_config *cfg,
             cJSON_AddStringToObject(o, "name", name);
             cJSON_AddStringToObject(o, "note",
                                     !vals[i] ? "the tapped value could not be read; not graded"
-                                    : m < 0  ? "no module has this path (relative to the "
-                                               "component, or absolute); not graded"
+                                    : m < 0  ? "no module has this path relative to the "
+                                               "component or absolute, nor one ending in "
+                                               "\".NAME\" for a helper's tap; not graded"
                                              : "module has no such call; not graded");
             cJSON_AddItemToArray(taps, o);
             continue;
@@ -155,6 +180,10 @@ static const char *fmx__grade_taps(fmx_pack *pack, const fmx_verify_config *cfg,
         cJSON *o = cJSON_GetArrayItem(taps, cJSON_GetArraySize(taps) - 1);
         cJSON_AddStringToObject(o, "module", fmx_pack_module(pack, m)->path);
         cJSON_AddStringToObject(o, "class", fmx_pack_module(pack, m)->cls);
+        if (seen_module[i] < 0)
+            cJSON_AddStringToObject(o, "resolved",
+                                    "by suffix: the k-th tap of this name is the k-th call of a "
+                                    "module whose path ends in it");
         if (!ok && !first_bad) first_bad = name;
     }
     free(seen_module);
@@ -567,6 +596,9 @@ int fmx_verify_source(fmx_pack *pack, const char *source, size_t len, const char
         snprintf(shape, sizeof shape, "%dx%d %s", probe->batch, probe->seq, probe->padding);
         cJSON_AddStringToObject(r, "shape", shape);
         cJSON_AddStringToObject(r, "dtype", fmx_dtype_name(probe->dtype));
+        char words[256]; /* what the probe is, for people: image inputs, a bf16 copy */
+        cJSON_AddStringToObject(r, "describe",
+                                fmx_pack_probe_describe(pack, call->probe, words, sizeof words));
         graded++;
         const char *div = NULL;
         int ok = in_vis ? fmx__grade_call(pack, &cfg, mod, call, vres, iv++, r, report, &err_status,
@@ -688,9 +720,9 @@ void fmx_verify_print(FILE *out, const cJSON *report, int color) {
     const cJSON *probes = cJSON_GetObjectItem(report, "probes");
     const cJSON *r;
     cJSON_ArrayForEach(r, probes) {
-        fprintf(out, "\nprobe %s%s (%s)%s", fmx__s(r, "probe"),
-                fmx__b(r, "visible") ? "" : " [hidden]", fmx__s(r, "shape"),
-                fmx__n(r, "call") > 0 ? "" : "");
+        const char *words = fmx__s(r, "describe");
+        fprintf(out, "\nprobe %s%s (%s)", fmx__s(r, "probe"),
+                fmx__b(r, "visible") ? "" : " [hidden]", words[0] ? words : fmx__s(r, "shape"));
         if (fmx__n(r, "call") > 0) fprintf(out, " call %.0f", fmx__n(r, "call"));
         if (cJSON_GetObjectItem(r, "ms")) fprintf(out, " · %.2f ms", fmx__n(r, "ms"));
         fputc('\n', out);

@@ -421,6 +421,7 @@ cJSON *fmx_worker_step_request(const fmx_step_plan *plan) {
     cJSON_AddItemToObject(r, "args",
                           plan->args ? cJSON_Duplicate(plan->args, 1) : cJSON_CreateNull());
     cJSON_AddBoolToObject(r, "final", plan->final);
+    cJSON_AddBoolToObject(r, "finish", plan->finish);
     if (plan->fallback_code) cJSON_AddStringToObject(r, "fallback_code", plan->fallback_code);
     if (plan->fallback_entry) cJSON_AddStringToObject(r, "fallback_entry", plan->fallback_entry);
     return r;
@@ -795,6 +796,7 @@ static cJSON *fmx__job(const fmx__wctx *w, cJSON *rq) {
     plan.tool = fmx__dup_arg(rq, "tool");
     plan.args = cJSON_IsObject(args) ? cJSON_Duplicate(args, 1) : NULL;
     plan.final = fmx__flag(rq, "final");
+    plan.finish = fmx__flag(rq, "finish");
     plan.fallback_code = fmx__dup_arg(rq, "fallback_code");
     plan.fallback_entry = fmx__dup_arg(rq, "fallback_entry");
     cJSON *r = NULL;
@@ -1765,7 +1767,8 @@ int fmx_fate_outcome(const fmx_pool_config *cfg, const fmx_step_plan *plan, fmx_
         cJSON_AddItemToObject(data, "grade", cJSON_Duplicate(out->tool.grade.summary, 1));
         return FMX_OK;
     }
-    out->truncated = plan->final; /* the budget's last step ends the episode all the same */
+    /* the budget's last step, or a finish, ends the episode all the same */
+    out->truncated = plan->final || plan->finish;
     return FMX_OK;
 }
 

@@ -107,9 +107,14 @@ static cJSON *fmx__message(cJSON *messages, const char *role, const char *conten
     return m;
 }
 
+/* 1 if step s goes to the export: a call of a tool that exists, unless keep_invalid. */
+static int fmx__exported(const fmx_step_record *s, const fmx_export_options *opt) {
+    return opt->keep_invalid || (s->tool && fmx_tools_exists(s->tool));
+}
+
 /* One episode's line (without the newline). Caller frees; NULL when out of memory. */
 static char *fmx__line(const fmx_transcript *t, const char *goal, const char *goal_source,
-                       const cJSON *tools) {
+                       const cJSON *tools, const fmx_export_options *opt) {
     cJSON *o = cJSON_CreateObject();
     cJSON *messages = cJSON_AddArrayToObject(o, "messages");
     fmx__message(messages, "system", goal);
@@ -122,6 +127,7 @@ static char *fmx__line(const fmx_transcript *t, const char *goal, const char *go
     fmx__message(messages, "user", request);
     for (int i = 0; i < t->nsteps; i++) {
         const fmx_step_record *s = &t->steps[i];
+        if (!fmx__exported(s, opt)) continue;
         char id[64];
         snprintf(id, sizeof id, "call_%lld_%lld", (long long)t->id, (long long)s->idx);
         cJSON *a = fmx__message(messages, "assistant", NULL);
@@ -132,13 +138,18 @@ static char *fmx__line(const fmx_transcript *t, const char *goal, const char *go
         cJSON_AddStringToObject(c, "type", "function");
         cJSON *fn = cJSON_AddObjectToObject(c, "function");
         cJSON_AddStringToObject(fn, "name", s->tool ? s->tool : "");
-        cJSON_AddStringToObject(fn, "arguments", s->args ? s->args : "{}");
+        cJSON *args = opt->arguments_object ? cJSON_Parse(s->args ? s->args : "{}") : NULL;
+        if (args)
+            cJSON_AddItemToObject(fn, "arguments", args);
+        else
+            cJSON_AddStringToObject(fn, "arguments", s->args ? s->args : "{}");
         cJSON *obs = cJSON_Parse(s->observation ? s->observation : "");
         const char *text = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(obs, "text"));
         cJSON *m = cJSON_CreateObject();
         cJSON_AddItemToArray(messages, m);
         cJSON_AddStringToObject(m, "role", "tool");
         cJSON_AddStringToObject(m, "tool_call_id", id);
+        cJSON_AddStringToObject(m, "name", s->tool ? s->tool : "");
         cJSON_AddStringToObject(m, "content", text ? text : (s->observation ? s->observation : ""));
         cJSON_Delete(obs);
     }
@@ -164,9 +175,10 @@ static char *fmx__line(const fmx_transcript *t, const char *goal, const char *go
     return line;
 }
 
-int fmx_export_jsonl(const char *db_path, const fmx_export_filter *f, const char *tasks_dir,
-                     int max_steps, FILE *out, int64_t *n, char *err, size_t errsz) {
-    *n = 0;
+int fmx_export_jsonl(const char *db_path, const fmx_export_filter *f, const fmx_export_options *opt,
+                     FILE *out, fmx_export_counts *counts, char *err, size_t errsz) {
+    const char *tasks_dir = opt->tasks_dir;
+    memset(counts, 0, sizeof *counts);
     fmx_tasks *tasks = NULL;
     if (tasks_dir && fmx_tasks_open(tasks_dir, &tasks, stderr, err, errsz) != FMX_OK)
         return FMX_EIO;
@@ -214,7 +226,16 @@ int fmx_export_jsonl(const char *db_path, const fmx_export_filter *f, const char
         fmx_transcript *t = NULL;
         status = fmx_transcript_load(db, ids[i], &t, err, errsz);
         if (status) break;
-        char *goal = tasks ? fmx__goal_from_pack(t, tasks, max_steps) : NULL;
+        int kept = 0;
+        for (int k = 0; k < t->nsteps; k++)
+            kept += fmx__exported(&t->steps[k], opt);
+        counts->dropped_calls += t->nsteps - kept;
+        if (kept == 0 && !opt->keep_invalid) { /* nothing to learn from */
+            counts->dropped_episodes++;
+            fmx_transcript_free(t);
+            continue;
+        }
+        char *goal = tasks ? fmx__goal_from_pack(t, tasks, opt->max_steps) : NULL;
         const char *source = "pack";
         if (!goal) {
             if (tasks && !warned++)
@@ -225,7 +246,7 @@ int fmx_export_jsonl(const char *db_path, const fmx_export_filter *f, const char
             goal = fmx__goal_from_log(t);
             source = "log";
         }
-        char *line = goal ? fmx__line(t, goal, source, tools) : NULL;
+        char *line = goal ? fmx__line(t, goal, source, tools, opt) : NULL;
         if (!line) {
             snprintf(err, errsz, "out of memory");
             status = FMX_ENOMEM;
@@ -233,7 +254,7 @@ int fmx_export_jsonl(const char *db_path, const fmx_export_filter *f, const char
             snprintf(err, errsz, "write failed: %s", strerror(errno));
             status = FMX_EIO;
         } else {
-            (*n)++;
+            counts->lines++;
         }
         free(line);
         free(goal);
@@ -257,9 +278,15 @@ static const char fmx__usage[] =
     "  --filter K=V,...   policy=NAME, task=ID, status=S (submitted, truncated, aborted, ...),\n"
     "                     min_reward=X; repeatable, all must hold\n"
     "  -o FILE            write there (default: stdout)\n"
-    "  --tasks DIR        the packs the server served: the system message is then the exact\n"
-    "                     reset goal (without: its first paragraph and the tools, from the log)\n"
-    "  --max-steps N      the server's --max-steps, for the goal's budget line (default 40)\n";
+    "  --tasks DIR        the packs the server served: the system message is the exact\n"
+    "                     reset goal (one of --tasks and --goal-from-log is required)\n"
+    "  --goal-from-log    no packs: the system message is the goal's first paragraph, its\n"
+    "                     LOC target and the tool list, from the log (goal_source \"log\")\n"
+    "  --max-steps N      the server's --max-steps, for the goal's budget line (default 40)\n"
+    "  --arguments string|object  tool call arguments as a JSON string (OpenAI, the\n"
+    "                     default) or as an object (TRL / transformers chat templates)\n"
+    "  --keep-invalid     keep calls to tools that do not exist and episodes with no step\n"
+    "                     (left out by default)\n";
 
 int fmx_episodes_main(int argc, char **argv) {
     if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0) {
@@ -270,8 +297,9 @@ int fmx_episodes_main(int argc, char **argv) {
         fprintf(stderr, "fmx episodes: unknown subcommand '%s'\n\n%s", argv[1], fmx__usage);
         return 2;
     }
-    const char *db = NULL, *out_path = NULL, *tasks_dir = NULL;
-    int max_steps = 0;
+    const char *db = NULL, *out_path = NULL;
+    fmx_export_options opt = {0};
+    int goal_from_log = 0;
     fmx_export_filter f = fmx_export_filter_default();
     char err[1024];
     for (int i = 2; i < argc; i++) {
@@ -285,7 +313,21 @@ int fmx_episodes_main(int argc, char **argv) {
         } else if ((strcmp(a, "-o") == 0 || strcmp(a, "--output") == 0) && has) {
             out_path = argv[++i];
         } else if (strcmp(a, "--tasks") == 0 && has) {
-            tasks_dir = argv[++i];
+            opt.tasks_dir = argv[++i];
+        } else if (strcmp(a, "--goal-from-log") == 0) {
+            goal_from_log = 1;
+        } else if (strcmp(a, "--keep-invalid") == 0) {
+            opt.keep_invalid = 1;
+        } else if (strcmp(a, "--arguments") == 0 && has) {
+            const char *v = argv[++i];
+            if (strcmp(v, "object") != 0 && strcmp(v, "string") != 0) {
+                fprintf(stderr,
+                        "fmx episodes export: --arguments takes string or object, not "
+                        "'%s'\n",
+                        v);
+                return 2;
+            }
+            opt.arguments_object = strcmp(v, "object") == 0;
         } else if (strcmp(a, "--format") == 0 && has) {
             if (strcmp(argv[++i], "jsonl") != 0) {
                 fprintf(stderr, "fmx episodes export: --format takes jsonl, not '%s'\n", argv[i]);
@@ -298,7 +340,7 @@ int fmx_episodes_main(int argc, char **argv) {
                 fprintf(stderr, "fmx episodes export: --max-steps takes a positive integer\n");
                 return 2;
             }
-            max_steps = (int)v;
+            opt.max_steps = (int)v;
         } else if (strcmp(a, "--filter") == 0 && has) {
             if (fmx_export_filter_parse(argv[++i], &f, err, sizeof err) != FMX_OK) {
                 fprintf(stderr, "fmx episodes export: --filter: %s\n", err);
@@ -313,13 +355,25 @@ int fmx_episodes_main(int argc, char **argv) {
         fprintf(stderr, "fmx episodes export: --db FILE is required\n\n%s", fmx__usage);
         return 2;
     }
+    if (!opt.tasks_dir && !goal_from_log) {
+        fprintf(stderr,
+                "fmx episodes export: the goal (each line's system message) is not in the log; "
+                "give --tasks DIR (the server's --tasks) to rebuild it as the server sent it, or "
+                "--goal-from-log to write a shorter one from the log (its first paragraph, LOC "
+                "target and tool list; goal_source \"log\")\n");
+        return 2;
+    }
+    if (opt.tasks_dir && goal_from_log) {
+        fprintf(stderr, "fmx episodes export: give --tasks DIR or --goal-from-log, not both\n");
+        return 2;
+    }
     FILE *out = stdout;
     if (out_path && !(out = fopen(out_path, "w"))) {
         fprintf(stderr, "fmx episodes export: %s: %s\n", out_path, strerror(errno));
         return 2;
     }
-    int64_t n = 0;
-    int rc = fmx_export_jsonl(db, &f, tasks_dir, max_steps, out, &n, err, sizeof err);
+    fmx_export_counts n;
+    int rc = fmx_export_jsonl(db, &f, &opt, out, &n, err, sizeof err);
     if (out != stdout && fclose(out) != 0 && rc == FMX_OK) {
         snprintf(err, sizeof err, "%s: %s", out_path, strerror(errno));
         rc = FMX_EIO;
@@ -329,6 +383,11 @@ int fmx_episodes_main(int argc, char **argv) {
         return 2;
     }
     if (out_path)
-        fprintf(stderr, "fmx episodes export: %lld episodes to %s\n", (long long)n, out_path);
+        fprintf(stderr, "fmx episodes export: %lld episodes to %s\n", (long long)n.lines, out_path);
+    if (n.dropped_calls || n.dropped_episodes)
+        fprintf(stderr,
+                "fmx episodes export: left out %lld calls to tools that do not exist and %lld "
+                "episodes with no step left (--keep-invalid keeps them)\n",
+                (long long)n.dropped_calls, (long long)n.dropped_episodes);
     return 0;
 }

@@ -50,6 +50,30 @@ static const char fmx__query[] =
     "WHERE ?1 IS NULL OR p.name = ?1 "
     "ORDER BY p.name, e.task_id";
 
+/* The same under reward version ?2: an episode's last submission scored by
+ * its grade under ?2 (fmx regrade; a rerun preferred, then the newest), or
+ * by the server when it graded under ?2; an episode graded under neither is
+ * not counted ('ungraded'). Episodes without a submission keep their reward. */
+static const char fmx__query_version[] =
+    "SELECT p.name, e.task_id, "
+    "       CASE WHEN s.id IS NULL OR g.id IS NOT NULL OR s.reward_version = ?2 THEN e.status "
+    "            ELSE 'ungraded' END, "
+    "       CASE WHEN g.id IS NOT NULL THEN g.reward ELSE e.reward END, e.steps, "
+    "       coalesce(g.correctness, s.correctness), coalesce(g.loc, s.loc), "
+    "       coalesce(g.compile_score, s.compile_score) "
+    "FROM episodes e JOIN policies p ON p.id = e.policy_id "
+    "LEFT JOIN submissions s ON s.id = (SELECT max(id) FROM submissions WHERE episode = e.id) "
+    "LEFT JOIN grades g ON g.id = (SELECT id FROM grades WHERE submission = s.id AND "
+    "       reward_version = ?2 ORDER BY rerun DESC, created_at DESC LIMIT 1) "
+    "WHERE ?1 IS NULL OR p.name = ?1 "
+    "ORDER BY p.name, e.task_id";
+
+/* A log no regrade touched has no grades table: the version query reads none. */
+static const char fmx__no_grades[] =
+    "CREATE TEMP TABLE IF NOT EXISTS grades (id INTEGER PRIMARY KEY, submission INTEGER, "
+    "reward_version TEXT, rerun INTEGER, correctness REAL, loc INTEGER, compile_score REAL, "
+    "reward REAL, created_at REAL)";
+
 static char *fmx__keep(fmx_leaderboard *lb, const char *s) {
     if (lb->nstrings == lb->capstrings) {
         int cap = lb->capstrings ? 2 * lb->capstrings : 64;
@@ -174,8 +198,65 @@ static int fmx__rank(fmx_leaderboard *lb) {
     return FMX_OK;
 }
 
+/* 1 if the log has a grades table (fmx regrade made one). */
+static int fmx__has_grades(sqlite3 *db) {
+    sqlite3_stmt *st = NULL;
+    int has = sqlite3_prepare_v2(db,
+                                 "SELECT 1 FROM main.sqlite_master WHERE type = 'table' AND "
+                                 "name = 'grades'",
+                                 -1, &st, NULL) == SQLITE_OK &&
+              sqlite3_step(st) == SQLITE_ROW;
+    sqlite3_finalize(st);
+    return has;
+}
+
+/* Prints the reward versions the log's grades are under, the server's (in
+ * submissions) and fmx regrade's (in grades), and how to rank by each: when
+ * the log has regrades or one is shown. */
+static void fmx__print_versions(FILE *f, const char *db_path, const char *shown) {
+    sqlite3 *db = NULL;
+    if (sqlite3_open_v2(db_path, &db, SQLITE_OPEN_READONLY, NULL) != SQLITE_OK) {
+        sqlite3_close(db);
+        return;
+    }
+    if (!shown && !fmx__has_grades(db)) { /* no regrade: the server's rewards, nothing to pick */
+        sqlite3_close(db);
+        return;
+    }
+    const char *sql = fmx__has_grades(db)
+                          ? "SELECT reward_version, 'server', count(*) FROM submissions GROUP BY 1 "
+                            "UNION ALL SELECT reward_version, CASE max(rerun) WHEN 1 THEN "
+                            "'fmx regrade --rerun' ELSE 'fmx regrade' END, count(*) FROM grades "
+                            "GROUP BY 1 ORDER BY 2 DESC, 1"
+                          : "SELECT reward_version, 'server', count(*) FROM submissions GROUP BY 1 "
+                            "ORDER BY 1";
+    sqlite3_stmt *st = NULL;
+    int n = 0;
+    if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK)
+        while (sqlite3_step(st) == SQLITE_ROW) {
+            const char *v = (const char *)sqlite3_column_text(st, 0);
+            if (!n++)
+                fprintf(f, "\nrewards %s; graded under:\n",
+                        shown ? "under the reward version shown above"
+                              : "as the server graded them");
+            fprintf(f, "  %-24s %-20s %lld submissions%s\n", v ? v : "?",
+                    (const char *)sqlite3_column_text(st, 1),
+                    (long long)sqlite3_column_int64(st, 2),
+                    shown && v && strcmp(v, shown) == 0 ? "  (shown)" : "");
+        }
+    if (n > 1 || (n == 1 && shown))
+        fprintf(f, "(fmx leaderboard --reward-version V ranks by one of them)\n");
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+}
+
 int fmx_leaderboard_open(const char *db_path, const char *policy, fmx_leaderboard **out, char *err,
                          size_t errsz) {
+    return fmx_leaderboard_open_version(db_path, policy, NULL, out, err, errsz);
+}
+
+int fmx_leaderboard_open_version(const char *db_path, const char *policy, const char *version,
+                                 fmx_leaderboard **out, char *err, size_t errsz) {
     *out = NULL;
     if (!db_path) {
         snprintf(err, errsz, "no episode log given");
@@ -191,7 +272,8 @@ int fmx_leaderboard_open(const char *db_path, const char *policy, fmx_leaderboar
     }
     sqlite3_busy_timeout(db, 5000);
     sqlite3_stmt *st = NULL;
-    rc = sqlite3_prepare_v2(db, fmx__query, -1, &st, NULL);
+    if (version && !fmx__has_grades(db)) sqlite3_exec(db, fmx__no_grades, NULL, NULL, NULL);
+    rc = sqlite3_prepare_v2(db, version ? fmx__query_version : fmx__query, -1, &st, NULL);
     if (rc != SQLITE_OK) {
         const char *why = sqlite3_errmsg(db);
         int format =
@@ -201,6 +283,7 @@ int fmx_leaderboard_open(const char *db_path, const char *policy, fmx_leaderboar
         return format ? FMX_EFORMAT : FMX_EIO;
     }
     if (policy) sqlite3_bind_text(st, 1, policy, -1, SQLITE_STATIC);
+    if (version) sqlite3_bind_text(st, 2, version, -1, SQLITE_STATIC);
 
     fmx_leaderboard *lb = calloc(1, sizeof *lb);
     fmx__sums *sums = NULL;
@@ -724,22 +807,28 @@ int fmx_leaderboard_html(FILE *f, const fmx_leaderboard *lb, const char *db_path
 }
 
 static const char fmx__usage[] =
-    "usage: fmx leaderboard --db FILE [--policy NAME] [--html FILE]\n"
+    "usage: fmx leaderboard --db FILE [--policy NAME] [--reward-version V] [--html FILE]\n"
     "  --db FILE       the episode log (SQLite) a server wrote (fmx serve --db)\n"
     "  --policy NAME   only this policy's episodes\n"
+    "  --reward-version V  rank by the grades under reward version V: fmx regrade's (a\n"
+    "                  rerun first) or the server's; episodes graded under neither are\n"
+    "                  left out (default: the rewards the server gave)\n"
     "  --html FILE     also write the leaderboard as one static HTML page (inline CSS and\n"
     "                  SVG charts: rewards per policy, LOC against correctness)\n";
 
 int fmx_leaderboard_main(int argc, char **argv) {
-    const char *db = NULL, *policy = NULL, *html = NULL;
+    const char *db = NULL, *policy = NULL, *html = NULL, *version = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
             fputs(fmx__usage, stdout);
             return 0;
         }
-        if ((strcmp(a, "--db") == 0 || strcmp(a, "--policy") == 0 || strcmp(a, "--html") == 0) &&
-            i + 1 < argc) {
+        if (strcmp(a, "--reward-version") == 0 && i + 1 < argc) {
+            version = argv[++i];
+        } else if ((strcmp(a, "--db") == 0 || strcmp(a, "--policy") == 0 ||
+                    strcmp(a, "--html") == 0) &&
+                   i + 1 < argc) {
             if (a[2] == 'd')
                 db = argv[++i];
             else if (a[2] == 'p')
@@ -757,11 +846,13 @@ int fmx_leaderboard_main(int argc, char **argv) {
     }
     char err[1024];
     fmx_leaderboard *lb = NULL;
-    if (fmx_leaderboard_open(db, policy, &lb, err, sizeof err) != FMX_OK) {
+    if (fmx_leaderboard_open_version(db, policy, version, &lb, err, sizeof err) != FMX_OK) {
         fprintf(stderr, "fmx leaderboard: %s\n", err);
         return 2;
     }
+    if (version) printf("rewards under reward version %s\n\n", version);
     fmx_leaderboard_print(stdout, lb);
+    fmx__print_versions(stdout, db, version);
     int status = 0;
     if (html) {
         FILE *f = fopen(html, "w");

@@ -52,6 +52,13 @@ typedef struct {
  * (not an fmx log) or FMX_ENOMEM. Caller closes with fmx_leaderboard_close. */
 int fmx_leaderboard_open(const char *db_path, const char *policy, fmx_leaderboard **out, char *err,
                          size_t errsz);
+/* The same with every finished episode scored under reward version (NULL:
+ * as the server scored it): its last submission's grade under version in
+ * the log's grades table (fmx regrade; a rerun first, then the newest), or
+ * the server's grade when it was made under version; episodes graded under
+ * neither count as unfinished. */
+int fmx_leaderboard_open_version(const char *db_path, const char *policy, const char *version,
+                                 fmx_leaderboard **out, char *err, size_t errsz);
 void fmx_leaderboard_close(fmx_leaderboard *lb); /* accepts NULL */
 
 int fmx_leaderboard_count(const fmx_leaderboard *lb);

@@ -18,11 +18,13 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include "engine/engine.h"
 #include "env/episode.h"
 #include "env/evaluator.h"
+#include "env/progress.h"
 #include "env/status.h"
 #include "env/tasks.h"
 #include "env/tools.h"
@@ -705,7 +707,8 @@ static const char fmx__replay_usage[] =
     "  --db FILE             the episode log (SQLite)\n"
     "  EPISODE               episode id (episodes.id)\n"
     "  --tasks DIR           the packs the server served (its --tasks DIR); the log does\n"
-    "                        not record it, so re-execution needs it\n"
+    "                        not record it (default: the log's folder or packs/ in it,\n"
+    "                        when the episode's pack is there)\n"
     "  --no-exec             only print the transcript\n"
     "  --full                print observations and code in full (default: abbreviated)\n"
     "  --reward FILE         reward config (default: the one the episode's grade names)\n"
@@ -788,12 +791,35 @@ int fmx_replay_main(int argc, char **argv) {
         fprintf(stderr, "fmx replay: %s: %s\n", db_path, err);
         return 2;
     }
+    /* Without --tasks: the packs beside the log (demo.sh's packs/fmx.db) or in packs/
+     * beside it (fmx run's defaults, fmx.db and packs/). */
+    char beside[512];
+    for (int k = 0; k < 2 && exec && !o.tasks_dir && t->pack; k++) {
+        const char *slash = strrchr(db_path, '/');
+        int dir_len = slash ? (int)(slash - db_path) : 1;
+        const char *sub = k ? "/packs" : "";
+        struct stat sb;
+        snprintf(beside, sizeof beside, "%.*s%s/%s/task.json", dir_len, slash ? db_path : ".", sub,
+                 t->pack);
+        if (stat(beside, &sb) == 0) {
+            snprintf(beside, sizeof beside, "%.*s%s", dir_len, slash ? db_path : ".", sub);
+            o.tasks_dir = beside;
+            fprintf(stderr,
+                    "fmx replay: re-executing against the packs beside the log, %s (--tasks DIR "
+                    "picks others)\n",
+                    beside);
+        }
+    }
+    if (exec && !o.tasks_dir)
+        fprintf(stderr,
+                "fmx replay: cannot re-execute episode %lld: its pack '%s' is not beside the log "
+                "and the log does not record where the packs were. Give --tasks DIR (the "
+                "server's --tasks) to re-execute it, or --no-exec for the transcript alone "
+                "(exit 0). The transcript follows; exit status 2.\n",
+                (long long)id, t->pack ? t->pack : "?");
     fmx__print_transcript(stdout, t, full);
     int status = 0;
     if (exec && !o.tasks_dir) {
-        fprintf(stderr,
-                "fmx replay: the episode log does not record where the packs are: give --tasks "
-                "DIR (the server's --tasks) to re-execute the episode, or --no-exec\n");
         status = 2;
     } else if (exec) {
         int ndiff = 0;
@@ -945,6 +971,17 @@ int fmx_regrade_main(int argc, char **argv) {
         fprintf(stderr, "fmx regrade: %s\n", err);
         return 2;
     }
+    /* R = w_correct·c + [c = 1]·(w_loc·loc + w_compile·compile) reaches 1 only when the
+     * weights sum to 1: rewards under other sums do not compare with the server's */
+    double wsum = cfg.w_correct + cfg.w_loc + cfg.w_compile;
+    if (fabs(wsum - 1) > 1e-9) {
+        fprintf(stderr,
+                "fmx regrade: %s: the weights w_correct + w_loc + w_compile sum to %.10g, not 1 "
+                "(%g + %g + %g); a reward must range over [0, 1]\n",
+                reward_path ? reward_path : "the default reward", wsum, cfg.w_correct, cfg.w_loc,
+                cfg.w_compile);
+        return 2;
+    }
     fmx_tasks *tasks = NULL;
     if (rerun) fmx__sandboxed_evaluations(device, eval_timeout_s);
     if (rerun && (fmx_engine_set_device(device, err, sizeof err) != FMX_OK ||
@@ -955,12 +992,22 @@ int fmx_regrade_main(int argc, char **argv) {
     sqlite3 *db = NULL;
     sqlite3_stmt *st = NULL;
     fmx__regrade *grades = NULL;
+    fmx_progress *progress = NULL;
     int n = 0, cap = 0, skipped = 0, same_version = 0, status = 2, rc;
     if (fmx_replay_open_db(db_path, 0, &db, err, sizeof err) != FMX_OK) goto done;
+    if (rerun) { /* grading again takes a while: submissions k/N on stderr */
+        sqlite3_stmt *count = NULL;
+        if (fmx__prepare(db, "SELECT count(*) FROM submissions", &count, err, sizeof err) != FMX_OK)
+            goto done;
+        if (sqlite3_step(count) == SQLITE_ROW)
+            progress = fmx_progress_create("submissions", sqlite3_column_int(count, 0), 0);
+        sqlite3_finalize(count);
+    }
     if (fmx__prepare(db, fmx__subs_sql, &st, err, sizeof err) != FMX_OK) goto done;
 
     /* Grade first, write after: the write lock is held only for the inserts. */
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        fmx_progress_step(progress, NULL);
         if (n == cap) {
             cap = cap ? 2 * cap : 64;
             fmx__regrade *g = realloc(grades, (size_t)cap * sizeof *g);
@@ -1043,6 +1090,8 @@ int fmx_regrade_main(int argc, char **argv) {
     }
     sqlite3_finalize(st);
     st = NULL;
+    fmx_progress_destroy(progress);
+    progress = NULL;
 
     char *msg = NULL;
     if (sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, &msg) != SQLITE_OK ||
@@ -1120,6 +1169,7 @@ int fmx_regrade_main(int argc, char **argv) {
     status = rc == SQLITE_DONE ? 0 : 2;
     if (status) snprintf(err, sizeof err, "summary: %s", sqlite3_errmsg(db));
 done:
+    fmx_progress_destroy(progress);
     if (status) fprintf(stderr, "fmx regrade: %s\n", err);
     sqlite3_finalize(st);
     sqlite3_close(db);

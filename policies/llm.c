@@ -23,42 +23,11 @@
 #include <unistd.h>
 
 #include "env/status.h"
+#include "env/tools.h"
 
 #define FMX__REPLY_CAP (32 << 20) /* bytes of one HTTP reply */
 #define FMX__BACKOFF_CAP_MS 30000
 #define FMX__RETRY_AFTER_CAP_S 60
-
-/* What fmx wants, for the model: the README's candidate language in short. */
-static const char fmx__system_prompt[] =
-    "You rewrite a module of a PyTorch model as flat functional PyTorch for fmx: one Python "
-    "file of plain typed functions that computes exactly what the module's forward computes, "
-    "from the module's inputs and its weights. fmx compiles the file with TorchScript and "
-    "compares it with the real module on probes; the same file must also run in plain Python.\n"
-    "\n"
-    "The candidate language:\n"
-    "- Imports only: import torch; import torch.nn.functional as F; from torch import Tensor; "
-    "import math; from typing import Dict, List, Optional, Tuple.\n"
-    "- Top-level constants NAME = literal or simple expression; top-level functions with "
-    "every parameter and the return type annotated. No classes, no decorators, no nn.Module.\n"
-    "- Functional only: no in-place tensor ops (x += y on tensors, x[i] = y, add_, copy_); no "
-    "print, no torch.ops, no files.\n"
-    "- The entry function (named `forward` unless you pass another `entry`) takes the module's "
-    "inputs as keyword arguments named as in the original forward (declare only those you "
-    "use) plus one `weights: Dict[str, Tensor]` keyed relative to the module's path "
-    "(get_weight_info lists the keys), and returns the module's tensor outputs in order: a "
-    "Tensor or a tuple.\n"
-    "- Optional: define `def tap(name: str, x: Tensor) -> Tensor: return x` and call "
-    "tap(\"child.path\", h) to have verify_component compare h with that child module's "
-    "output.\n"
-    "\n"
-    "Reward: correctness on every probe, hidden ones included, comes first; then few logical "
-    "lines (at most the task's target) and code that compiles cleanly (no .item() or "
-    ".tolist(), no control flow on tensor values).\n"
-    "\n"
-    "Use the tools: read_module_source, get_weight_info, capture_intermediate and trace_ops "
-    "to learn the module; verify_component to check your code on the visible probes; submit "
-    "with the final code when it matches. Every tool call is one step of a limited budget and "
-    "submit ends the episode, so call submit before you stop.";
 
 static const char fmx__nudge[] =
     "You answered without a tool call. Call verify_component to check your code or submit to "
@@ -869,7 +838,7 @@ int fmx_policy_llm(fmx_client *c, const char *name, const cJSON *task, int64_t s
     const char *goal = fmx__str(cJSON_GetObjectItemCaseSensitive(reset, "observation"), "text");
     e.messages = cJSON_CreateArray();
     e.turns = cJSON_CreateArray();
-    fmx__add_message(&e, "system", fmx__system_prompt);
+    fmx__add_message(&e, "system", fmx_tools_system_prompt());
     fmx__add_message(&e, "user", goal ? goal : "");
     cJSON_Delete(reset);
 

@@ -25,6 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "env/progress.h"
 #include "env/status.h"
 #include "episodes/leaderboard.h"
 #include "llm.h"
@@ -41,11 +42,15 @@ static const struct {
                      {"llm", fmx_policy_llm}};
 #define FMX__NPOLICIES ((int)(sizeof fmx__policies / sizeof fmx__policies[0]))
 
+#define FMX__MAX_TASKS 256 /* --task options */
+
 typedef struct {
     const char *policies[FMX__MAX_POLICIES];
     fmx_policy_fn fns[FMX__MAX_POLICIES];
     int npolicies;
-    const char *tasks_dir, *db, *connect, *solutions, *only_task;
+    const char *tasks_dir, *db, *connect, *solutions;
+    const char *only_tasks[FMX__MAX_TASKS]; /* --task, repeatable (also ID,ID,...) */
+    int nonly;
     int episodes, jobs, verbose;
     fmx_llm_config llm; /* --policy llm */
     int uses_llm;
@@ -192,8 +197,9 @@ typedef struct {
     int next;
     /* results */
     int done, failed, oracle_misses;
-    double *reward_sum; /* per policy */
-    int *ended;         /* per policy */
+    fmx_progress *progress; /* episodes k/N on stderr */
+    double *reward_sum;     /* per policy */
+    int *ended;             /* per policy */
 } fmx__work;
 
 static void *fmx__player(void *arg) {
@@ -221,6 +227,7 @@ static void *fmx__player(void *arg) {
         fmx_episode_result res;
         int rc = w->o->fns[p](c, w->o->policies[p], task, e, &w->ctx, &res, err, sizeof err);
         int is_oracle = w->o->fns[p] == fmx_policy_oracle;
+        fmx_progress_step(w->progress, id);
         pthread_mutex_lock(&w->mu);
         w->done++;
         if (rc != FMX_OK) {
@@ -259,7 +266,8 @@ static const char fmx__usage[] =
     "  --tasks DIR        packs to serve (default: packs); also where the oracle reads each\n"
     "                     pack's source to find its reference solution\n"
     "  --episodes N       episodes of each policy on each task (default 1)\n"
-    "  --task ID          only this task (default: every task list_tasks gives)\n"
+    "  --task ID          only this task; repeat it (or ID,ID,...) for several (default:\n"
+    "                     every task list_tasks gives)\n"
     "  --connect ADDR     use a running server instead of starting one\n"
     "  --db FILE          episode log: the started server's (default fmx.db), or the one to\n"
     "                     read the leaderboard from with --connect (default: the server's)\n"
@@ -381,9 +389,14 @@ static int fmx__parse(int argc, char **argv, fmx__run_opts *o) {
             o->connect = v;
         else if (strcmp(a, "--solutions") == 0)
             o->solutions = v;
-        else if (strcmp(a, "--task") == 0)
-            o->only_task = v;
-        else if (strcmp(a, "--episodes") == 0)
+        else if (strcmp(a, "--task") == 0) {
+            /* repeatable, and each may list several: --task A --task B,C */
+            for (char *save, *id = strtok_r((char *)v, ",", &save); id && ok;
+                 id = strtok_r(NULL, ",", &save)) {
+                ok = o->nonly < FMX__MAX_TASKS;
+                if (ok) o->only_tasks[o->nonly++] = id;
+            }
+        } else if (strcmp(a, "--episodes") == 0)
             ok = fmx__pos(v, &o->episodes);
         else if (strcmp(a, "--jobs") == 0)
             ok = fmx__pos(v, &o->jobs);
@@ -415,29 +428,35 @@ static int fmx__parse(int argc, char **argv, fmx__run_opts *o) {
     return -1; /* go on */
 }
 
-/* The tasks to play: every task, or the one --task names. */
-static cJSON *fmx__tasks(fmx_client *c, const char *only, char *err, size_t errsz) {
+/* The tasks to play: every task, or those --task names (in the order named). */
+static cJSON *fmx__tasks(fmx_client *c, const fmx__run_opts *o, char *err, size_t errsz) {
     cJSON *tasks = NULL;
     if (fmx_client_list_tasks(c, &tasks) != FMX_OK) {
         snprintf(err, errsz, "list_tasks: %s", fmx_client_errmsg(c));
         return NULL;
     }
-    if (!only) return tasks;
-    cJSON *one = cJSON_CreateArray();
-    for (cJSON *t = tasks->child; t; t = t->next) {
-        const char *id = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(t, "id"));
-        if (id && strcmp(id, only) == 0) {
-            cJSON_AddItemToArray(one, cJSON_Duplicate(t, 1));
-            break;
+    if (o->nonly == 0) return tasks;
+    cJSON *chosen = cJSON_CreateArray();
+    for (int k = 0; chosen && k < o->nonly; k++) {
+        const cJSON *found = NULL;
+        for (const cJSON *t = tasks->child; t && !found; t = t->next) {
+            const char *id = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(t, "id"));
+            if (id && strcmp(id, o->only_tasks[k]) == 0) found = t;
+        }
+        int dup = 0;
+        for (int j = 0; j < k; j++)
+            dup |= strcmp(o->only_tasks[j], o->only_tasks[k]) == 0;
+        if (!found) {
+            snprintf(err, errsz, "the server has no task '%s' (list_tasks has %d tasks)",
+                     o->only_tasks[k], cJSON_GetArraySize(tasks));
+            cJSON_Delete(chosen);
+            chosen = NULL;
+        } else if (!dup) {
+            cJSON_AddItemToArray(chosen, cJSON_Duplicate(found, 1));
         }
     }
     cJSON_Delete(tasks);
-    if (cJSON_GetArraySize(one) == 0) {
-        snprintf(err, errsz, "the server has no task '%s'", only);
-        cJSON_Delete(one);
-        return NULL;
-    }
-    return one;
+    return chosen;
 }
 
 /* Plays everything; returns the exit status part of the run (0, 1, 2). */
@@ -456,16 +475,19 @@ static int fmx__play(const fmx__run_opts *o, const char *addr, const cJSON *task
     pthread_t th[64];
     if (nthreads > 64) nthreads = 64;
     double t0 = fmx__now();
+    w.progress = fmx_progress_create("episodes", w.total, 0);
     int started = 0;
     for (int i = 0; i < nthreads; i++)
         if (pthread_create(&th[started], NULL, fmx__player, &w) == 0) started++;
     if (started == 0 && w.total > 0) {
+        fmx_progress_destroy(w.progress);
         fprintf(stderr, "fmx run: cannot start client threads\n");
         pthread_mutex_destroy(&w.mu);
         return 2;
     }
     for (int i = 0; i < started; i++)
         pthread_join(th[i], NULL);
+    fmx_progress_destroy(w.progress);
     double dt = fmx__now() - t0;
     pthread_mutex_destroy(&w.mu);
     for (int p = 0; p < o->npolicies; p++)
@@ -525,7 +547,7 @@ int fmx_run_main(int argc, char **argv) {
         cJSON_Delete(h);
     }
     if (o.db && !realpath(o.db, db_abs)) snprintf(db_abs, sizeof db_abs, "%s", o.db);
-    tasks = fmx__tasks(c, o.only_task, err, sizeof err);
+    tasks = fmx__tasks(c, &o, err, sizeof err);
     if (!tasks) {
         fprintf(stderr, "fmx run: %s\n", err);
         goto out;

@@ -15,6 +15,7 @@ packages=(
   libcjson-dev libcmocka-dev libsqlite3-dev libssl-dev libzmq3-dev libmsgpack-dev libseccomp-dev
   clang libclang-rt-14-dev
   python3-pytest python3-pytest-xdist python3-zmq python3-msgpack
+  python3-setuptools python3-pip python3-venv python3-wheel  # pip install ./python, offline
   libcurl4-openssl-dev
   chromium  # headless, for the HTML leaderboard test (tests/python/test_research.py)
 )

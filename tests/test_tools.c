@@ -814,10 +814,93 @@ static void test_episode_truncated(void **state) {
     fmx_episode_destroy(ep);
 }
 
+static void test_episode_finish(void **state) {
+    (void)state;
+    fmx_budget b = {.max_steps = 10, .max_code_bytes = 65536};
+    /* finish grades the last verified code at once, as a submit would */
+    fmx_episode *ep = fmx_episode_create(7, mlp_task, "t", 0, "id", 2, b, &reward);
+    fmx_step_result res;
+    step(ep, "verify_component", code_args(solution, "mlp", NULL), &res);
+    fmx_step_result_clear(&res);
+    step(ep, "finish", NULL, &res);
+    assert_true(res.terminated);
+    assert_false(res.truncated);
+    assert_true(res.graded);
+    assert_true(res.reward > 0.7);
+    has(text_of(res.observation), "graded as if submitted");
+    assert_int_equal(fmx_episode_status_of(ep), FMX_EP_SUBMITTED);
+    fmx_step_result_clear(&res);
+    fmx_episode_destroy(ep);
+
+    /* nothing verified: it ends closed, reward 0 */
+    ep = fmx_episode_create(8, mlp_task, "t", 0, "id", 2, b, &reward);
+    step(ep, "finish", NULL, &res);
+    assert_true(res.terminated);
+    assert_false(res.graded);
+    assert_true(res.reward == 0);
+    has(text_of(res.observation), "No code was verified");
+    assert_int_equal(fmx_episode_status_of(ep), FMX_EP_CLOSED);
+    fmx_step_result_clear(&res);
+    fmx_episode_destroy(ep);
+
+    /* a finish with arguments it does not take is refused and the episode goes on */
+    ep = fmx_episode_create(9, mlp_task, "t", 0, "id", 2, b, &reward);
+    cJSON *bad = cJSON_CreateObject();
+    cJSON_AddNumberToObject(bad, "code", 1);
+    step(ep, "finish", bad, &res); /* takes bad */
+    assert_false(res.terminated);
+    assert_string_equal(res.error, "bad_args");
+    assert_int_equal(fmx_episode_status_of(ep), FMX_EP_OPEN);
+    fmx_step_result_clear(&res);
+    fmx_episode_destroy(ep);
+}
+
+/* OpenAI strict mode: every property required, none extra, optional ones
+ * nullable; and the server takes null as the default. */
+static void test_spec_strict(void **state) {
+    (void)state;
+    cJSON *spec = fmx_tools_spec_strict();
+    const cJSON *t;
+    cJSON_ArrayForEach(t, spec) {
+        const cJSON *f = cJSON_GetObjectItem(t, "function");
+        assert_true(cJSON_IsTrue(cJSON_GetObjectItem(f, "strict")));
+        const cJSON *p = cJSON_GetObjectItem(f, "parameters");
+        assert_true(cJSON_IsFalse(cJSON_GetObjectItem(p, "additionalProperties")));
+        const cJSON *req = cJSON_GetObjectItem(p, "required"), *prop;
+        assert_int_equal(cJSON_GetArraySize(req),
+                         cJSON_GetArraySize(cJSON_GetObjectItem(p, "properties")));
+        cJSON_ArrayForEach(prop, cJSON_GetObjectItem(p, "properties")) {
+            int listed = 0;
+            const cJSON *r;
+            cJSON_ArrayForEach(r, req) listed |= strcmp(r->valuestring, prop->string) == 0;
+            assert_true(listed);
+        }
+    }
+    cJSON_Delete(spec);
+    /* capture_intermediate's probe is declared a string, as the server names probes */
+    spec = fmx_tools_spec();
+    cJSON_ArrayForEach(t, spec) {
+        const cJSON *f = cJSON_GetObjectItem(t, "function");
+        if (strcmp(cJSON_GetObjectItem(f, "name")->valuestring, "capture_intermediate")) continue;
+        const cJSON *probe = cJSON_GetObjectItem(
+            cJSON_GetObjectItem(cJSON_GetObjectItem(f, "parameters"), "properties"), "probe");
+        assert_string_equal(cJSON_GetObjectItem(probe, "type")->valuestring, "string");
+    }
+    cJSON_Delete(spec);
+    fmx_tool_ctx ctx = {.task = mlp_task, .reward = &reward, .max_code_bytes = 65536};
+    cJSON *args = cJSON_Parse("{\"path\": null, \"probe\": \"p0\", \"call\": null, "
+                              "\"values\": null}");
+    fmx_tool_result r;
+    assert_int_equal(fmx_tools_run(&ctx, "capture_intermediate", args, &r), FMX_OK);
+    assert_null(r.error);
+    fmx_tool_result_clear(&r);
+    cJSON_Delete(args);
+}
+
 static void test_spec(void **state) {
     (void)state;
     cJSON *spec = fmx_tools_spec();
-    assert_int_equal(cJSON_GetArraySize(spec), 6);
+    assert_int_equal(cJSON_GetArraySize(spec), 7);
     const cJSON *t;
     int saw_submit = 0;
     cJSON_ArrayForEach(t, spec) {
@@ -868,6 +951,8 @@ int main(void) {
         cmocka_unit_test(test_goal),
         cmocka_unit_test(test_episode_submit),
         cmocka_unit_test(test_episode_truncated),
+        cmocka_unit_test(test_episode_finish),
+        cmocka_unit_test(test_spec_strict),
         cmocka_unit_test(test_spec),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

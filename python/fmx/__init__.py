@@ -1,8 +1,9 @@
 """fmx: turn class-based PyTorch models into flat functional programs.
 
 This package holds the Python side of fmx: the exporter that writes task packs
-(`python3 -m fmx.export`), a safetensors reader/writer and the client of the
-environment server (`from fmx import Client`). It is not the server
+(`python3 -m fmx.export`), a safetensors reader/writer, the clients of the
+environment server (`from fmx import Client, AsyncClient`) and adapters for
+RL trainers (`fmx.adapters`: TRL, verifiers, Gymnasium). It is not the server
 (C, under env/) and does not verify candidates.
 """
 
@@ -18,6 +19,9 @@ _CLIENT_NAMES = ("Client", "FmxError", "BadMessage", "BadRequest", "UnknownOp", 
 
 
 def __getattr__(name: str) -> Any:
+    if name == "AsyncClient":
+        from . import aio
+        return aio.AsyncClient
     if name in _CLIENT_NAMES:
         from . import client
         return getattr(client, name)

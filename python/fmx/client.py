@@ -24,8 +24,12 @@ the protocol's error codes; a reply that does not come in time is `Timeout`.
 Step records of the SQLite episode log are decoded with the field list the
 server publishes in `spec` (`step_fields`), never a copy of it.
 
-A Client is not thread-safe (neither is a ZeroMQ socket): give each thread its
-own. Not here: the server (env/server.c), the C client (policies/client.c).
+A Client may be shared by threads: its socket and bookkeeping are guarded by
+a lock, and a thread waiting for its reply reads, in short turns, the replies
+of every thread (each goes to the thread that asked). One client per thread
+is still faster (no turns). For asyncio, `fmx.AsyncClient` (fmx.aio) has the
+same calls as coroutines. Not here: the server (env/server.c), the C client
+(policies/client.c).
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import itertools
 import json
 import os
 import sqlite3
+import threading
 import time
 import urllib.parse
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
@@ -154,6 +159,39 @@ def error_from_reply(reply: Mapping[str, Any]) -> FmxError:
     return _ERRORS.get(code, FmxError)(message, code=code, reply=reply)
 
 
+def decode_step(fields: Sequence[Mapping[str, str]],
+                record: Union[Mapping[str, Any], Sequence[Any]]) -> Dict[str, Any]:
+    """A step record as a dict of Python values, by the server's `step_fields`."""
+    if not isinstance(record, Mapping):
+        record = dict(zip((f["name"] for f in fields), record))
+    out: Dict[str, Any] = {}
+    for f in fields:
+        v = record.get(f["name"])
+        if v is not None:
+            kind = f["type"]
+            if kind == "json":
+                v = json.loads(v) if isinstance(v, (str, bytes)) else v
+            elif kind == "int":
+                v = int(v)
+            elif kind == "float":
+                v = float(v)
+            elif kind == "str":
+                v = str(v)
+        out[f["name"]] = v
+    return out
+
+
+def read_steps(path: str, episode: int, fields: Sequence[Mapping[str, str]]
+               ) -> List[Dict[str, Any]]:
+    """Every logged step of an episode in the SQLite log at path (opened read-only), decoded."""
+    cols = ", ".join(f'"{f["name"]}"' for f in fields)
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+        rows = conn.execute(f"SELECT {cols} FROM steps WHERE episode = ? ORDER BY idx",
+                            (episode,)).fetchall()
+    return [decode_step(fields, row) for row in rows]
+
+
 def _step_result(reply: Mapping[str, Any]) -> StepResult:
     return (reply["observation"], float(reply["reward"]), bool(reply["terminated"]),
             bool(reply["truncated"]), reply["info"])
@@ -191,13 +229,16 @@ class Client:
         self._abandoned: Set[int] = set()  # waits that timed out: their late replies are dropped
         self.stray_replies = 0  # replies that matched no request sent (never expected)
         self._spec: Optional[Dict[str, Any]] = None
+        # guards the socket and the maps above: threads may share a client
+        self._lock = threading.RLock()
 
     # ---- the socket ----
 
     def disconnect(self) -> None:
         """Closes the socket. Open episodes stay open on the server until closed or it stops."""
-        if not self._sock.closed:
-            self._sock.close(linger=0)
+        with self._lock:
+            if not self._sock.closed:
+                self._sock.close(linger=0)
 
     def __enter__(self) -> "Client":
         return self
@@ -206,12 +247,23 @@ class Client:
         self.disconnect()
 
     def _send(self, op: str, fields: Mapping[str, Any]) -> int:
-        req = next(self._reqs)
-        body = {"op": op, "req": req}
-        body.update(fields)
-        self._sock.send(msgpack.packb(body, use_bin_type=True))
-        self._outstanding.add(req)
+        body = dict(fields)
+        with self._lock:
+            req = next(self._reqs)
+            body.update(op=op, req=req)
+            self._sock.send(msgpack.packb(body, use_bin_type=True))
+            self._outstanding.add(req)
         return req
+
+    # A thread holds the lock for one turn of reading at most this long, so
+    # that other threads sharing the client can send and read in between.
+    _TURN_S = 0.01
+
+    def _read_turn(self, timeout: Optional[float]) -> None:
+        """One thread-safe turn of _read, at most _TURN_S (or timeout) long."""
+        turn = self._TURN_S if timeout is None else max(0.0, min(timeout, self._TURN_S))
+        with self._lock:
+            self._read(turn)
 
     def _read(self, timeout: Optional[float]) -> bool:
         """Reads every reply that is waiting, blocking up to timeout seconds for the first.
@@ -243,12 +295,15 @@ class Client:
 
     def _wait(self, req: int, timeout: Optional[float]) -> Dict[str, Any]:
         deadline = None if timeout is None else time.monotonic() + timeout
-        while req not in self._arrived:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0 or not self._read(left):
-                self._abandoned.add(req)
-                raise Timeout(f"no reply to request {req} from {self.addr} within {timeout} s")
-        return self._arrived.pop(req)
+        while True:
+            with self._lock:
+                if req in self._arrived:
+                    return self._arrived.pop(req)
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    self._abandoned.add(req)
+                    raise Timeout(f"no reply to request {req} from {self.addr} within {timeout} s")
+            self._read_turn(left)
 
     def request(self, op: str, **fields: Any) -> Dict[str, Any]:
         """Sends one request and returns its reply map (ok replies only).
@@ -268,7 +323,8 @@ class Client:
         return self.request("hello")
 
     def spec(self) -> Dict[str, Any]:
-        """tools (OpenAI function-calling schemas), observation and action docs, budget,
+        """tools (OpenAI function-calling schemas), tools_strict (the same for OpenAI's strict
+        mode), system_prompt (the llm policy's), observation and action docs, budget,
         step_fields. Fetched once and cached."""
         if self._spec is None:
             self._spec = self.request("spec")
@@ -278,13 +334,14 @@ class Client:
         """Counters: uptime_s, episodes_open, steps, requests, jobs_in_flight, tasks, db."""
         return self.request("health")
 
-    def list_tasks(self) -> List[Dict[str, Any]]:
-        """Every task: {id, kind, pack, module, class, params, target_loc}."""
-        return self.request("list_tasks")["tasks"]
+    def list_tasks(self, goals: bool = False) -> List[Dict[str, Any]]:
+        """Every task: {id, kind, pack, module, class, params, target_loc}; with goals, also
+        `goal`: the text reset sends (under the server's budget), for a dataset of prompts."""
+        return self.request("list_tasks", **({"goals": True} if goals else {}))["tasks"]
 
     @staticmethod
-    def _reset_fields(task: Optional[str], seed: Optional[int],
-                      policy: Optional[str]) -> Dict[str, Any]:
+    def _reset_fields(task: Optional[str], seed: Optional[int], policy: Optional[str],
+                      max_steps: Optional[int] = None) -> Dict[str, Any]:
         fields: Dict[str, Any] = {}
         if task is not None:
             fields["task"] = task
@@ -292,19 +349,24 @@ class Client:
             fields["seed"] = seed
         if policy is not None:
             fields["policy"] = policy
+        if max_steps is not None:
+            fields["max_steps"] = max_steps
         return fields
 
     def reset(self, task: Optional[str] = None, seed: Optional[int] = None,
-              policy: Optional[str] = None) -> Tuple[Observation, Info]:
+              policy: Optional[str] = None, max_steps: Optional[int] = None
+              ) -> Tuple[Observation, Info]:
         """Opens an episode (task None: the server's next task, round robin).
 
+        max_steps lowers the episode's step budget below the server's.
         Returns (observation, info); info["episode"] is the new episode's id,
         which also becomes this client's current episode (`self.episode`).
         """
-        reply = self.request("reset", **self._reset_fields(task, seed, policy))
-        self.episode = int(reply["episode"])
+        reply = self.request("reset", **self._reset_fields(task, seed, policy, max_steps))
+        with self._lock:
+            self.episode = int(reply["episode"])
         info = dict(reply["info"])
-        info["episode"] = self.episode
+        info["episode"] = int(reply["episode"])
         return reply["observation"], info
 
     def step(self, action: Action, episode: Optional[int] = None) -> StepResult:
@@ -316,12 +378,19 @@ class Client:
         reply = self.request("step", episode=ep, action=dict(action))
         return _step_result(reply)
 
-    def close(self, episode: Optional[int] = None) -> Dict[str, Any]:
-        """Closes an episode (default: the current one); an open one is logged as aborted."""
+    def close(self, episode: Optional[int] = None, grade: bool = False) -> Dict[str, Any]:
+        """Closes an episode (default: the current one); an open one is logged as aborted.
+
+        grade: an open episode is ended by a `finish` step instead: the last code
+        verify_component compiled for the task's module is graded as if submitted
+        (reward 0 if none); the reply is that step's (observation, reward,
+        terminated, info with grade) plus closed and episode.
+        """
         ep = self._episode(episode)
-        reply = self.request("close", episode=ep)
-        if ep == self.episode:
-            self.episode = None
+        reply = self.request("close", episode=ep, **({"grade": True} if grade else {}))
+        with self._lock:
+            if ep == self.episode:
+                self.episode = None
         return reply
 
     def _episode(self, episode: Optional[int]) -> int:
@@ -334,7 +403,8 @@ class Client:
     # ---- many episodes at once ----
 
     def reset_many(self, tasks: Union[int, Sequence[Optional[str]]], seed: Optional[int] = None,
-                   policy: Optional[str] = None) -> List[Tuple[int, Observation, Info]]:
+                   policy: Optional[str] = None, max_steps: Optional[int] = None
+                   ) -> List[Tuple[int, Observation, Info]]:
         """Opens several episodes with one round trip's latency.
 
         tasks: a list of task ids (None: round robin), or a count of round-robin
@@ -342,7 +412,7 @@ class Client:
         Raises the first error reply (the episodes that did open stay open).
         """
         ids: Sequence[Optional[str]] = [None] * tasks if isinstance(tasks, int) else tasks
-        reqs = [self._send("reset", self._reset_fields(t, seed, policy)) for t in ids]
+        reqs = [self._send("reset", self._reset_fields(t, seed, policy, max_steps)) for t in ids]
         out: List[Tuple[int, Observation, Info]] = []
         first_error: Optional[FmxError] = None
         for req in reqs:
@@ -365,10 +435,11 @@ class Client:
         if len(actions) != len(episode_ids):
             raise ValueError(f"{len(actions)} actions for {len(episode_ids)} episodes")
         reqs = []
-        for action, ep in zip(actions, episode_ids):
-            req = self._send("step", {"episode": int(ep), "action": dict(action)})
-            self._steps[req] = int(ep)
-            reqs.append(req)
+        with self._lock:
+            for action, ep in zip(actions, episode_ids):
+                req = self._send("step", {"episode": int(ep), "action": dict(action)})
+                self._steps[req] = int(ep)
+                reqs.append(req)
         return reqs
 
     @property
@@ -385,23 +456,26 @@ class Client:
         FmxError in place of the tuple when the server refused the step; []
         when nothing is pending. Raises Timeout when nothing arrived in time.
         """
-        if not self._steps:
-            return []
         wait = self.timeout if timeout is None else timeout
         deadline = None if wait is None else time.monotonic() + wait
         while True:
-            done = [req for req in self._steps if req in self._arrived]
-            if done:
-                break
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0 or not self._read(left):
-                raise Timeout(f"none of {len(self._steps)} pending steps answered within {wait} s")
-        out: List[Tuple[int, Union[StepResult, FmxError]]] = []
-        for req in done:
-            ep = self._steps.pop(req)
-            reply = self._arrived.pop(req)
-            out.append((ep, _step_result(reply) if reply.get("ok") else error_from_reply(reply)))
-        return out
+            with self._lock:
+                if not self._steps:
+                    return []
+                done = [req for req in self._steps if req in self._arrived]
+                if done:
+                    out: List[Tuple[int, Union[StepResult, FmxError]]] = []
+                    for req in done:
+                        ep = self._steps.pop(req)
+                        reply = self._arrived.pop(req)
+                        out.append((ep, _step_result(reply) if reply.get("ok")
+                                    else error_from_reply(reply)))
+                    return out
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise Timeout(f"none of {len(self._steps)} pending steps answered "
+                                  f"within {wait} s")
+            self._read_turn(left)
 
     # ---- the episode log ----
 
@@ -412,24 +486,7 @@ class Client:
     def decode_step(self, record: Union[Mapping[str, Any], Sequence[Any]]) -> Dict[str, Any]:
         """A step record (a mapping, or values in step_fields order) as a dict of Python values:
         json fields parsed, int/float/str fields converted, NULL kept as None."""
-        fields = self.step_fields()
-        if not isinstance(record, Mapping):
-            record = dict(zip((f["name"] for f in fields), record))
-        out: Dict[str, Any] = {}
-        for f in fields:
-            v = record.get(f["name"])
-            if v is not None:
-                kind = f["type"]
-                if kind == "json":
-                    v = json.loads(v) if isinstance(v, (str, bytes)) else v
-                elif kind == "int":
-                    v = int(v)
-                elif kind == "float":
-                    v = float(v)
-                elif kind == "str":
-                    v = str(v)
-            out[f["name"]] = v
-        return out
+        return decode_step(self.step_fields(), record)
 
     def steps(self, episode: Optional[int] = None, db: Optional[str] = None
               ) -> List[Dict[str, Any]]:
@@ -439,11 +496,4 @@ class Client:
         which must be reachable from here). Opened read-only.
         """
         ep = self._episode(episode)
-        path = db or self.health()["db"]
-        names = [f["name"] for f in self.step_fields()]
-        cols = ", ".join(f'"{n}"' for n in names)
-        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-        with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
-            rows = conn.execute(f"SELECT {cols} FROM steps WHERE episode = ? ORDER BY idx",
-                                (ep,)).fetchall()
-        return [self.decode_step(row) for row in rows]
+        return read_steps(db or self.health()["db"], ep, self.step_fields())

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import ast
 import ctypes
+import difflib
 import fcntl
 import inspect
 import io
@@ -1001,10 +1002,12 @@ def describe_error(exc, filename, lines):
             col = pos[2]
     except (AttributeError, IndexError, TypeError):
         pass
+    local = last.tb_frame.f_locals
+    if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str):
+        message += near_keys(exc.args[0], local)
     out = located(filename, line, col, lines, message)
     text = lines[line - 1] if 0 < line <= len(lines) else ""
     shapes = []
-    local = last.tb_frame.f_locals
     for name in identifiers(text):
         v = local.get(name)
         if hasattr(v, "shape") and hasattr(v, "dtype") and len(shapes) < 8:
@@ -1015,6 +1018,21 @@ def describe_error(exc, filename, lines):
         chain = [f"{f.tb_frame.f_code.co_name}() line {f.tb_lineno}" for f in frames]
         out += "\n    called from " + " <- ".join(reversed(chain[:-1]))
     return out
+
+
+def near_keys(key, local):
+    """For a KeyError in a dict of tensors (the weights): the keys it does have that are
+    nearest to `key`, as a sentence to append to the error."""
+    for value in local.values():
+        if isinstance(value, dict) and value and key not in value and \
+                all(isinstance(k, str) for k in value) and \
+                any(hasattr(v, "shape") for v in value.values()):
+            near = difflib.get_close_matches(key, list(value), n=3, cutoff=0.5)
+            if not near:  # the same last part under another prefix ("self_attn.q_proj.weight")
+                near = [k for k in value if k.endswith("." + key.rsplit(".", 1)[-1])][:3]
+            names = ", ".join(repr(k) for k in near) if near else "none near it"
+            return f" (no such weight; nearest of the {len(value)} keys: {names})"
+    return ""
 
 
 def identifiers(text):

@@ -1214,6 +1214,12 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
             inputs_fn: Optional[InputsFn], source: Optional[Dict[str, Any]],
             package_dirs: Optional[Sequence[str]], *, init: bool, low_precision: bool,
             tolerance: Dict[str, Dict[str, float]]) -> Dict[str, Any]:
+    t0 = time.perf_counter()
+
+    def phase(what: str) -> None:  # a progress line per phase, beside the per-probe ones
+        if not quiet:
+            print(f"[{time.perf_counter() - t0:.1f}s] {what}", file=sys.stderr, flush=True)
+
     torch.manual_seed(seed)
     if isinstance(spec_or_model, str):
         model, pymodule, file = build_from_spec(spec_or_model, overrides)
@@ -1227,6 +1233,7 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
         folders = list(package_dirs or ([os.path.dirname(cls_file)] if cls_file else []))
     else:
         raise ExportError(f"cannot export a {type(spec_or_model).__name__}: expected FILE.py:NAME or an nn.Module")
+    phase(f"built {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters)")
     if inputs_fn is None:
         inputs_fn = getattr(pymodule, "fmx_inputs", None) or default_inputs
     roles = sensitive_init(model, seed) if init else None
@@ -1243,6 +1250,7 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
     copies = low_precision_copies(plan, LOW_PRECISION) if low_precision else []
     public, secret, hidden_init = _draw_hidden(model, spec_or_model, overrides, init, seed, plan, inputs_fn, device,
                                                dtype, tolerance)
+    phase(f"drew the hidden weight set; running {len(plan) + len(copies)} probes")
     weights_of = {True: public, False: secret}  # by probe visibility
     constants = ConstantCheck(model, tolerance)
 
@@ -1286,6 +1294,7 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
     finally:
         hidden_set.load(model, public)
 
+    phase("probes done; writing the manifest (module tree, sources, coverage, op traces) and weights")
     traces = [traces_of[i] for i in traced]  # the first is the one the pack shows
     flows = {path: generalize([t[path] for t in traces if path in t]) for path in traces[0]}
     tree, classes, class_files = modules_and_classes(model, folders, signatures, flows)
@@ -1421,12 +1430,15 @@ def _run_probe(model: nn.Module, capture: Capture, i: int, probe: Probe, *, writ
     if probe.dtype is not None:  # a reduced-precision copy: floating inputs in its dtype too
         inputs = {k: v.to(DTYPES[probe.dtype]) if isinstance(v, Tensor) and v.is_floating_point() else v
                   for k, v in inputs.items()}
+    # what the probe is, for people (fmx info, verify): the tensors it feeds the model
+    described = [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                 for k, v in inputs.items() if isinstance(v, Tensor)]
     capture.start_probe(i, probe.batch, probe.seq, trace_ops=trace, mask=mask)
     with coverage, (OpTrace(capture) if trace else contextlib.nullcontext()):
         result = model(**inputs)
     del result, inputs
     entry = {"name": probe.name, "visible": probe.visible, "batch": probe.batch, "seq": probe.seq,
-             "padding": probe.padding, "mask": mask_key}
+             "padding": probe.padding, "mask": mask_key, "inputs": described}
     note = ""
     if probe.dtype is not None:
         entry.update(dtype=probe.dtype, inputs_of=f"p{probe.inputs_of}")
@@ -1573,7 +1585,7 @@ def mutation_check(pack: str, solution: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python3 -m fmx.export",
+        prog="fmx export",
         description="Run a PyTorch model on probe inputs and write an fmx task pack "
                     "(task.json, weights.safetensors, probes.safetensors).",
         epilog="SPEC is FILE.py:NAME: a factory called as NAME(**overrides), or an nn.Module class "

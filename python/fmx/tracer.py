@@ -38,6 +38,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 try:  # the server's client; --pack needs neither zmq nor msgpack
@@ -770,6 +771,9 @@ def write_pack(pack: str, component: str = "") -> Tuple[str, List[str]]:
 
 def _offline(args: argparse.Namespace) -> int:
     """fmx trace PACK: write (and with --verify, check) a pack's module without a server."""
+    t0 = time.perf_counter()
+    print(f"fmx trace: writing {args.component or 'the whole model'} of {args.pack} from its op "
+          "traces", file=sys.stderr, flush=True)
     try:
         code, warnings = write_pack(args.pack, args.component)
     except TracerError as e:
@@ -777,6 +781,8 @@ def _offline(args: argparse.Namespace) -> int:
         return 2
     for w in warnings:
         print(f"fmx trace: warning: {w}", file=sys.stderr)
+    print(f"fmx trace: wrote {code.count(chr(10))} lines in {time.perf_counter() - t0:.1f} s"
+          + (f" to {args.output}" if args.output else ""), file=sys.stderr, flush=True)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(code)
@@ -788,12 +794,15 @@ def _offline(args: argparse.Namespace) -> int:
     cmd = [fmx, "verify", args.pack, args.output, "--probes", "all"]
     if args.component:
         cmd += ["--component", args.component]
+    print("fmx trace: verifying it on every probe (fmx verify --probes all)", file=sys.stderr,
+          flush=True)
     sys.stdout.flush()
     return subprocess.run(cmd, stdin=subprocess.DEVNULL).returncode
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="fmx-tracer", description=__doc__.split("\n\n")[0])
+    prog = "fmx trace" if "--pack" in (sys.argv if argv is None else argv) else "python3 -m fmx.tracer"
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--connect", help="play episodes on the server at this address (tcp://, ipc://)")
     ap.add_argument("--pack", help="no server: write the code for a pack's module from its task.json")
     ap.add_argument("--component", default="", help="with --pack: the module path (default: the whole model)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -502,7 +503,12 @@ def test_probe_shapes_option(tmp_path):
 
 def test_progress_lines(tmp_path, capsys):
     export(f"{TINY}:build", str(tmp_path / "p"), probes=1, hidden=1)
-    err = capsys.readouterr().err.splitlines()
+    lines = capsys.readouterr().err.splitlines()
+    # the phases around the probes: the build, the hidden weights, the manifest and weights
+    phases = [l for l in lines if re.match(r"\[\d+\.\ds\] ", l)]
+    assert [p.split("] ", 1)[1].split()[0] for p in phases] == ["built", "drew", "probes"]
+    assert "TinyForCausalLM" in phases[0] and "running 4 probes" in phases[1]
+    err = [l for l in lines if l not in phases]
     assert err[0].startswith("[1/4] probe p0 (visible, 1x8, none) ") and err[0].endswith("s")
     assert err[1].startswith("[2/4] probe p1 (hidden, 2x17, right) ")
     assert err[2].startswith("[3/4] probe p2 (visible, 1x8, none, bfloat16 copy of p0) ")

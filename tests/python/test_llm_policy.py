@@ -34,7 +34,7 @@ MODEL = "fake-model"
 KEY_ENV = "FMX_TEST_LLM_KEY"
 KEY = "sk-test-0123456789"
 TOOLS = {"read_module_source", "get_weight_info", "capture_intermediate", "trace_ops",
-         "verify_component", "submit"}
+         "verify_component", "submit", "finish"}
 
 
 def mlp_code() -> str:

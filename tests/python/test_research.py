@@ -147,9 +147,15 @@ def test_replay_errors_exit_2(log, tmp_path):
     ep = episode_of(db, "oracle", "gpt2/GPT2MLP")
     unknown = fmx("replay", "--db", db, 99999, "--tasks", packs)
     assert unknown.returncode == 2 and "no episode 99999" in unknown.stderr
-    no_tasks = fmx("replay", "--db", db, ep)
+    # without --tasks: the packs in packs/ beside the log (fmx run's layout) are found ...
+    found = fmx("replay", "--db", db, ep)
+    assert found.returncode == 0, found.stderr
+    assert f"packs beside the log, {db.parent}/packs" in found.stderr and "same" in found.stdout
+    # ... and where there are none, it says what it needs before the transcript
+    alone = copy_db(db, tmp_path / "alone.db")
+    no_tasks = fmx("replay", "--db", alone, ep)
     assert no_tasks.returncode == 2 and "--tasks DIR" in no_tasks.stderr
-    assert "does not record" in no_tasks.stderr
+    assert "does not record" in no_tasks.stderr and "--no-exec" in no_tasks.stderr
     other = tmp_path / "other-packs"
     other.mkdir()
     (other / "notgpt2").symlink_to(packs / "gpt2")
@@ -286,7 +292,7 @@ KEYS = {"messages", "tools", "episode", "task", "policy", "status", "steps", "re
 def test_export_jsonl_round_trips(log, tmp_path):
     _, db = log
     out = tmp_path / "episodes.jsonl"
-    res = fmx("episodes", "export", "--db", db, "--format", "jsonl", "-o", out)
+    res = fmx("episodes", "export", "--db", db, "--format", "jsonl", "-o", out, "--goal-from-log")
     assert res.returncode == 0, res.stderr
     lines = [json.loads(l) for l in out.read_text().splitlines()]
     episodes = sql(db, "SELECT e.id, e.task_id, p.name, e.status, e.reward FROM episodes e "
@@ -313,7 +319,7 @@ def test_export_jsonl_round_trips(log, tmp_path):
             (tc,) = call["tool_calls"]
             assert tc["type"] == "function" and tc["function"]["name"] == tool
             assert json.loads(tc["function"]["arguments"]) == json.loads(args)
-            assert result == {"role": "tool", "tool_call_id": tc["id"],
+            assert result == {"role": "tool", "tool_call_id": tc["id"], "name": tool,
                               "content": json.loads(obs)["text"]}
         assert len({m["tool_call_id"] for m in msgs[3::2]}) == len(steps)
         names = {t["function"]["name"] for t in line["tools"]}
@@ -321,16 +327,16 @@ def test_export_jsonl_round_trips(log, tmp_path):
 
     # filters select what SQL selects
     res = fmx("episodes", "export", "--db", db, "--filter", "policy=oracle,min_reward=1",
-              "--filter", "status=submitted")
+              "--filter", "status=submitted", "--goal-from-log")
     assert res.returncode == 0, res.stderr
     got = [json.loads(l)["episode"] for l in res.stdout.splitlines()]
     want = [e for (e,) in sql(db, "SELECT e.id FROM episodes e JOIN policies p "
                                   "ON p.id = e.policy_id WHERE p.name = 'oracle' AND "
                                   "e.reward >= 1 AND e.status = 'submitted' ORDER BY e.id")]
     assert got == want and 0 < len(want) < len(episodes) / 2
-    res = fmx("episodes", "export", "--db", db, "--filter", "task=gpt2/GPT2MLP")
+    res = fmx("episodes", "export", "--db", db, "--filter", "task=gpt2/GPT2MLP", "--goal-from-log")
     assert {json.loads(l)["policy"] for l in res.stdout.splitlines()} == {"oracle", "null"}
-    bad = fmx("episodes", "export", "--db", db, "--filter", "colour=blue")
+    bad = fmx("episodes", "export", "--db", db, "--filter", "colour=blue", "--goal-from-log")
     assert bad.returncode == 2 and "unknown filter key 'colour'" in bad.stderr
 
 

@@ -130,7 +130,7 @@ def test_hello_spec_and_tasks(server):
         spec = c.spec()
         names = [t["function"]["name"] for t in spec["tools"]]
         assert names == ["read_module_source", "get_weight_info", "capture_intermediate",
-                         "trace_ops", "verify_component", "submit"]
+                         "trace_ops", "verify_component", "submit", "finish"]
         assert spec["budget"] == {"max_steps": 40, "max_code_bytes": 65536,
                                   "max_observation_bytes": 1 << 20}
         # the step record's fields are the log's columns, in order
