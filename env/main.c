@@ -86,6 +86,7 @@ static const char *usage_text =
     "                                 (new rows in the log's grades table)\n"
     "  episodes export --db FILE [--filter K=V,...] [-o FILE]\n"
     "                                 episodes as JSONL chat transcripts (OpenAI format)\n"
+    "  episodes merge -o FILE LOG...  several servers' logs as one\n"
     "  version                        fmx and libtorch versions\n"
     "\n"
     "exit status: 0 match/ok, 1 mismatch, 2 error\n";

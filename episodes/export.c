@@ -17,6 +17,7 @@
 #include "env/status.h"
 #include "env/tasks.h"
 #include "env/tools.h"
+#include "episodes/log.h"
 #include "episodes/replay.h"
 
 fmx_export_filter fmx_export_filter_default(void) {
@@ -286,13 +287,66 @@ static const char fmx__usage[] =
     "  --arguments string|object  tool call arguments as a JSON string (OpenAI, the\n"
     "                     default) or as an object (TRL / transformers chat templates)\n"
     "  --keep-invalid     keep calls to tools that do not exist and episodes with no step\n"
-    "                     (left out by default)\n";
+    "                     (left out by default)\n"
+    "\n"
+    "usage: fmx episodes merge -o FILE LOG...\n"
+    "  appends every episode of each LOG (several servers' --db files; each is only read)\n"
+    "  to FILE, created if new: episodes and submissions get new ids, tasks and policies\n"
+    "  are matched by name, steps, submissions and regrades come along; then leaderboard,\n"
+    "  replay, regrade and export read FILE as one log\n";
+
+/* fmx episodes merge -o OUT LOG... */
+static int fmx__merge_main(int argc, char **argv) {
+    const char *out = NULL;
+    int nin = 0;
+    for (int i = 2; i < argc; i++) {
+        if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
+            fputs(fmx__usage, stdout);
+            return 0;
+        }
+        if ((strcmp(argv[i], "-o") == 0 || strcmp(argv[i], "--output") == 0) && i + 1 < argc)
+            out = argv[++i];
+        else if (argv[i][0] == '-') {
+            fprintf(stderr, "fmx episodes merge: bad argument '%s'\n\n%s", argv[i], fmx__usage);
+            return 2;
+        } else
+            nin++;
+    }
+    if (!out || !nin) {
+        fprintf(stderr, "fmx episodes merge: -o FILE and at least one LOG are required\n");
+        return 2;
+    }
+    char err[1024];
+    fmx_log *log = NULL;
+    if (fmx_log_open(out, &log, err, sizeof err) != FMX_OK) {
+        fprintf(stderr, "fmx episodes merge: %s\n", err);
+        return 2;
+    }
+    int status = 0;
+    for (int i = 2; i < argc && !status; i++) {
+        if (strcmp(argv[i], "-o") == 0 || strcmp(argv[i], "--output") == 0) {
+            i++;
+            continue;
+        }
+        int64_t n = 0;
+        if (fmx_log_merge(log, argv[i], &n) != FMX_OK) {
+            fprintf(stderr, "fmx episodes merge: %s\n", fmx_log_errmsg(log));
+            status = 2;
+        } else {
+            printf("%s: %lld episodes\n", argv[i], (long long)n);
+        }
+    }
+    fmx_log_close(log);
+    if (!status) printf("merged into %s\n", out);
+    return status;
+}
 
 int fmx_episodes_main(int argc, char **argv) {
     if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0) {
         fputs(fmx__usage, argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
+    if (strcmp(argv[1], "merge") == 0) return fmx__merge_main(argc, argv);
     if (strcmp(argv[1], "export") != 0) {
         fprintf(stderr, "fmx episodes: unknown subcommand '%s'\n\n%s", argv[1], fmx__usage);
         return 2;

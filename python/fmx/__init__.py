@@ -2,7 +2,8 @@
 
 This package holds the Python side of fmx: the exporter that writes task packs
 (`python3 -m fmx.export`), a safetensors reader/writer, the clients of the
-environment server (`from fmx import Client, AsyncClient`) and adapters for
+environment server (`from fmx import Client, AsyncClient`; `Servers`,
+`AsyncServers` for several servers) and adapters for
 RL trainers (`fmx.adapters`: TRL, verifiers, Gymnasium). It is not the server
 (C, under env/) and does not verify candidates.
 """
@@ -22,6 +23,9 @@ def __getattr__(name: str) -> Any:
     if name == "AsyncClient":
         from . import aio
         return aio.AsyncClient
+    if name in ("Servers", "AsyncServers"):
+        from . import servers
+        return getattr(servers, name)
     if name in _CLIENT_NAMES:
         from . import client
         return getattr(client, name)
