@@ -141,40 +141,20 @@ def build_from_spec(spec: str, overrides: Mapping[str, Any]) -> Tuple[nn.Module,
 
 
 def build_from_hf(path: Optional[str], config_path: Optional[str], random_init: bool,
-                  overrides: Mapping[str, Any]) -> nn.Module:
-    """A transformers causal LM from a local snapshot (`path`) or a config file (random weights)."""
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError:
+                  overrides: Mapping[str, Any]) -> Tuple[nn.Module, InputsFn]:
+    """A transformers model of any family from a local snapshot (`path`) or a config file (random
+    weights), and the probe inputs fmx makes for it (fmx/hf.py)."""
+    from . import hf
+
+    if not hf.available():
         raise ExportError(
             "--hf/--hf-config need the transformers package, which is not installed; "
             "export a model file instead: python3 -m fmx.export FILE.py:NAME -o OUT"
-        ) from None
-    source = path if path is not None else config_path
-    assert source is not None
-    if not os.path.exists(source):
-        raise ExportError(f"not found: {source}")
-    rest = dict(overrides)
-    kwargs = {}
-    if "attn_implementation" in rest:
-        kwargs["attn_implementation"] = rest.pop("attn_implementation")
-    if os.path.isfile(source):
-        try:
-            with open(source, encoding="utf-8") as f:
-                raw = json.load(f)
-            model_type = raw.pop("model_type")
-        except (OSError, ValueError, KeyError, AttributeError) as e:
-            raise ExportError(f"{source}: not a transformers config.json with a model_type ({e})") from None
-        config = AutoConfig.for_model(model_type, **raw)
-    else:
-        config = AutoConfig.from_pretrained(source, local_files_only=True)
-    for key, value in rest.items():
-        setattr(config, key, value)
-    if path is not None and not random_init:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
-    return model.eval()
+        )
+    try:
+        return hf.build(path, config_path, random_init, overrides)
+    except hf.HFError as e:
+        raise ExportError(str(e)) from None
 
 
 def parse_value(text: str) -> Any:
@@ -1635,9 +1615,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _OutDir.check(args.out, args.force)
             torch.manual_seed(args.seed)
             random_init = args.random_init or args.hf_config is not None
-            model = build_from_hf(args.hf, args.hf_config, random_init, overrides)
+            model, inputs_fn = build_from_hf(args.hf, args.hf_config, random_init, overrides)
             source = {"kind": "hf", "path": args.hf or args.hf_config, "random_init": random_init, "overrides": overrides}
-            export(model, args.out, source=source, init=random_init, **common)
+            export(model, args.out, source=source, init=random_init, inputs_fn=inputs_fn, **common)
         if equivalents is not None:
             store_equivalents(args.out, equivalents)
         if args.solution:
