@@ -532,6 +532,8 @@ def op_name(func: Any) -> Optional[str]:
             full = "torch." + name
         elif mod == "torch._C._nn":
             full = ("torch.nn.functional." if hasattr(F, name) else "torch._C._nn.") + name
+        elif mod == "torch.functional":  # split, einsum, norm, ...: Python functions re-exported as torch.*
+            full = "torch." + name
         elif mod in _C_NAMESPACES:
             public, strip = _C_NAMESPACES[mod]
             full = public + (name[len(strip):] if name.startswith(strip) else name)
@@ -672,6 +674,8 @@ class Capture:
                 leaves = [leaf for name, value, _ in _bind(sig, args, kwargs) for leaf in flatten(name, value)]
             if parent is not None:
                 call_rec = {"call": path}
+                if parent.path and not path.startswith(parent.path + "."):  # a module under two paths
+                    call_rec["as"] = _path_under(self.model.get_submodule(parent.path), module)
                 if parent.flow is not None:
                     call_rec["x"] = {leaf: parent.flow.encode(payload) for leaf, kind, payload in leaves
                                      if kind in ("tensor", "value", "none")}
@@ -763,6 +767,46 @@ class Capture:
     def _outputs(self, call: Mapping[str, Any], out: Any) -> List[Dict[str, Any]]:
         leaves = list(flatten("", out))
         return [self._entry(call, "out", leaf or "0", kind, payload) for leaf, kind, payload in leaves]
+
+
+def _path_under(parent: nn.Module, module: nn.Module) -> Optional[str]:
+    """The name `module` has under `parent` (a module registered under two paths, like an embedding
+    shared by an encoder and a decoder, is traced under its first path only)."""
+    for name, sub in parent.named_modules(remove_duplicate=False):
+        if sub is module and name:
+            return name
+    return None
+
+
+def mark_bodies(flows: Mapping[str, Dict[str, Any]]) -> None:
+    """Gives every child call record of the traces a `body`: a digest of the child's generalized
+    trace and, recursively, of its children's, with paths relative to the child. Two calls with one
+    body run the same program, so the tracer may roll them into one loop; calls whose bodies differ
+    (sliding and global attention layers, a downsampling stage) must not be."""
+    import hashlib
+
+    done: Dict[str, str] = {}
+
+    def body(path: str) -> str:
+        if path not in done:
+            done[path] = "?"  # (a module that calls itself: not expected, never equal)
+            ops = []
+            for rec in flows[path]["ops"]:
+                rec = dict(rec)
+                child = rec.pop("call", None)
+                if child is not None:
+                    rel = rec.pop("as", None) or (child[len(path) + 1:] if path else child)
+                    rec.pop("body", None)
+                    rec["call"] = [rel, body(child) if child in flows else None]
+                ops.append(rec)
+            text = json.dumps([ops, flows[path]["returns"]], sort_keys=True, default=str)
+            done[path] = hashlib.sha1(text.encode()).hexdigest()[:16]
+        return done[path]
+
+    for path, flow in flows.items():
+        for rec in flow["ops"]:
+            if "call" in rec and rec["call"] in flows:
+                rec["body"] = body(rec["call"])
 
 
 def _signature(module: nn.Module) -> Optional[inspect.Signature]:
@@ -1268,6 +1312,7 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
 
     traces = [traces_of[i] for i in traced]  # the first is the one the pack shows
     flows = {path: generalize([t[path] for t in traces if path in t]) for path in traces[0]}
+    mark_bodies(flows)
     tree, classes, class_files = modules_and_classes(model, folders, signatures, flows)
     covered = coverage.by_file()
     files = {}

@@ -79,8 +79,8 @@ class TracerError(Exception):
 class Stmt:
     """One line of a function body: `target = expr` (target None: a `return`), or a rolled loop."""
 
-    def __init__(self, target: Optional[str], expr: str, atom: bool, loop: Optional[Tuple[int, str]] = None):
-        self.target, self.expr, self.atom, self.loop = target, expr, atom, loop
+    def __init__(self, target: Optional[str], expr: str, atom: bool, loop: Optional[Tuple[str, str]] = None):
+        self.target, self.expr, self.atom, self.loop = target, expr, atom, loop  # loop: (range's bounds, var)
 
 
 class Body:
@@ -360,7 +360,7 @@ class Writer:
         trace = self.traces.get(child)
         if trace is None:
             raise TracerError(f"no trace of {child}")
-        rel = child[len(path) + 1:] if path else child
+        rel = rec.get("as") or (child[len(path) + 1:] if path else child)
         ops = trace.get("ops") or []
         if len(ops) <= 1 and not any("call" in o for o in ops):  # a leaf: inline its op
             sub = Ctx(self, child, ctx.key_prefix + f"{rel}/", ctx, rec.get("x") or {}, rel)
@@ -393,7 +393,8 @@ class Writer:
     def _loop(self, run: Sequence[Dict[str, Any]], path: str, body: Body, ctx: "Ctx") -> None:
         first, last = run[0], run[-1]
         carried = _carried(run)
-        stem = _LAYER.match(first["call"]).group(1)  # type: ignore[union-attr]
+        m = _LAYER.match(first["call"])
+        stem, start = m.group(1), int(m.group(2))  # type: ignore[union-attr]
         rel = (stem[len(path) + 1:] if path else stem)
         init = self.arg(first["x"][carried], body, ctx)[0]
         var = body.assign([ctx.key(f"v{last['y'][0]}")], init, True)
@@ -401,7 +402,8 @@ class Writer:
         rec["x"][carried] = {"v": last["y"][0]}
         key = f"{body.prefix}{json.dumps(ctx.weight_rel + rel)} + str(i) + \".\""
         code = self.call(rec, path, body, ctx, prefix_code=key)
-        body.stmts.append(Stmt(var, code or "", True, loop=(len(run), "i")))
+        bounds = str(len(run)) if start == 0 else f"{start}, {start + len(run)}"
+        body.stmts.append(Stmt(var, code or "", True, loop=(bounds, "i")))
 
 
 def _param(leaf: str) -> str:
@@ -410,14 +412,18 @@ def _param(leaf: str) -> str:
 
 
 def _layer_run(ops: Sequence[Dict[str, Any]], i: int) -> int:
-    """How many calls from ops[i] on are items 0, 1, 2, ... of one ModuleList that thread one value."""
+    """How many calls from ops[i] on are consecutive items k, k+1, ... of one ModuleList that run
+    one program (the exporter's `body`) and thread one value through."""
     m = _LAYER.match(ops[i]["call"])
-    if not m or m.group(2) != "0" or not m.group(1).endswith("."):
+    if not m or not m.group(1).endswith("."):
         return 1
-    n = 1
-    while i + n < len(ops) and "call" in ops[i + n] and ops[i + n]["call"] == f"{m.group(1)}{n}":
+    start, n = int(m.group(2)), 1
+    while (i + n < len(ops) and "call" in ops[i + n] and ops[i + n]["call"] == f"{m.group(1)}{start + n}"
+           and ops[i + n].get("body") == ops[i].get("body")):
         n += 1
-    return n if n > 1 and _carried(ops[i:i + n]) is not None else 1
+    while n > 1 and _carried(ops[i:i + n]) is None:
+        n -= 1
+    return n
 
 
 def _carried(run: Sequence[Dict[str, Any]]) -> Optional[str]:
@@ -667,13 +673,17 @@ class Episode:
             if data.get("dataflow") not in (None, "general"):
                 self.log.append(f"{path}: {data['dataflow']}")
             traces[path] = data
+            bodies: Dict[str, Any] = {}  # ModuleList stem -> the body of the item read
             for rec in data["ops"]:
                 child = rec.get("call")
                 if child is None:
                     continue
                 m = _LAYER.match(child)
-                if m and m.group(1).endswith(".") and m.group(2) != "0":
-                    continue  # ModuleList items share item 0's code (the loop's body)
+                if m and m.group(1).endswith("."):
+                    seen = bodies.setdefault(m.group(1), {})
+                    if m.group(2) != "0" and rec.get("body", "?") in seen:
+                        continue  # an item that runs the same program as one read (the loop's body)
+                    seen[rec.get("body", "?")] = child
                 if child not in traces and child not in todo:
                     todo.append(child)
         return traces
