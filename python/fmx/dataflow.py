@@ -66,9 +66,11 @@ class Flow:
         self.returns: Optional[List[Any]] = None
         self.return_names: List[str] = []
         self.inputs = [leaf for leaf, kind, _ in inputs if kind == "tensor"]
+        self.weights: List[Tuple[str, Tensor]] = []  # (name, tensor): no constant may hold their values
         for name, t in module_tensors(module):
             if id(t) not in self.refs:
                 self._bind(t, {"w": name})
+                self.weights.append((name, t))
         for leaf, kind, payload in inputs:
             if kind == "tensor":
                 self._bind(payload, {"in": leaf})
@@ -99,7 +101,11 @@ class Flow:
             if view is not None:
                 return view
             if value.numel() <= CONST_MAX and value.layout == torch.strided and not value.is_complex():
-                return {"const": value.detach().cpu().tolist(), "shape": list(value.shape), "dtype": _dtype(value)}
+                const = {"const": value.detach().cpu().tolist(), "shape": list(value.shape), "dtype": _dtype(value)}
+                weight = self.weight_of(value)
+                if weight is not None:  # the trace missed how the weight was read: never bake it in
+                    const["weight"] = weight
+                return const
             return {"unknown": list(value.shape), "dtype": _dtype(value)}
         if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
             return value
@@ -118,6 +124,23 @@ class Flow:
         if isinstance(value, list):
             return {"list": [self.encode(v) for v in value]}
         return {"repr": repr(value)[:120]}
+
+    def weight_of(self, t: Tensor) -> Optional[str]:
+        """The name of a parameter or buffer whose memory or values `t` holds (a view the trace did not
+        see, or a copy of one), else None."""
+        if t.numel() < 2:
+            return None
+        for name, w in self.weights:
+            if w.numel() < 2 or w.device != t.device:
+                continue
+            if w.data_ptr() <= t.data_ptr() < w.data_ptr() + w.numel() * w.element_size():
+                return name
+            if w.numel() == t.numel() and w.dtype == t.dtype:
+                flat = t.detach().reshape(-1)
+                if torch.equal(flat, w.detach().reshape(-1)) or (
+                        w.dim() == 2 and torch.equal(flat, w.detach().t().reshape(-1))):
+                    return name
+        return None
 
     def _late_view(self, t: Tensor) -> Optional[Dict[str, Any]]:
         """A view of a known tensor made where the trace could not see it (torch 1.13 indexes x[None]

@@ -900,6 +900,8 @@ class OpTrace(TorchFunctionMode):
         finally:
             self.depth -= 1
         name = op_name(func)
+        if name is None and isinstance(out, Tensor):  # weight.T & co.: a property that makes a view
+            name, args, kwargs = _property_view(func, args, out)
         if name is not None:
             record: Dict[str, Any] = {"op": name, "in": _shapes((args, kwargs), []), "out": _shapes(out, [])}
             text = _args_text(args, kwargs)
@@ -916,6 +918,26 @@ class OpTrace(TorchFunctionMode):
         return out
 
 
+def _property_view(func: Any, args: Sequence[Any], out: Tensor) -> Tuple[Optional[str], Sequence[Any], Dict[str, Any]]:
+    """A tensor property that returns a view (x.T, x.mT, x.H, x.mH, x.data, x.real) as the method
+    call that makes the same view, so the trace reads the view from its base (a weight's `.T` is a
+    read of the weight, not a constant); (None, ...) for any other attribute."""
+    prop = getattr(getattr(func, "__self__", None), "__name__", None)
+    if getattr(func, "__name__", None) != "__get__" or not args or not isinstance(args[0], Tensor):
+        return None, args, {}
+    x = args[0]
+    if prop == "T":
+        return ("torch.Tensor.t", (x,), {}) if x.dim() == 2 else (
+            "torch.Tensor.permute", (x, *reversed(range(x.dim()))), {})
+    if prop in ("mT", "mH") and not x.is_complex():
+        return "torch.Tensor.transpose", (x, -2, -1), {}
+    if prop == "H" and not x.is_complex():
+        return "torch.Tensor.t", (x,), {}
+    if prop in ("data", "real") and not x.is_complex():
+        return "torch.Tensor.detach", (x,), {}
+    return None, args, {}
+
+
 class Coverage:
     """Counts line events of code whose file lies under one of `folders` (sys.settrace)."""
 
@@ -929,7 +951,9 @@ class Coverage:
         filename = frame.f_code.co_filename
         inside = self._inside.get(filename)
         if inside is None:
-            inside = self._inside[filename] = os.path.realpath(filename).startswith(self.folders)
+            # ("<frozen abc>", "<string>": no file; a relative realpath would put it in the cwd's folder)
+            inside = self._inside[filename] = (os.path.isabs(filename) and os.path.isfile(filename)
+                                               and os.path.realpath(filename).startswith(self.folders))
         return self._local if inside else None
 
     def _local(self, frame: Any, event: str, arg: Any) -> Any:

@@ -179,6 +179,10 @@ class Writer:
         if "ellipsis" in value:
             return "...", True
         if "const" in value:
+            if value.get("weight"):
+                raise TracerError(f"a constant tensor holds the values of the weight {value['weight']!r}: the "
+                                  "trace did not see how the model read it (an fmx exporter bug); weights are "
+                                  "never written into the code")
             device = ctx.any_tensor(body)
             code = f"torch.tensor({value['const']!r}, dtype=torch.{value['dtype']}"
             code += f", device={device}.device)" if device else ")"
