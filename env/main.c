@@ -116,7 +116,7 @@ static int cmd_python(const char *cmd, const char *module, const char *flag, int
     for (int i = 1; i < argc; i++)
         args[n++] = argv[i];
     args[n] = NULL;
-    execv(py, args);
+    execvp(py, args); /* FMX_PYTHON=python3 is looked up on PATH */
     fprintf(stderr, "fmx %s: cannot run %s: %s (set FMX_PYTHON to a python3 with torch)\n", cmd, py,
             strerror(errno));
     free(args);

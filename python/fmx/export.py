@@ -39,7 +39,14 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-import torch
+try:
+    import torch
+except ImportError as _e:  # FMX_PYTHON names an interpreter without torch: one line, exit 2
+    if __name__ != "__main__":
+        raise
+    print(f"fmx export: {sys.executable} cannot import torch ({_e}); set FMX_PYTHON to a python3 with torch",
+          file=sys.stderr)
+    raise SystemExit(2) from None
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
@@ -129,15 +136,31 @@ def build_from_spec(spec: str, overrides: Mapping[str, Any]) -> Tuple[nn.Module,
     """Build the model of `FILE.py:NAME` with `overrides`; returns (model, python module, file)."""
     module, obj, real = load_spec(spec)
     name = spec.rpartition(":")[2]
-    if isinstance(obj, type) and issubclass(obj, nn.Module) and getattr(obj, "config_class", None) is not None:
-        model = obj(obj.config_class(**overrides))
-    elif callable(obj):
-        model = obj(**overrides)
-    else:
-        raise ExportError(f"{name} in {spec.rpartition(':')[0]} is a {type(obj).__name__}, not a factory or a model class")
+    try:
+        if isinstance(obj, type) and issubclass(obj, nn.Module) and getattr(obj, "config_class", None) is not None:
+            _check_fields(obj.config_class, overrides)
+            model = obj(obj.config_class(**overrides))
+        elif callable(obj):
+            model = obj(**overrides)
+        else:
+            raise ExportError(f"{name} in {spec.rpartition(':')[0]} is a {type(obj).__name__}, not a factory or a model class")
+    except (TypeError, ValueError, KeyError) as e:  # a --set typo or a bad value: the model's own words
+        what = f" with --set {', '.join(overrides)}" if overrides else ""
+        raise ExportError(f"building {name}{what} failed: {type(e).__name__}: {e}".splitlines()[0]) from None
     if not isinstance(model, nn.Module):
         raise ExportError(f"{name}(...) returned a {type(model).__name__}, not a torch.nn.Module")
     return model, module, real
+
+
+def _check_fields(config_class: Any, overrides: Mapping[str, Any]) -> None:
+    """Refuses an override that names no field of a dataclass config (a typo would be ignored)."""
+    if not dataclasses.is_dataclass(config_class):
+        return
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"{config_class.__name__} has no field {', '.join(map(repr, unknown))}; "
+                         f"its fields: {', '.join(sorted(fields))}")
 
 
 def build_from_hf(path: Optional[str], config_path: Optional[str], random_init: bool,
@@ -1694,7 +1717,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ExportError as e:
         print(f"fmx.export: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - the model's own code failed: one line, exit 2
+        if os.environ.get("FMX_DEBUG"):
+            raise
+        where = _model_frame(e)
+        print(f"fmx.export: error: {type(e).__name__}: {e}".splitlines()[0][:400]
+              + (f" (at {where}; FMX_DEBUG=1 shows the traceback)" if where else " (FMX_DEBUG=1 shows the traceback)"),
+              file=sys.stderr)
+        return 2
     return 0
+
+
+def _model_frame(e: BaseException) -> Optional[str]:
+    """FILE:LINE of the innermost frame of the traceback outside fmx and torch (the model's code)."""
+    tb, where = e.__traceback__, None
+    skip = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    while tb is not None:
+        file = tb.tb_frame.f_code.co_filename
+        if os.path.isabs(file) and not file.startswith(skip):
+            where = f"{display_path(file)}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return where
 
 
 if __name__ == "__main__":

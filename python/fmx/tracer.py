@@ -789,6 +789,16 @@ def _offline(args: argparse.Namespace) -> int:
     except TracerError as e:
         print(f"fmx trace: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:  # FMX_PYTHON names an interpreter without torch
+        print(f"fmx trace: {sys.executable} cannot import {e.name or 'a module'} ({e}); set FMX_PYTHON to a "
+              "python3 with torch", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a bug of the tracer's: one line, exit 2
+        if os.environ.get("FMX_DEBUG"):
+            raise
+        print(f"fmx trace: {type(e).__name__}: {e} (FMX_DEBUG=1 shows the traceback)".splitlines()[0][:400],
+              file=sys.stderr)
+        return 2
     for w in warnings:
         print(f"fmx trace: warning: {w}", file=sys.stderr)
     if args.output:
