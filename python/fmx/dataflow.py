@@ -253,6 +253,14 @@ class _Scope:
             diff = {v - s for v, s in zip(target, sizes)}
             if len(diff) == 1:
                 return {"add": [expr, diff.pop()]}
+        for sizes, expr in atoms:  # a constant minus a size: max(0, c - seq) while seq <= c
+            total = {v + s for v, s in zip(target, sizes)}
+            if len(total) == 1 and min(target) >= 0:
+                return {"rsub": [total.pop(), expr]}
+        for sizes, expr in atoms:  # a size floor-divided by a constant (chunks, patches)
+            for c in range(2, max(sizes) + 1):
+                if all(s // c == v for v, s in zip(target, sizes)):
+                    return {"floordiv": [expr, c]}
         return None
 
     def dtype_expr(self, vals: Sequence[str]) -> Optional[Any]:

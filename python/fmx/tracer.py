@@ -170,6 +170,12 @@ class Writer:
         if "add" in value:
             a, c = self.arg(value["add"][0], body, ctx), value["add"][1]
             return f"{_paren(*a)} {'+' if c >= 0 else '-'} {abs(c)}", False
+        if "rsub" in value:
+            c, a = value["rsub"][0], self.arg(value["rsub"][1], body, ctx)
+            return f"{c} - {_paren(*a)}", False
+        if "floordiv" in value:
+            a, c = self.arg(value["floordiv"][0], body, ctx), value["floordiv"][1]
+            return f"{_paren(*a)} // {c}", False
         if "tuple" in value or "list" in value:
             items = [self.arg(v, body, ctx)[0] for v in (value.get("tuple") or value.get("list") or [])]
             return "[" + ", ".join(items) + "]", True
