@@ -366,6 +366,91 @@ def _first_output(ops: Sequence[Dict[str, Any]], i: int, count: int) -> int:
     return count
 
 
+_CAST_METHODS = {"torch.Tensor.float": "float32", "torch.Tensor.double": "float64", "torch.Tensor.half": "float16",
+                 "torch.Tensor.bfloat16": "bfloat16"}
+_DTYPE_CASTS = ("torch.Tensor.to", "torch.Tensor.type")
+
+
+def _renumber(value: Any, table: Dict[int, int]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"v"}:
+            return {"v": table[value["v"]]}
+        return {k: _renumber(v, table) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_renumber(v, table) for v in value]
+    return value
+
+
+def with_casts(trace: Dict[str, Any], other: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """`trace` (a probe that skipped a dtype-dependent cast: `if w.dtype == bfloat16: x = x.to(w.dtype)`
+    on float32) rewritten with the ops of `other` (the bfloat16 probe that took it), numbered as in
+    `other`: each op only `other` ran must be a cast of one tensor, and in `trace` it becomes the
+    identity cast (to the dtype its input has there), which is what skipping it did. None when the
+    traces differ in anything else."""
+    import difflib
+
+    a, b = trace["ops"], other["ops"]
+    table: Dict[int, int] = {}
+    new_ops: List[Dict[str, Any]] = []
+    inserted: List[Tuple[Dict[str, Any], int]] = []
+    matcher = difflib.SequenceMatcher(None, _skeleton(a), _skeleton(b), autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            for i, j in zip(range(i1, i2), range(j1, j2)):
+                for x, y in zip(a[i].get("y") or [], b[j].get("y") or []):
+                    table[x] = y
+                new_ops.append(a[i])
+        elif tag == "insert":
+            for j in range(j1, j2):
+                rec = b[j]
+                xs = rec.get("x") or []
+                if not (rec.get("op") in _CAST_METHODS or rec.get("op") in _DTYPE_CASTS) or \
+                        len(rec.get("y") or []) != 1 or not xs or not _is_ref(xs[0]):
+                    return None
+                new_ops.append(rec)
+                inserted.append((rec, len(new_ops) - 1))
+        else:
+            return None
+    if len(table) != sum(len(r.get("y") or []) for r in a if "y" in r):
+        return None
+    back = {v: k for k, v in table.items()}
+    out_ops = []
+    info = {(f"v{table[int(k[1:])]}" if k.startswith("v") else k): v for k, v in trace["info"].items()
+            if not k.startswith("v") or int(k[1:]) in table}
+    aliases = {}
+    for k, v in (trace.get("aliases") or {}).items():
+        if k.startswith("v") and int(k[1:]) in table:
+            aliases[f"v{table[int(k[1:])]}"] = f"v{table[int(v[1:])]}" if v.startswith("v") and int(v[1:]) in table else v
+    casts = {id(rec) for rec, _ in inserted}
+    for rec in new_ops:
+        if id(rec) not in casts:
+            rec = _renumber(rec, table)
+            if "y" in rec:
+                rec["y"] = [table[y] for y in rec["y"]]
+            out_ops.append(rec)
+            continue
+        src = rec["x"][0]  # in `other`'s numbering, which is now this trace's
+        key = _key(src) if not src.get("v") in back else f"v{src['v']}"
+        shape_dtype = info.get(key)
+        if shape_dtype is None:
+            return None
+        dtype = shape_dtype[1]
+        if rec["op"] in _CAST_METHODS and _CAST_METHODS[rec["op"]] != dtype:
+            return None  # x.bfloat16() is no identity on a float32 probe
+        fixed = dict(rec)
+        fixed["x"] = [src] + [{"dtype": dtype} if isinstance(v, dict) and set(v) == {"dtype"} else v
+                              for v in rec["x"][1:]]
+        fixed["kw"] = {k: ({"dtype": dtype} if isinstance(v, dict) and set(v) == {"dtype"} else v)
+                       for k, v in (rec.get("kw") or {}).items()}
+        y = rec["y"][0]
+        info[f"v{y}"] = shape_dtype
+        aliases[f"v{y}"] = aliases.get(key, key)
+        out_ops.append(fixed)
+    order = [k for k in trace["order"] if not k.startswith("v")] + [f"v{n}" for n in range(other["count"])]
+    return dict(trace, ops=out_ops, info=info, aliases=aliases, order=order, count=other["count"],
+                returns=_renumber(trace["returns"], table))
+
+
 def generalize(traces: Sequence[Dict[str, Any]], weight_sizes: bool = False) -> Dict[str, Any]:
     """The module's ops with probe-dependent numbers replaced by expressions (see the module doc).
 
@@ -375,6 +460,11 @@ def generalize(traces: Sequence[Dict[str, Any]], weight_sizes: bool = False) -> 
     when every difference was explained, else why not. With `weight_sizes` a number may also
     be a weight's size: the traces are then instances of one class (module paths), not probes.
     """
+    longest = max(traces, key=lambda t: len(t["ops"]))
+    if any(_skeleton(t["ops"]) != _skeleton(longest["ops"]) for t in traces):  # a dtype-dependent cast?
+        fixed = [t if _skeleton(t["ops"]) == _skeleton(longest["ops"]) else with_casts(t, longest) for t in traces]
+        if all(t is not None for t in fixed):
+            traces = fixed  # type: ignore[assignment]
     base = traces[0]
     usable = [t for t in traces[1:] if _skeleton(t["ops"]) == _skeleton(base["ops"])
               and len(t["returns"] or ()) == len(base["returns"] or ())]
