@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -37,7 +38,10 @@ class HFError(Exception):
 
 
 def available() -> bool:
-    """Whether transformers imports here."""
+    """Whether transformers imports here (FMX_PYDEPS: a folder with it, added to the path)."""
+    extra = os.environ.get("FMX_PYDEPS")
+    if extra and os.path.isdir(extra) and extra not in sys.path:
+        sys.path.append(extra)
     try:
         import transformers  # noqa: F401
     except ImportError:

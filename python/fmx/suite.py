@@ -30,7 +30,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SUITE_DIR = os.path.join(ROOT, "examples", "suite")
@@ -103,8 +103,9 @@ def _loc(code: str) -> int:
     return sum(1 for ln in lines[1:] if ln and not ln.startswith(("#", "import ", "from ")))
 
 
-def check(name: str, config: str, out: str, fmx: str, options: Dict[str, Any]) -> Dict[str, Any]:
-    """Every step on one model type; the row of the table."""
+def check(name: str, config: str, out: str, options: Dict[str, Any]) -> Dict[str, Any]:
+    """Export, trace and the plain-Python run of one model type, in this process; the row of the
+    table, to which `verify` adds its column."""
     from .export import ExportError
     from .tracer import TracerError, write_pack
 
@@ -133,12 +134,25 @@ def check(name: str, config: str, out: str, fmx: str, options: Dict[str, Any]) -
     row["trace_s"] = round(time.perf_counter() - t0, 2)
     row["trace"] = "ok" if not warnings else "warning: " + "; ".join(warnings)[:300]
     row["loc"] = _loc(code)
-    traced = os.path.join(pack, "traced.py")
-    with open(traced, "w", encoding="utf-8") as f:
+    with open(os.path.join(pack, "traced.py"), "w", encoding="utf-8") as f:
         f.write(code)
+    try:
+        why = run_plain(pack, code)
+        row["run"] = "ok" if why is None else f"mismatch: {why}"
+    except Exception as e:  # noqa: BLE001
+        row["run"] = f"failed: {type(e).__name__}: {e}".splitlines()[0][:300]
+    return row
+
+
+def verify(row: Dict[str, Any], out: str, fmx: str) -> Dict[str, Any]:
+    """`fmx verify PACK traced.py --probes all` for a row whose trace was written (a subprocess:
+    rows may be verified side by side)."""
+    if "loc" not in row:
+        return row
+    pack = os.path.join(out, row["model_type"])
     t0 = time.perf_counter()
-    res = subprocess.run([fmx, "verify", pack, traced, "--probes", "all", "--json"], capture_output=True,
-                         text=True, stdin=subprocess.DEVNULL, timeout=600)
+    res = subprocess.run([fmx, "verify", pack, os.path.join(pack, "traced.py"), "--probes", "all", "--json"],
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
     row["verify_s"] = round(time.perf_counter() - t0, 2)
     try:
         report = json.loads(res.stdout)
@@ -150,12 +164,27 @@ def check(name: str, config: str, out: str, fmx: str, options: Dict[str, Any]) -
                             if report.get("first_divergence") else ""))[:300]
     except ValueError:
         row["verify"] = f"error: {(res.stderr or res.stdout).strip()[:300]}"
-    try:
-        why = run_plain(pack, code)
-        row["run"] = "ok" if why is None else f"mismatch: {why}"
-    except Exception as e:  # noqa: BLE001
-        row["run"] = f"failed: {type(e).__name__}: {e}".splitlines()[0][:300]
     return row
+
+
+def check_all(chosen: Dict[str, str], out: str, fmx: str, jobs: int = 4, options: Optional[Dict[str, Any]] = None,
+              progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> List[Dict[str, Any]]:
+    """Every step on every model type: exports one after the other in this process (the op trace
+    patches torch), `fmx verify` runs `jobs` at a time meanwhile. Rows in `chosen`'s order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = []
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = []
+        for name, config in chosen.items():
+            row = check(name, config, out, dict(options or {}))
+            futures.append(pool.submit(verify, row, out, fmx))
+            rows.append(row)
+        for f in futures:
+            row = f.result()
+            if progress is not None:
+                progress(row)
+    return rows
 
 
 def passed(row: Dict[str, Any]) -> bool:
@@ -185,6 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--check", action="store_true",
                     help="also trace, verify on every probe and run in plain Python; print the table")
     ap.add_argument("--json", metavar="FILE", help="with --check: write the rows as JSON here")
+    ap.add_argument("--jobs", type=int, default=4, help="with --check: verifies run side by side (default 4)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     args = ap.parse_args(argv)
     from . import hf
@@ -193,17 +223,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("fmx suite: transformers is not importable (put ../shared/pydeps or an installed transformers on "
               "PYTHONPATH, or set FMX_PYDEPS)", file=sys.stderr)
         return 2
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # (their deprecation notes, not fmx's)
     chosen = configs(args.configs, [n for n in (args.only or "").split(",") if n] or None)
     os.makedirs(args.out, exist_ok=True)
     fmx = os.environ.get("FMX_BIN", "fmx")
-    rows = []
-    failed = 0
-    for name, config in chosen.items():
-        t0 = time.perf_counter()
-        if args.check:
-            row = check(name, config, args.out, fmx, {})
-        else:
-            from .export import ExportError
+    t0 = time.perf_counter()
+
+    def progress(row: Dict[str, Any]) -> None:
+        if not args.quiet:
+            ok = passed(row) if args.check else row["export"] == "ok"
+            detail = "ok" if ok else next(f"{s}: {row[s]}" for s in STEPS if row.get(s, "ok") != "ok")
+            print(f"fmx suite: {row['model_type']}: {detail} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr,
+                  flush=True)
+
+    if args.check:
+        rows = check_all(chosen, args.out, fmx, args.jobs, progress=progress)
+        failed = sum(1 for r in rows if not passed(r))
+    else:
+        from .export import ExportError
+
+        rows = []
+        for name, config in chosen.items():
             row = {"model_type": name}
             try:
                 export_one(config, os.path.join(args.out, name))
@@ -212,12 +254,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 row["export"] = f"refused: {e}"
             except Exception as e:  # noqa: BLE001
                 row["export"] = f"failed: {type(e).__name__}: {e}".splitlines()[0][:300]
-        rows.append(row)
-        ok = passed(row) if args.check else row["export"] == "ok"
-        failed += not ok
-        if not args.quiet:
-            detail = "ok" if ok else next(f"{s}: {row[s]}" for s in STEPS if row.get(s, "ok") != "ok")
-            print(f"fmx suite: {name}: {detail} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)
+            rows.append(row)
+            progress(row)
+        failed = sum(1 for r in rows if r["export"] != "ok")
     if args.check:
         print(table(rows))
         if args.json:

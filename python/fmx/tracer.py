@@ -312,6 +312,11 @@ class Writer:
     def function(self, path: str, entry: Optional[str] = None) -> str:
         """The name of the function written for the module at `path` (written now if new)."""
         trace = self.traces[path]
+        flow = trace.get("dataflow") or ""
+        if flow.startswith(("the ops differed", "traced on one probe")):  # one probe's program, not the module's
+            raise TracerError(f"{path or '(root)'}: {flow.split(':')[0]}: the module runs other ops on other "
+                              "probes (a Python loop over time steps or a branch on a size), which one "
+                              "program cannot be written from")
         inputs = {leaf: _param(leaf) for leaf in trace.get("inputs") or []}
         body = Body("prefix + " if entry is None else "", inputs)
         ctx = Ctx(self, path, "", None)
