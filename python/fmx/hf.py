@@ -17,6 +17,7 @@ trace.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -77,8 +78,7 @@ def load_config(source: str, overrides: Mapping[str, Any]) -> Tuple[Any, Dict[st
     known = set(config.to_dict())
     for key, value in rest.items():
         if key not in known:
-            close = sorted(k for k in known if k.replace("_", "") == key.replace("_", "") or
-                           (len(key) > 3 and (key in k or k in key)))[:3]
+            close = difflib.get_close_matches(key, sorted(known), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise HFError(f"--set {key}: {type(config).__name__} has no field {key!r}{hint}")
         setattr(config, key, value)

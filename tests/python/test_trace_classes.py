@@ -35,12 +35,13 @@ def fmx(*args, cwd=ROOT, env=None):
 
 
 def traced(tmp_path, name):
-    """(fmx trace --verify's result, the code) for a model of trace_models.py."""
+    """(fmx verify --probes all's result, the code the tracer wrote) for a model of trace_models.py."""
     pack = tmp_path / name
     export(f"{MODELS}:{name}", str(pack), quiet=True)
+    code, _ = write_pack(str(pack))  # what `fmx trace` writes, then `fmx trace --verify`'s check
     out = tmp_path / f"{name}.py"
-    res = fmx("trace", pack, "-o", out, "--verify")
-    return res, out.read_text() if out.exists() else ""
+    out.write_text(code)
+    return fmx("verify", pack, out, "--probes", "all"), code
 
 
 def matched(res):
