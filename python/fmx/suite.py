@@ -103,14 +103,15 @@ def _loc(code: str) -> int:
     return sum(1 for ln in lines[1:] if ln and not ln.startswith(("#", "import ", "from ")))
 
 
-def check(name: str, config: str, out: str, options: Dict[str, Any]) -> Dict[str, Any]:
+def check(name: str, config: str, out: str, options: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     """Export, trace and the plain-Python run of one model type, in this process; the row of the
     table, to which `verify` adds its column."""
     from .export import ExportError
     from .tracer import TracerError, write_pack
 
     row: Dict[str, Any] = {"model_type": name}
-    pack = os.path.join(out, name)
+    pack = os.path.join(out, prefix + name)
+    row["pack"] = pack
     t0 = time.perf_counter()
     try:
         export_one(config, pack, **options)
@@ -144,12 +145,12 @@ def check(name: str, config: str, out: str, options: Dict[str, Any]) -> Dict[str
     return row
 
 
-def verify(row: Dict[str, Any], out: str, fmx: str) -> Dict[str, Any]:
+def verify(row: Dict[str, Any], fmx: str) -> Dict[str, Any]:
     """`fmx verify PACK traced.py --probes all` for a row whose trace was written (a subprocess:
     rows may be verified side by side)."""
     if "loc" not in row:
         return row
-    pack = os.path.join(out, row["model_type"])
+    pack = row["pack"]
     t0 = time.perf_counter()
     res = subprocess.run([fmx, "verify", pack, os.path.join(pack, "traced.py"), "--probes", "all", "--json"],
                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
@@ -168,7 +169,7 @@ def verify(row: Dict[str, Any], out: str, fmx: str) -> Dict[str, Any]:
 
 
 def check_all(chosen: Dict[str, str], out: str, fmx: str, jobs: int = 4, options: Optional[Dict[str, Any]] = None,
-              progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> List[Dict[str, Any]]:
+              progress: Optional[Callable[[Dict[str, Any]], None]] = None, prefix: str = "") -> List[Dict[str, Any]]:
     """Every step on every model type: exports one after the other in this process (the op trace
     patches torch), `fmx verify` runs `jobs` at a time meanwhile. Rows in `chosen`'s order."""
     from concurrent.futures import ThreadPoolExecutor
@@ -177,8 +178,8 @@ def check_all(chosen: Dict[str, str], out: str, fmx: str, jobs: int = 4, options
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = []
         for name, config in chosen.items():
-            row = check(name, config, out, dict(options or {}))
-            futures.append(pool.submit(verify, row, out, fmx))
+            row = check(name, config, out, dict(options or {}), prefix)
+            futures.append(pool.submit(verify, row, fmx))
             rows.append(row)
         for f in futures:
             row = f.result()
@@ -214,6 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--check", action="store_true",
                     help="also trace, verify on every probe and run in plain Python; print the table")
     ap.add_argument("--json", metavar="FILE", help="with --check: write the rows as JSON here")
+    ap.add_argument("--prefix", default="", help="pack names are PREFIX + model type (e.g. hf-: hf-llama)")
     ap.add_argument("--jobs", type=int, default=4, help="with --check: verifies run side by side (default 4)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     args = ap.parse_args(argv)
@@ -239,7 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   flush=True)
 
     if args.check:
-        rows = check_all(chosen, args.out, fmx, args.jobs, progress=progress)
+        rows = check_all(chosen, args.out, fmx, args.jobs, progress=progress, prefix=args.prefix)
         failed = sum(1 for r in rows if not passed(r))
     else:
         from .export import ExportError
@@ -248,7 +250,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for name, config in chosen.items():
             row = {"model_type": name}
             try:
-                export_one(config, os.path.join(args.out, name))
+                export_one(config, os.path.join(args.out, args.prefix + name))
                 row["export"] = "ok"
             except ExportError as e:
                 row["export"] = f"refused: {e}"
@@ -261,7 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(table(rows))
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
-                json.dump(rows, f, indent=1)
+                json.dump([{k: v for k, v in r.items() if k != "pack"} for r in rows], f, indent=1)
     elif not args.quiet:
         print(f"fmx suite: {len(rows) - failed} of {len(rows)} packs in {args.out}", file=sys.stderr)
     return 1 if failed else 0
