@@ -18,7 +18,7 @@ pydeps=${FMX_PYDEPS:-../shared/pydeps}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 start=$(date +%s)
-FMX_BIN=$fmx "$fmx" suite -o "$tmp/packs" --check --quiet "$@" || true
+FMX_BIN=$fmx "$fmx" suite -o "$tmp/packs" --check --jobs 1 --quiet "$@" || true  # one at a time: the seconds are each its own
 echo
 echo "($(python3 -c 'import platform; print(platform.processor() or platform.machine())'), $(nproc) cores," \
   "torch $(/usr/bin/python3 -c 'import torch; print(torch.__version__)')," \

@@ -95,7 +95,12 @@ def build(path: Optional[str], config_path: Optional[str], random_init: bool,
     source = path if path is not None else config_path
     assert source is not None
     config, kwargs = load_config(source, overrides)
-    named = [getattr(transformers, a, None) for a in getattr(config, "architectures", None) or []]
+    named = []
+    for arch in getattr(config, "architectures", None) or []:
+        try:
+            named.append(getattr(transformers, arch, None))
+        except Exception as e:  # noqa: BLE001 - transformers imports the model's module lazily, here
+            raise HFError(f"transformers cannot import {arch} here: {type(e).__name__}: {e}".splitlines()[0]) from None
     classes = [(c, c.__name__) for c in named if c is not None][:1] or [
         (getattr(transformers, a), a) for a in AUTO_CLASSES]
     tried = []
