@@ -59,14 +59,14 @@ def load_config(source: str, overrides: Mapping[str, Any]) -> Tuple[Any, Dict[st
     if not os.path.exists(source):
         raise HFError(f"not found: {source}")
     rest = dict(overrides)
-    kwargs = {}
-    kwargs["attn_implementation"] = rest.pop("attn_implementation", "eager")  # sdpa needs torch 2
+    attn = rest.pop("attn_implementation", None)
+    kwargs = {"attn_implementation": attn or "eager"}  # eager unless asked: sdpa needs torch 2
     if os.path.isfile(source):
         try:
             with open(source, encoding="utf-8") as f:
                 raw = json.load(f)
             model_type = raw.pop("model_type")
-            kwargs["attn_implementation"] = rest.pop("attn_implementation", raw.pop("attn_implementation", "eager"))
+            kwargs["attn_implementation"] = attn or raw.pop("attn_implementation", None) or "eager"
         except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
             raise HFError(f"{source}: not a transformers config.json with a model_type ({e})") from None
         try:
@@ -75,7 +75,7 @@ def load_config(source: str, overrides: Mapping[str, Any]) -> Tuple[Any, Dict[st
             raise HFError(f"{source}: {e}".splitlines()[0]) from None
     else:
         config = AutoConfig.from_pretrained(source, local_files_only=True, **kwargs)
-    known = set(config.to_dict())
+    known = set(config.to_dict()) | set(getattr(config, "attribute_map", None) or {})  # (n_layer: num_hidden_layers)
     for key, value in rest.items():
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=3)
