@@ -79,8 +79,10 @@ class TracerError(Exception):
 class Stmt:
     """One line of a function body: `target = expr` (target None: a `return`), or a rolled loop."""
 
-    def __init__(self, target: Optional[str], expr: str, atom: bool, loop: Optional[Tuple[str, str]] = None):
+    def __init__(self, target: Optional[str], expr: str, atom: bool, loop: Optional[Tuple[str, str]] = None,
+                 block: Optional[List["Stmt"]] = None):
         self.target, self.expr, self.atom, self.loop = target, expr, atom, loop  # loop: (range's bounds, var)
+        self.block = block  # a loop over time steps: its lines (expr then holds their text, for readers)
 
 
 class Body:
@@ -94,6 +96,7 @@ class Body:
         self.inputs = inputs  # input leaf -> parameter name
         self.uses_weights = False
         self.count = 0
+        self.fixed: Dict[str, str] = {}  # value key -> the name it must have (a loop's carried values)
 
     def weight(self, rel: str) -> str:
         self.uses_weights = True
@@ -103,8 +106,11 @@ class Body:
         """A line `names = expr`, a fresh name for each value key; returns the target text."""
         names = []
         for key in keys:
-            names.append(f"v{self.count}")
-            self.count += 1
+            if key in self.fixed:
+                names.append(self.fixed[key])
+            else:
+                names.append(f"v{self.count}")
+                self.count += 1
             self.env[key] = (names[-1], True)
         target = ", ".join(names)
         self.stmts.append(Stmt(target, expr, atom if len(names) == 1 else True))
@@ -170,6 +176,8 @@ class Writer:
         if "add" in value:
             a, c = self.arg(value["add"][0], body, ctx), value["add"][1]
             return f"{_paren(*a)} {'+' if c >= 0 else '-'} {abs(c)}", False
+        if "loopvar" in value:  # the step of a loop over time steps, plus a constant
+            return ("t" if value["loopvar"] == 0 else f"t + {value['loopvar']}"), value["loopvar"] == 0
         if "rsub" in value:
             c, a = value["rsub"][0], self.arg(value["rsub"][1], body, ctx)
             return f"{c} - {_paren(*a)}", False
@@ -315,8 +323,8 @@ class Writer:
         flow = trace.get("dataflow") or ""
         if flow.startswith(("the ops differed", "traced on one probe")):  # one probe's program, not the module's
             raise TracerError(f"{path or '(root)'}: {flow.split(':')[0]}: the module runs other ops on other "
-                              "probes (a Python loop over time steps or a branch on a size), which one "
-                              "program cannot be written from")
+                              "probes (a branch on a size, a loop whose steps are not one program), which "
+                              "one program cannot be written from")
         inputs = {leaf: _param(leaf) for leaf in trace.get("inputs") or []}
         body = Body("prefix + " if entry is None else "", inputs)
         ctx = Ctx(self, path, "", None)
@@ -356,6 +364,10 @@ class Writer:
         i = 0
         while i < len(ops):
             rec = ops[i]
+            if "loop" in rec:
+                self._time_loop(rec, ops[i + 1:i + 1 + rec["loop"]], path, body, ctx)
+                i += 1 + rec["loop"]
+                continue
             if "call" in rec:
                 run = _layer_run(ops, i)
                 if run > 1:
@@ -404,6 +416,28 @@ class Writer:
             return code
         body.assign([ctx.key(f"v{y}") for y in rec.get("y") or []], code, True)
         return None
+
+    def _time_loop(self, rec: Dict[str, Any], steps: Sequence[Dict[str, Any]], path: str, body: Body,
+                   ctx: "Ctx") -> None:
+        """`for t in range(T):` over one step's ops; each carried value starts from its value before
+        the loop and keeps one name, which the step reads before it remakes it."""
+        count = self.arg(rec["x"][0], body, ctx)[0]
+        carried = [ctx.key(f"v{ref['v']}") for ref, _ in rec.get("carried") or []]
+        for key, (_, init) in zip(carried, rec.get("carried") or []):
+            body.fixed[key] = body.assign([key], self.arg(init, body, ctx)[0], True)
+        outer, body.stmts = body.stmts, []
+        for op in steps:
+            if "call" in op:
+                self.call(op, path, body, ctx)
+            else:
+                self.op(op, body, ctx)
+        inner, body.stmts = body.stmts, outer
+        for key in carried:
+            del body.fixed[key]
+        if any(s.loop or s.target is None for s in inner):
+            raise TracerError(f"{path or '(root)'}: a loop inside a loop over time steps")
+        body.stmts.append(Stmt("", f"{count}\n" + "\n".join(s.expr for s in inner), True, loop=(count, "t"),
+                               block=inner))
 
     def _loop(self, run: Sequence[Dict[str, Any]], path: str, body: Body, ctx: "Ctx") -> None:
         first, last = run[0], run[-1]
@@ -558,6 +592,9 @@ def _render(body: Body) -> List[str]:
     for s in body.stmts:
         if s.target is None:
             lines.append(f"    return {s.expr}")
+        elif s.block is not None:
+            lines.append(f"    for {s.loop[1]} in range({s.loop[0]}):")  # type: ignore[index]
+            lines += [f"        {b.target} = {b.expr}" for b in s.block]
         elif s.loop:
             lines.append(f"    for {s.loop[1]} in range({s.loop[0]}):")
             lines.append(f"        {s.target} = {s.expr}")

@@ -8,7 +8,8 @@ branches get a helper per variant, not one loop; nn.Sequential works;
 `torch.functional` functions keep their public names; a constant minus a size
 and a floor division are written as such; a cast only the bfloat16 probe runs
 is written; a module under two paths reads its weights by its name under the
-caller; a loop over time steps is refused with its reason; exporting from the
+caller; a loop over time steps becomes `for t in range(T)` and other ops on
+other probes are refused with the reason; exporting from the
 model file's own folder works; a --set typo, an FMX_PYTHON without torch and a
 failing model give one line and exit 2; FMX_PYTHON=python3 is found on PATH.
 """
@@ -108,14 +109,21 @@ def test_module_under_two_paths_reads_its_weights_by_its_name_there(tmp_path):
     assert '"embed_tokens.weight"' in code and "..weight" not in code
 
 
-def test_loop_over_time_steps_is_refused_with_the_reason(tmp_path):
-    pack = tmp_path / "rnn"
-    export(f"{MODELS}:time_loop", str(pack), quiet=True)
-    with pytest.raises(TracerError, match="loop over time steps"):
+def test_loop_over_time_steps_becomes_a_loop(tmp_path):
+    res, code = traced(tmp_path, "time_loop")
+    assert matched(res), res.stdout + res.stderr + code  # lengths 6 to 64: one program
+    assert "for t in range(x.size(1)):" in code and "x[:, t]" in code, code
+    assert code.count("torch.tanh(") == 1
+
+
+def test_other_ops_on_other_probes_are_refused_with_the_reason(tmp_path):
+    pack = tmp_path / "branchy"
+    export("tests/python/flow_models.py:branchy", str(pack), quiet=True)
+    with pytest.raises(TracerError, match="other ops on other probes"):
         write_pack(str(pack))
-    res = fmx("trace", pack, "-o", tmp_path / "rnn.py")
+    res = fmx("trace", pack, "-o", tmp_path / "b.py")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
-    assert not (tmp_path / "rnn.py").exists()
+    assert not (tmp_path / "b.py").exists()
 
 
 def test_export_from_the_model_files_own_folder(tmp_path):

@@ -134,7 +134,7 @@ class Shared(nn.Module):
 
 
 class TimeLoop(nn.Module):
-    """A Python loop over time steps (an RNN): other ops on other lengths."""
+    """A Python loop over time steps (an RNN): as many steps as the input is long."""
 
     def __init__(self) -> None:
         super().__init__()
