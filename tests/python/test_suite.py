@@ -118,3 +118,22 @@ def test_fmx_suite_builds_packs_that_fmx_serves(tmp_path):
     res = subprocess.run([FMX, "run", "--policy", "tracer", "--tasks", str(packs), "--task", "hf-vit", "--db", str(db)],
                          capture_output=True, text=True, env=env(), stdin=subprocess.DEVNULL, timeout=300)
     assert res.returncode == 0 and re.search(r"tracer\s+1\s+100%", res.stdout), res.stdout + res.stderr
+
+
+def test_hf_snapshot_of_another_family_exports(tmp_path):
+    """--hf DIR: a saved model's own class and weights (here a sequence classifier)."""
+    from fmx.export import build_from_hf, export
+
+    config = transformers.AutoConfig.for_model("bert", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=4, vocab_size=64, max_position_embeddings=64,
+                                               num_labels=2)
+    saved = transformers.BertForSequenceClassification(config)
+    saved.save_pretrained(str(tmp_path / "snap"))
+    model, inputs_fn = build_from_hf(str(tmp_path / "snap"), None, False, {})
+    assert type(model).__name__ == "BertForSequenceClassification"
+    for (name, a), b in zip(model.state_dict().items(), saved.state_dict().values()):
+        assert a.equal(b), name  # its own weights, not a new draw
+    m = export(model, str(tmp_path / "pack"), inputs_fn=inputs_fn, quiet=True)
+    root = next(c for c in m["calls"] if c["module"] == "" and c["probe"] == 0)
+    assert {e["name"] for e in root["inputs"] if e["kind"] == "tensor"} == {"input_ids", "attention_mask"}
+    assert [e["shape"] for e in root["outputs"] if e["kind"] == "tensor"] == [[1, 2]]
