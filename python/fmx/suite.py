@@ -43,8 +43,7 @@ def configs(folder: str = SUITE_DIR, only: Optional[Sequence[str]] = None) -> Di
     if only:
         missing = [n for n in only if n not in found]
         if missing:
-            raise SystemExit(f"fmx suite: no config for {', '.join(missing)} in {folder} "
-                             f"(have: {', '.join(found)})")
+            raise ValueError(f"no config for {', '.join(missing)} in {folder} (have: {', '.join(found)})")
         found = {n: found[n] for n in only}
     return found
 
@@ -227,7 +226,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()  # (their deprecation notes, not fmx's)
-    chosen = configs(args.configs, [n for n in (args.only or "").split(",") if n] or None)
+    try:
+        chosen = configs(args.configs, [n for n in (args.only or "").split(",") if n] or None)
+    except ValueError as e:
+        print(f"fmx suite: {e}", file=sys.stderr)
+        return 2
+    if not chosen:
+        print(f"fmx suite: no config.json files in {args.configs}", file=sys.stderr)
+        return 2
     os.makedirs(args.out, exist_ok=True)
     fmx = os.environ.get("FMX_BIN", "fmx")
     t0 = time.perf_counter()
