@@ -97,6 +97,7 @@ class Body:
         self.uses_weights = False
         self.count = 0
         self.fixed: Dict[str, str] = {}  # value key -> the name it must have (a loop's carried values)
+        self.step = "t" if "t" not in inputs.values() else "t_"  # a loop over time steps' variable
 
     def weight(self, rel: str) -> str:
         self.uses_weights = True
@@ -177,7 +178,8 @@ class Writer:
             a, c = self.arg(value["add"][0], body, ctx), value["add"][1]
             return f"{_paren(*a)} {'+' if c >= 0 else '-'} {abs(c)}", False
         if "loopvar" in value:  # the step of a loop over time steps, plus a constant
-            return ("t" if value["loopvar"] == 0 else f"t + {value['loopvar']}"), value["loopvar"] == 0
+            c = value["loopvar"]
+            return (body.step if c == 0 else f"{body.step} + {c}"), c == 0
         if "rsub" in value:
             c, a = value["rsub"][0], self.arg(value["rsub"][1], body, ctx)
             return f"{c} - {_paren(*a)}", False
@@ -436,7 +438,7 @@ class Writer:
             del body.fixed[key]
         if any(s.loop or s.target is None for s in inner):
             raise TracerError(f"{path or '(root)'}: a loop inside a loop over time steps")
-        body.stmts.append(Stmt("", f"{count}\n" + "\n".join(s.expr for s in inner), True, loop=(count, "t"),
+        body.stmts.append(Stmt("", f"{count}\n" + "\n".join(s.expr for s in inner), True, loop=(count, body.step),
                                block=inner))
 
     def _loop(self, run: Sequence[Dict[str, Any]], path: str, body: Body, ctx: "Ctx") -> None:
