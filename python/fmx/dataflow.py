@@ -641,6 +641,10 @@ def generalize(traces: Sequence[Dict[str, Any]], weight_sizes: bool = False) -> 
                 _minus_one(new)
                 if "varies" not in repr(new["x"]) + repr(new.get("kw")):
                     op_errors = []
+            reads = [f"{r['op']} at op {j}" for j, r in enumerate(base["ops"][:i]) if "result" in r and r.get("op")]
+            if op_errors and reads:  # (an MoE's per-expert counts from .tolist(), handed to split)
+                op_errors[-1] += (f"; the model read tensor values into Python before it ({reads[-1]}): an int "
+                                  "that follows the data, not a shape, which no program with fixed ops can hold")
             errors += [f"op {i} ({rec.get('op') or rec.get('call')}): {e}" for e in op_errors]
         ops.append(new)
     scope = _Scope(all_t, base["count"], weight_sizes)

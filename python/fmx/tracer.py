@@ -206,7 +206,9 @@ class Writer:
                 code += f".to({self.arg(value['cast'], body, ctx)[0]})"
             return code, True
         if "varies" in value:
-            raise TracerError(f"a size or dtype the trace could not explain (values {value['varies']})")
+            why = (self.traces.get(ctx.path) or {}).get("dataflow") or ""
+            raise TracerError(f"a size or dtype the trace could not explain (values {value['varies']})"
+                              + (f": {ctx.path or '(root)'}: {why}"[:600] if "follows the data" in why else ""))
         raise TracerError(f"cannot write the argument {value!r}"[:200])
 
     # -- ops

@@ -8,10 +8,11 @@ branches get a helper per variant, not one loop; nn.Sequential works;
 `torch.functional` functions keep their public names; a constant minus a size
 and a floor division are written as such; a cast only the bfloat16 probe runs
 is written; a module under two paths reads its weights by its name under the
-caller; a loop over time steps becomes `for t in range(T)` and other ops on
-other probes are refused with the reason; exporting from the
-model file's own folder works; a --set typo, an FMX_PYTHON without torch and a
-failing model give one line and exit 2; FMX_PYTHON=python3 is found on PATH.
+caller; a loop over time steps becomes `for t in range(T)`, and other ops on
+other probes or ints read from tensor values (.tolist() into split) are
+refused with the reason; exporting from the model file's own folder works; a
+--set typo, an FMX_PYTHON without torch and a failing model give one line and
+exit 2; FMX_PYTHON=python3 is found on PATH.
 """
 import os
 import pathlib
@@ -124,6 +125,13 @@ def test_other_ops_on_other_probes_are_refused_with_the_reason(tmp_path):
     res = fmx("trace", pack, "-o", tmp_path / "b.py")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not (tmp_path / "b.py").exists()
+
+
+def test_ints_that_follow_the_data_are_refused_with_the_reason(tmp_path):
+    pack = tmp_path / "routed"
+    export(f"{MODELS}:routed", str(pack), quiet=True)
+    with pytest.raises(TracerError, match=r"torch.Tensor.tolist at op \d+\): an int that follows the data"):
+        write_pack(str(pack))
 
 
 def test_export_from_the_model_files_own_folder(tmp_path):

@@ -186,3 +186,23 @@ def fmx_inputs(model: nn.Module, batch: int, seq: int, padding: str, generator: 
     return {"input": x} if isinstance(model, nn.Sequential) else {"x": x}
 
 
+
+
+class Routed(nn.Module):
+    """Per-expert token counts read to the host (.tolist()) and handed to split (an MoE's dispatch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, 8)
+        expert = self.router(flat).argmax(-1)
+        order = expert.argsort()
+        counts = torch.bincount(expert, minlength=4).tolist()
+        parts = flat[order].split(counts)
+        return torch.cat([p * (i + 1) for i, p in enumerate(parts)]).sum()
+
+
+def routed() -> nn.Module:
+    return Routed()
