@@ -66,6 +66,9 @@ static const char *usage_text =
     "                                 alone (the tracer policy, no server, no LLM)\n"
     "      --component PATH           one module (default: the whole model)\n"
     "      --verify                   then verify it on every probe (needs -o)\n"
+    "  suite -o DIR [--check]         export the real-architecture suite (examples/suite, needs\n"
+    "                                 transformers) into packs; --check traces and verifies\n"
+    "                                 each (see fmx suite --help)\n"
     "  mutate PACK SOLUTION [options] verify mutants of a correct SOLUTION on every probe and\n"
     "                                 report which survive (see fmx mutate --help)\n"
     "  info PACK [--json]             modules, classes, probes and sizes of a pack\n"
@@ -190,7 +193,7 @@ static int cmd_python(const char *cmd, const char *module, const char *flag, int
     for (int i = 1; i < argc; i++)
         args[n++] = argv[i];
     args[n] = NULL;
-    execv(py, args);
+    execvp(py, args); /* FMX_PYTHON=python3 is looked up on PATH */
     fprintf(stderr, "fmx %s: cannot run %s: %s (set FMX_PYTHON to a python3 with torch)\n", cmd, py,
             strerror(errno));
     free(args);
@@ -513,6 +516,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "export") == 0) return cmd_python(cmd, "fmx.export", NULL, argc - 1, argv + 1);
     if (strcmp(cmd, "trace") == 0)
         return cmd_python(cmd, "fmx.tracer", "--pack", argc - 1, argv + 1);
+    if (strcmp(cmd, "suite") == 0) return cmd_python(cmd, "fmx.suite", NULL, argc - 1, argv + 1);
     if (strcmp(cmd, "verify") == 0) return cmd_verify(argc - 1, argv + 1);
     if (strcmp(cmd, "mutate") == 0) return fmx_mutate_main(argc - 1, argv + 1);
     if (strcmp(cmd, "info") == 0) return cmd_info(argc - 1, argv + 1);

@@ -102,6 +102,15 @@ static void fmx__flow_value(const cJSON *v, FILE *f, int depth) {
             fmx__flow_value(a0, f, depth + 1);
             fputs(k[0] == 'm' ? " * " : " + ", f);
             fmx__flow_value(a1, f, depth + 1);
+        } else if ((strcmp(k, "rsub") == 0 || strcmp(k, "floordiv") == 0) && a0 && a1) {
+            fmx__flow_value(a0, f, depth + 1);
+            fputs(k[0] == 'r' ? " - " : " // ", f);
+            fmx__flow_value(a1, f, depth + 1);
+        } else if (strcmp(k, "loopvar") == 0 && cJSON_IsNumber(a)) {
+            if (a->valueint)
+                fprintf(f, "t + %d", a->valueint);
+            else
+                fputc('t', f);
         } else if (strcmp(k, "tuple") == 0 && cJSON_IsArray(a)) {
             fmx__flow_items(a, f, depth, "(", cJSON_GetArraySize(a) == 1 ? ",)" : ")");
         } else if (strcmp(k, "list") == 0) {
@@ -156,6 +165,22 @@ void fmx_optrace_print(FILE *f, const fmx_pack *pack, const cJSON *ops, const cJ
         const cJSON *x = cJSON_GetObjectItemCaseSensitive(op, "x");
         const char *call = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(op, "call"));
         fprintf(f, "%4d  ", i);
+        const cJSON *loop = cJSON_GetObjectItemCaseSensitive(op, "loop");
+        if (cJSON_IsNumber(loop)) { /* a loop over time steps: the next ops are one step */
+            fputs("for t in range(", f);
+            fmx__flow_value(cJSON_GetArrayItem(x, 0), f, 0);
+            fprintf(f, "): the next %d ops are one step", loop->valueint);
+            const cJSON *c;
+            int k = 0;
+            cJSON_ArrayForEach(c, cJSON_GetObjectItemCaseSensitive(op, "carried")) {
+                fputs(k++ ? ", " : "; carried: ", f);
+                fmx__flow_value(cJSON_GetArrayItem(c, 0), f, 0);
+                fputs(" starts as ", f);
+                fmx__flow_value(cJSON_GetArrayItem(c, 1), f, 0);
+            }
+            fwrite("\n", 1, 1, f);
+            continue;
+        }
         if (x) fmx__flow_targets(op, f);
         if (call) {
             int cm = pack ? fmx_pack_find_module(pack, call) : -1;

@@ -76,7 +76,7 @@ int fmx_python_run(const char *module, const char *const *args, char **out, size
     posix_spawn_file_actions_adddup2(&fa, fds[1], STDOUT_FILENO);
     posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
     pid_t pid;
-    int rc = posix_spawn(&pid, py, &fa, NULL, argv, environ);
+    int rc = posix_spawnp(&pid, py, &fa, NULL, argv, environ); /* a bare name: on PATH */
     posix_spawn_file_actions_destroy(&fa);
     free(argv);
     close(fds[1]);

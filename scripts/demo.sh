@@ -5,7 +5,10 @@
 # verifies the reference solution, submits it), the tracer policy (writes the
 # code from the op traces, no LLM) and the null policy (submits nothing
 # useful) on every task, print the leaderboard from the SQLite
-# episode log, stop the server. Then the probe strength of each pack.
+# episode log, stop the server. Then the probe strength of each pack. When
+# transformers is importable (../shared/pydeps, FMX_PYDEPS), it also exports
+# four architectures of the suite (examples/suite) and plays the tracer and null
+# policies on their tasks; it says which it used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -20,6 +23,25 @@ for ex in qwen2 gpt2; do
     equivalent=(--equivalent "examples/solutions/$ex.equivalent.json")
   "$fmx" export "examples/models/$ex.py:build" -o "packs/$ex" --force --quiet "${equivalent[@]}"
 done
+
+# The suite of real transformers architectures (examples/suite), when transformers is
+# importable: ../shared/pydeps beside the tree, FMX_PYDEPS, or an installed one.
+pydeps=${FMX_PYDEPS:-../shared/pydeps}
+[ -d "$pydeps" ] && export FMX_PYDEPS=$(realpath "$pydeps")
+suite=(llama gemma2 bert vit)
+rm -rf packs/suite
+if transformers=$(/usr/bin/python3 -c 'import os, sys
+p = os.environ.get("FMX_PYDEPS")
+if p: sys.path.append(p)
+import transformers
+print(transformers.__version__, "from", os.path.dirname(os.path.dirname(transformers.__file__)))' 2>/dev/null); then
+  echo "== suite: transformers $transformers: ${suite[*]} -> packs/suite"
+  "$fmx" suite -o packs/suite --only "$(IFS=,; echo "${suite[*]}")" --quiet
+  used="the embedded examples and the suite (${suite[*]}: real transformers $transformers)"
+else
+  echo "== suite: skipped: transformers is not importable (no ../shared/pydeps; FMX_PYDEPS names another folder)"
+  used="the embedded examples only (no transformers, no suite)"
+fi
 
 # A fresh log for this run; the server on a private ipc socket, stopped on exit.
 rm -f "$db" "$db-wal" "$db-shm"
@@ -56,6 +78,12 @@ status=0
 stop_server
 trap - EXIT
 
+if [ -d packs/suite ]; then
+  echo
+  echo "== fmx run --policy tracer,null --tasks packs/suite: the suite's tasks (no reference solutions: no oracle)"
+  "$fmx" run --policy tracer,null --tasks packs/suite --db "$db" | sed -n '/^rank/,/^$/p' || status=$?
+fi
+
 echo
 echo "== probe strength: mutants of each reference solution, verified on every probe"
 for ex in qwen2 gpt2; do
@@ -76,7 +104,8 @@ print(f"the tracer passes {sum(c == 1.0 for c, in rows)} of {len(rows)} tasks")
 EOF
 )
 if [ $status -eq 0 ]; then
-  echo "the oracle passes every task, $tracer, the null policy scores 0; episodes in $db"
+  echo "ran on $used"
+  echo "the oracle passes every example task, $tracer, the null policy scores 0; episodes in $db"
 else
   echo "demo FAILED (see above)"
 fi

@@ -18,6 +18,8 @@ packages=(
   python3-setuptools python3-pip python3-venv python3-wheel  # pip install ./python, offline
   libcurl4-openssl-dev
   chromium  # headless, for the HTML leaderboard test (tests/python/test_research.py)
+  # what real transformers needs beside ../shared/pydeps (its README): the suite and its tests
+  python3-regex python3-tqdm python3-filelock python3-fsspec python3-yaml python3-requests python3-packaging
 )
 
 missing=()

@@ -1,7 +1,8 @@
 /*
  * test_optrace.c — op traces as text (env/optrace.c): each kind of dataflow
  * value (references, sizes, products and offsets, dtypes, devices, finfo
- * limits, slices, constants, what varies), an op line with its values,
+ * limits, slices, constants, what varies, a constant minus a size, a floor
+ * division, the step of a loop over time steps), a loop record's line, an op line with its values,
  * arguments and shapes, a child call with its inputs, the older listing of a
  * pack without dataflow, and the returns line.
  */
@@ -66,6 +67,27 @@ static void test_values(void **state) {
     same("{\"const\": [1.5], \"shape\": [1], \"dtype\": \"float32\"}",
          "<constant float32 tensor [1]>");
     same("{\"varies\": [63, 168]}", "<varies by probe: [63, 168]>");
+    same("{\"rsub\": [128, {\"dim\": [{\"in\": \"x\"}, 1]}]}", "128 - x.size(1)");
+    same("{\"floordiv\": [{\"dim\": [{\"in\": \"x\"}, 1]}, 2]}", "x.size(1) // 2");
+    same("{\"tuple\": [{\"slice\": [null, null, null]}, {\"loopvar\": 0}, {\"loopvar\": 1}]}",
+         "(:, t, t + 1)");
+}
+
+static void test_time_loop_line(void **state) {
+    (void)state;
+    char *t =
+        printed("[{\"loop\": 2, \"x\": [{\"dim\": [{\"in\": \"x\"}, 1]}], \"carried\": "
+                "[[{\"v\": 2}, {\"v\": 0}]]},"
+                " {\"op\": \"torch.cat\", \"x\": [{\"list\": [{\"in\": \"x\"}, {\"v\": 2}]}, -1], "
+                "\"kw\": {}, \"y\": [1]},"
+                " {\"op\": \"torch.tanh\", \"x\": [{\"v\": 1}], \"kw\": {}, \"y\": [2]}]",
+                1);
+    assert_string_equal(t,
+                        "   1  for t in range(x.size(1)): the next 2 ops are one step; carried: v2 "
+                        "starts as v0\n"
+                        "   2  v1 = torch.cat([x, v2], -1)\n"
+                        "   3  v2 = torch.tanh(v1)\n");
+    free(t);
 }
 
 static void test_op_and_call_lines(void **state) {
@@ -115,6 +137,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_values),
         cmocka_unit_test(test_op_and_call_lines),
+        cmocka_unit_test(test_time_loop_line),
         cmocka_unit_test(test_older_listing_without_dataflow),
         cmocka_unit_test(test_returns_and_no_ops),
     };

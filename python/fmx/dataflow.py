@@ -66,9 +66,11 @@ class Flow:
         self.returns: Optional[List[Any]] = None
         self.return_names: List[str] = []
         self.inputs = [leaf for leaf, kind, _ in inputs if kind == "tensor"]
+        self.weights: List[Tuple[str, Tensor]] = []  # (name, tensor): no constant may hold their values
         for name, t in module_tensors(module):
             if id(t) not in self.refs:
                 self._bind(t, {"w": name})
+                self.weights.append((name, t))
         for leaf, kind, payload in inputs:
             if kind == "tensor":
                 self._bind(payload, {"in": leaf})
@@ -99,7 +101,11 @@ class Flow:
             if view is not None:
                 return view
             if value.numel() <= CONST_MAX and value.layout == torch.strided and not value.is_complex():
-                return {"const": value.detach().cpu().tolist(), "shape": list(value.shape), "dtype": _dtype(value)}
+                const = {"const": value.detach().cpu().tolist(), "shape": list(value.shape), "dtype": _dtype(value)}
+                weight = self.weight_of(value)
+                if weight is not None:  # the trace missed how the weight was read: never bake it in
+                    const["weight"] = weight
+                return const
             return {"unknown": list(value.shape), "dtype": _dtype(value)}
         if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
             return value
@@ -118,6 +124,23 @@ class Flow:
         if isinstance(value, list):
             return {"list": [self.encode(v) for v in value]}
         return {"repr": repr(value)[:120]}
+
+    def weight_of(self, t: Tensor) -> Optional[str]:
+        """The name of a parameter or buffer whose memory or values `t` holds (a view the trace did not
+        see, or a copy of one), else None."""
+        if t.numel() < 2:
+            return None
+        for name, w in self.weights:
+            if w.numel() < 2 or w.device != t.device:
+                continue
+            if w.data_ptr() <= t.data_ptr() < w.data_ptr() + w.numel() * w.element_size():
+                return name
+            if w.numel() == t.numel() and w.dtype == t.dtype:
+                flat = t.detach().reshape(-1)
+                if torch.equal(flat, w.detach().reshape(-1)) or (
+                        w.dim() == 2 and torch.equal(flat, w.detach().t().reshape(-1))):
+                    return name
+        return None
 
     def _late_view(self, t: Tensor) -> Optional[Dict[str, Any]]:
         """A view of a known tensor made where the trace could not see it (torch 1.13 indexes x[None]
@@ -230,6 +253,14 @@ class _Scope:
             diff = {v - s for v, s in zip(target, sizes)}
             if len(diff) == 1:
                 return {"add": [expr, diff.pop()]}
+        for sizes, expr in atoms:  # a constant minus a size: max(0, c - seq) while seq <= c
+            total = {v + s for v, s in zip(target, sizes)}
+            if len(total) == 1 and min(target) >= 0:
+                return {"rsub": [total.pop(), expr]}
+        for sizes, expr in atoms:  # a size floor-divided by a constant (chunks, patches)
+            for c in range(2, max(sizes) + 1):
+                if all(s // c == v for v, s in zip(target, sizes)):
+                    return {"floordiv": [expr, c]}
         return None
 
     def dtype_expr(self, vals: Sequence[str]) -> Optional[Any]:
@@ -335,6 +366,241 @@ def _first_output(ops: Sequence[Dict[str, Any]], i: int, count: int) -> int:
     return count
 
 
+_CAST_METHODS = {"torch.Tensor.float": "float32", "torch.Tensor.double": "float64", "torch.Tensor.half": "float16",
+                 "torch.Tensor.bfloat16": "bfloat16"}
+_DTYPE_CASTS = ("torch.Tensor.to", "torch.Tensor.type")
+
+
+def _renumber(value: Any, table: Dict[int, int]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"v"}:
+            return {"v": table[value["v"]]}
+        return {k: _renumber(v, table) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_renumber(v, table) for v in value]
+    return value
+
+
+def with_casts(trace: Dict[str, Any], other: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """`trace` (a probe that skipped a dtype-dependent cast: `if w.dtype == bfloat16: x = x.to(w.dtype)`
+    on float32) rewritten with the ops of `other` (the bfloat16 probe that took it), numbered as in
+    `other`: each op only `other` ran must be a cast of one tensor, and in `trace` it becomes the
+    identity cast (to the dtype its input has there), which is what skipping it did. None when the
+    traces differ in anything else."""
+    import difflib
+
+    a, b = trace["ops"], other["ops"]
+    table: Dict[int, int] = {}
+    new_ops: List[Dict[str, Any]] = []
+    inserted: List[Tuple[Dict[str, Any], int]] = []
+    matcher = difflib.SequenceMatcher(None, _skeleton(a), _skeleton(b), autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            for i, j in zip(range(i1, i2), range(j1, j2)):
+                for x, y in zip(a[i].get("y") or [], b[j].get("y") or []):
+                    table[x] = y
+                new_ops.append(a[i])
+        elif tag == "insert":
+            for j in range(j1, j2):
+                rec = b[j]
+                xs = rec.get("x") or []
+                if not (rec.get("op") in _CAST_METHODS or rec.get("op") in _DTYPE_CASTS) or \
+                        len(rec.get("y") or []) != 1 or not xs or not _is_ref(xs[0]):
+                    return None
+                new_ops.append(rec)
+                inserted.append((rec, len(new_ops) - 1))
+        else:
+            return None
+    if len(table) != sum(len(r.get("y") or []) for r in a if "y" in r):
+        return None
+    back = {v: k for k, v in table.items()}
+    out_ops = []
+    info = {(f"v{table[int(k[1:])]}" if k.startswith("v") else k): v for k, v in trace["info"].items()
+            if not k.startswith("v") or int(k[1:]) in table}
+    aliases = {}
+    for k, v in (trace.get("aliases") or {}).items():
+        if k.startswith("v") and int(k[1:]) in table:
+            aliases[f"v{table[int(k[1:])]}"] = f"v{table[int(v[1:])]}" if v.startswith("v") and int(v[1:]) in table else v
+    casts = {id(rec) for rec, _ in inserted}
+    for rec in new_ops:
+        if id(rec) not in casts:
+            rec = _renumber(rec, table)
+            if "y" in rec:
+                rec["y"] = [table[y] for y in rec["y"]]
+            out_ops.append(rec)
+            continue
+        src = rec["x"][0]  # in `other`'s numbering, which is now this trace's
+        key = _key(src) if not src.get("v") in back else f"v{src['v']}"
+        shape_dtype = info.get(key)
+        if shape_dtype is None:
+            return None
+        dtype = shape_dtype[1]
+        if rec["op"] in _CAST_METHODS and _CAST_METHODS[rec["op"]] != dtype:
+            return None  # x.bfloat16() is no identity on a float32 probe
+        fixed = dict(rec)
+        fixed["x"] = [src] + [{"dtype": dtype} if isinstance(v, dict) and set(v) == {"dtype"} else v
+                              for v in rec["x"][1:]]
+        fixed["kw"] = {k: ({"dtype": dtype} if isinstance(v, dict) and set(v) == {"dtype"} else v)
+                       for k, v in (rec.get("kw") or {}).items()}
+        y = rec["y"][0]
+        info[f"v{y}"] = shape_dtype
+        aliases[f"v{y}"] = aliases.get(key, key)
+        out_ops.append(fixed)
+    order = [k for k in trace["order"] if not k.startswith("v")] + [f"v{n}" for n in range(other["count"])]
+    return dict(trace, ops=out_ops, info=info, aliases=aliases, order=order, count=other["count"],
+                returns=_renumber(trace["returns"], table))
+
+
+def _repeats(skel: Sequence[Any], start: int, length: int) -> int:
+    """How many times skel[start:start + length] repeats back to back from `start`."""
+    block, k = list(skel[start:start + length]), 0
+    if len(block) < length or length < 1:
+        return 0
+    while list(skel[start + k * length:start + (k + 1) * length]) == block:
+        k += 1
+    return k
+
+
+def _walk(values: Sequence[Any], fn: Any) -> Any:
+    """fn(list of one argument across iterations) -> the rolled argument, recursing into lists and
+    dicts that are not references; raises ValueError where the iterations do not line up."""
+    first = values[0]
+    if isinstance(first, dict) and not _is_ref(first) and "loopvar" not in first:
+        if any(not isinstance(v, dict) or v.keys() != first.keys() for v in values):
+            return fn(values)
+        return {k: _walk([v[k] for v in values], fn) for k in first}
+    if isinstance(first, list):
+        if any(not isinstance(v, list) or len(v) != len(first) for v in values):
+            raise ValueError("lists of other lengths")
+        return [_walk([v[i] for v in values], fn) for i in range(len(first))]
+    return fn(values)
+
+
+def _rolled(trace: Dict[str, Any], start: int, length: int, k: int) -> Dict[str, Any]:
+    """`trace` with its k repeats of ops[start:start + length] (one Python loop's steps) as one
+    loop record followed by the first step's ops; raises ValueError when the steps are not one
+    program: each step may read what the step before made (carried), the step's own values,
+    and values from before the loop; ints that grow by one per step are the loop variable."""
+    ops = trace["ops"]
+    steps = [ops[start + i * length:start + (i + 1) * length] for i in range(k)]
+    slot: Dict[int, Tuple[int, int, int]] = {}  # value -> (step, op in step, output)
+    for i, step in enumerate(steps):
+        for j, rec in enumerate(step):
+            for o, y in enumerate(rec.get("y") or []):
+                slot[y] = (i, j, o)
+    first_y = {(j, o): y for (i, j, o), y in ((v, y) for y, v in slot.items()) if i == 0}
+    carried: Dict[int, Any] = {}  # first step's value -> what it is before the loop
+
+    def roll(at: int) -> Any:
+        def fn(vals: List[Any]) -> Any:
+            if all(v == vals[0] and type(v) is type(vals[0]) for v in vals) and not (
+                    _is_ref(vals[0]) and "v" in vals[0] and vals[0]["v"] in slot):
+                return vals[0]  # the same on every step: a weight, an input, a value from before
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in vals) and \
+                    all(v == vals[0] + i for i, v in enumerate(vals)):
+                return {"loopvar": vals[0]}
+            if not all(_is_ref(v) and "v" in v for v in vals[1:]):
+                raise ValueError(f"an argument changes between steps: {vals[:3]!r}"[:200])
+            where = [slot.get(v["v"]) for v in vals[1:]]
+            if any(w is None for w in where):
+                raise ValueError("a step reads a value made after the loop")
+            if all(w[0] == i for i, w in enumerate(where)) and len({w[1:] for w in where}) == 1 and \
+                    _is_ref(vals[0]) and not ("v" in vals[0] and vals[0]["v"] in slot):
+                if where[0][1] < at:
+                    raise ValueError("a step reads the step before's value after remaking it")
+                y = first_y[where[0][1:]]
+                if carried.setdefault(y, vals[0]) != vals[0]:
+                    raise ValueError("one carried value starts from two values")
+                return {"v": y}  # what the step before made (before the loop: its start value)
+            own = [slot.get(v["v"]) if "v" in v else None for v in vals]
+            if all(w is not None and w[0] == i for i, w in enumerate(own)) and len({w[1:] for w in own}) == 1:
+                return {"v": first_y[own[0][1:]]}  # this step's own value
+            raise ValueError("a step reads values of other steps")
+        return fn
+
+    body = []
+    for j, rec in enumerate(steps[0]):
+        recs = [step[j] for step in steps]
+        new = dict(rec)
+        if "x" in rec:
+            new["x"] = _walk([r["x"] for r in recs], roll(j))
+        if "kw" in rec:
+            new["kw"] = _walk([r["kw"] for r in recs], roll(j))
+        body.append(new)
+    last = {y: first_y[(j, o)] for y, (i, j, o) in slot.items() if i == k - 1}
+
+    def after(value: Any) -> Any:
+        if isinstance(value, dict):
+            if set(value) == {"v"} and value["v"] in slot:
+                if value["v"] not in last:
+                    raise ValueError("code after the loop reads a value of an earlier step")
+                return {"v": last[value["v"]]}
+            return {key: after(v) for key, v in value.items()}
+        if isinstance(value, list):
+            return [after(v) for v in value]
+        return value
+
+    suffix = [dict(r, x=after(r.get("x")), kw=after(r.get("kw"))) if "x" in r else r
+              for r in ops[start + k * length:]]
+    loop = {"loop": len(body), "x": [k], "carried": [[{"v": y}, init] for y, init in sorted(carried.items())]}
+    out = dict(trace, ops=list(ops[:start]) + [loop] + body + suffix, returns=after(trace["returns"]))
+    return _canonical(out)
+
+
+def _canonical(trace: Dict[str, Any]) -> Dict[str, Any]:
+    """Values renumbered 0, 1, ... in the order ops make them (rolled traces of several probes then
+    name their values alike)."""
+    table: Dict[int, int] = {}
+    for rec in trace["ops"]:
+        for y in rec.get("y") or []:
+            table[y] = len(table)
+    ops = []
+    for rec in trace["ops"]:
+        rec = _renumber(rec, table)
+        if "y" in rec:
+            rec["y"] = [table[y] for y in rec["y"]]
+        ops.append(rec)
+    info = {(f"v{table[int(k[1:])]}" if k.startswith("v") else k): v for k, v in trace["info"].items()
+            if not k.startswith("v") or int(k[1:]) in table}
+    aliases = {f"v{table[int(k[1:])]}": (f"v{table[int(v[1:])]}" if v.startswith("v") else v)
+               for k, v in (trace.get("aliases") or {}).items()
+               if int(k[1:]) in table and (not v.startswith("v") or int(v[1:]) in table)}
+    order = [k for k in trace["order"] if not k.startswith("v")] + [f"v{n}" for n in range(len(table))]
+    return dict(trace, ops=ops, info=info, aliases=aliases, order=order, count=len(table),
+                returns=_renumber(trace["returns"], table))
+
+
+def roll_time_loop(traces: Sequence[Dict[str, Any]]) -> Optional[List[Dict[str, Any]]]:
+    """Traces of probes that differ only in how many times one block of ops repeats (a Python
+    loop over time steps), each with that block rolled into a loop record (`{"loop": n_ops, "x":
+    [steps], "carried": [[value, start], ...]}` before the first step's ops); None when no such
+    block explains them or its steps are not one program."""
+    skels = [_skeleton(t["ops"]) for t in traces]
+    longest = max(range(len(traces)), key=lambda i: len(skels[i]))
+    s = skels[longest]
+    if len(s) > 4000:  # (the search is cubic in the ops)
+        return None
+    for start in range(len(s)):
+        for length in range(1, (len(s) - start) // 2 + 1):
+            k = _repeats(s, start, length)
+            if k < 2:
+                continue
+            tail = s[start + k * length:]
+            counts = []
+            for sk in skels:
+                m = _repeats(sk, start, length) if sk[:start] == s[:start] else 0
+                if m < 2 or sk[start + m * length:] != tail:  # (two steps to tell what is carried)
+                    break
+                counts.append(m)
+            if len(counts) != len(traces) or len(set(counts)) < 2:
+                continue
+            try:
+                return [_rolled(t, start, length, m) for t, m in zip(traces, counts)]
+            except (ValueError, KeyError):
+                continue
+    return None
+
+
 def generalize(traces: Sequence[Dict[str, Any]], weight_sizes: bool = False) -> Dict[str, Any]:
     """The module's ops with probe-dependent numbers replaced by expressions (see the module doc).
 
@@ -344,6 +610,15 @@ def generalize(traces: Sequence[Dict[str, Any]], weight_sizes: bool = False) -> 
     when every difference was explained, else why not. With `weight_sizes` a number may also
     be a weight's size: the traces are then instances of one class (module paths), not probes.
     """
+    longest = max(traces, key=lambda t: len(t["ops"]))
+    if any(_skeleton(t["ops"]) != _skeleton(longest["ops"]) for t in traces):  # a dtype-dependent cast?
+        fixed = [t if _skeleton(t["ops"]) == _skeleton(longest["ops"]) else with_casts(t, longest) for t in traces]
+        if all(t is not None for t in fixed):
+            traces = fixed  # type: ignore[assignment]
+        elif not weight_sizes:
+            rolled = roll_time_loop(traces)
+            if rolled is not None:
+                traces = rolled
     base = traces[0]
     usable = [t for t in traces[1:] if _skeleton(t["ops"]) == _skeleton(base["ops"])
               and len(t["returns"] or ()) == len(base["returns"] or ())]
@@ -366,6 +641,10 @@ def generalize(traces: Sequence[Dict[str, Any]], weight_sizes: bool = False) -> 
                 _minus_one(new)
                 if "varies" not in repr(new["x"]) + repr(new.get("kw")):
                     op_errors = []
+            reads = [f"{r['op']} at op {j}" for j, r in enumerate(base["ops"][:i]) if "result" in r and r.get("op")]
+            if op_errors and reads:  # (an MoE's per-expert counts from .tolist(), handed to split)
+                op_errors[-1] += (f"; the model read tensor values into Python before it ({reads[-1]}): an int "
+                                  "that follows the data, not a shape, which no program with fixed ops can hold")
             errors += [f"op {i} ({rec.get('op') or rec.get('call')}): {e}" for e in op_errors]
         ops.append(new)
     scope = _Scope(all_t, base["count"], weight_sizes)

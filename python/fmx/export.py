@@ -39,7 +39,14 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-import torch
+try:
+    import torch
+except ImportError as _e:  # FMX_PYTHON names an interpreter without torch: one line, exit 2
+    if __name__ != "__main__":
+        raise
+    print(f"fmx export: {sys.executable} cannot import torch ({_e}); set FMX_PYTHON to a python3 with torch",
+          file=sys.stderr)
+    raise SystemExit(2) from None
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
@@ -129,52 +136,48 @@ def build_from_spec(spec: str, overrides: Mapping[str, Any]) -> Tuple[nn.Module,
     """Build the model of `FILE.py:NAME` with `overrides`; returns (model, python module, file)."""
     module, obj, real = load_spec(spec)
     name = spec.rpartition(":")[2]
-    if isinstance(obj, type) and issubclass(obj, nn.Module) and getattr(obj, "config_class", None) is not None:
-        model = obj(obj.config_class(**overrides))
-    elif callable(obj):
-        model = obj(**overrides)
-    else:
-        raise ExportError(f"{name} in {spec.rpartition(':')[0]} is a {type(obj).__name__}, not a factory or a model class")
+    try:
+        if isinstance(obj, type) and issubclass(obj, nn.Module) and getattr(obj, "config_class", None) is not None:
+            _check_fields(obj.config_class, overrides)
+            model = obj(obj.config_class(**overrides))
+        elif callable(obj):
+            model = obj(**overrides)
+        else:
+            raise ExportError(f"{name} in {spec.rpartition(':')[0]} is a {type(obj).__name__}, not a factory or a model class")
+    except (TypeError, ValueError, KeyError) as e:  # a --set typo or a bad value: the model's own words
+        what = f" with --set {', '.join(overrides)}" if overrides else ""
+        raise ExportError(f"building {name}{what} failed: {type(e).__name__}: {e}".splitlines()[0]) from None
     if not isinstance(model, nn.Module):
         raise ExportError(f"{name}(...) returned a {type(model).__name__}, not a torch.nn.Module")
     return model, module, real
 
 
+def _check_fields(config_class: Any, overrides: Mapping[str, Any]) -> None:
+    """Refuses an override that names no field of a dataclass config (a typo would be ignored)."""
+    if not dataclasses.is_dataclass(config_class):
+        return
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"{config_class.__name__} has no field {', '.join(map(repr, unknown))}; "
+                         f"its fields: {', '.join(sorted(fields))}")
+
+
 def build_from_hf(path: Optional[str], config_path: Optional[str], random_init: bool,
-                  overrides: Mapping[str, Any]) -> nn.Module:
-    """A transformers causal LM from a local snapshot (`path`) or a config file (random weights)."""
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError:
+                  overrides: Mapping[str, Any]) -> Tuple[nn.Module, InputsFn]:
+    """A transformers model of any family from a local snapshot (`path`) or a config file (random
+    weights), and the probe inputs fmx makes for it (fmx/hf.py)."""
+    from . import hf
+
+    if not hf.available():
         raise ExportError(
             "--hf/--hf-config need the transformers package, which is not installed; "
             "export a model file instead: python3 -m fmx.export FILE.py:NAME -o OUT"
-        ) from None
-    source = path if path is not None else config_path
-    assert source is not None
-    if not os.path.exists(source):
-        raise ExportError(f"not found: {source}")
-    rest = dict(overrides)
-    kwargs = {}
-    if "attn_implementation" in rest:
-        kwargs["attn_implementation"] = rest.pop("attn_implementation")
-    if os.path.isfile(source):
-        try:
-            with open(source, encoding="utf-8") as f:
-                raw = json.load(f)
-            model_type = raw.pop("model_type")
-        except (OSError, ValueError, KeyError, AttributeError) as e:
-            raise ExportError(f"{source}: not a transformers config.json with a model_type ({e})") from None
-        config = AutoConfig.for_model(model_type, **raw)
-    else:
-        config = AutoConfig.from_pretrained(source, local_files_only=True)
-    for key, value in rest.items():
-        setattr(config, key, value)
-    if path is not None and not random_init:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
-    return model.eval()
+        )
+    try:
+        return hf.build(path, config_path, random_init, overrides)
+    except hf.HFError as e:
+        raise ExportError(str(e)) from None
 
 
 def parse_value(text: str) -> Any:
@@ -552,6 +555,8 @@ def op_name(func: Any) -> Optional[str]:
             full = "torch." + name
         elif mod == "torch._C._nn":
             full = ("torch.nn.functional." if hasattr(F, name) else "torch._C._nn.") + name
+        elif mod == "torch.functional":  # split, einsum, norm, ...: Python functions re-exported as torch.*
+            full = "torch." + name
         elif mod in _C_NAMESPACES:
             public, strip = _C_NAMESPACES[mod]
             full = public + (name[len(strip):] if name.startswith(strip) else name)
@@ -692,6 +697,8 @@ class Capture:
                 leaves = [leaf for name, value, _ in _bind(sig, args, kwargs) for leaf in flatten(name, value)]
             if parent is not None:
                 call_rec = {"call": path}
+                if parent.path and not path.startswith(parent.path + "."):  # a module under two paths
+                    call_rec["as"] = _path_under(self.model.get_submodule(parent.path), module)
                 if parent.flow is not None:
                     call_rec["x"] = {leaf: parent.flow.encode(payload) for leaf, kind, payload in leaves
                                      if kind in ("tensor", "value", "none")}
@@ -785,6 +792,46 @@ class Capture:
         return [self._entry(call, "out", leaf or "0", kind, payload) for leaf, kind, payload in leaves]
 
 
+def _path_under(parent: nn.Module, module: nn.Module) -> Optional[str]:
+    """The name `module` has under `parent` (a module registered under two paths, like an embedding
+    shared by an encoder and a decoder, is traced under its first path only)."""
+    for name, sub in parent.named_modules(remove_duplicate=False):
+        if sub is module and name:
+            return name
+    return None
+
+
+def mark_bodies(flows: Mapping[str, Dict[str, Any]]) -> None:
+    """Gives every child call record of the traces a `body`: a digest of the child's generalized
+    trace and, recursively, of its children's, with paths relative to the child. Two calls with one
+    body run the same program, so the tracer may roll them into one loop; calls whose bodies differ
+    (sliding and global attention layers, a downsampling stage) must not be."""
+    import hashlib
+
+    done: Dict[str, str] = {}
+
+    def body(path: str) -> str:
+        if path not in done:
+            done[path] = "?"  # (a module that calls itself: not expected, never equal)
+            ops = []
+            for rec in flows[path]["ops"]:
+                rec = dict(rec)
+                child = rec.pop("call", None)
+                if child is not None:
+                    rel = rec.pop("as", None) or (child[len(path) + 1:] if path else child)
+                    rec.pop("body", None)
+                    rec["call"] = [rel, body(child) if child in flows else None]
+                ops.append(rec)
+            text = json.dumps([ops, flows[path]["returns"]], sort_keys=True, default=str)
+            done[path] = hashlib.sha1(text.encode()).hexdigest()[:16]
+        return done[path]
+
+    for path, flow in flows.items():
+        for rec in flow["ops"]:
+            if "call" in rec and rec["call"] in flows:
+                rec["body"] = body(rec["call"])
+
+
 def _signature(module: nn.Module) -> Optional[inspect.Signature]:
     forward = module.forward
     if getattr(type(module).forward, "__name__", "") == "_forward_unimplemented":
@@ -876,6 +923,8 @@ class OpTrace(TorchFunctionMode):
         finally:
             self.depth -= 1
         name = op_name(func)
+        if name is None and isinstance(out, Tensor):  # weight.T & co.: a property that makes a view
+            name, args, kwargs = _property_view(func, args, out)
         if name is not None:
             record: Dict[str, Any] = {"op": name, "in": _shapes((args, kwargs), []), "out": _shapes(out, [])}
             text = _args_text(args, kwargs)
@@ -892,6 +941,26 @@ class OpTrace(TorchFunctionMode):
         return out
 
 
+def _property_view(func: Any, args: Sequence[Any], out: Tensor) -> Tuple[Optional[str], Sequence[Any], Dict[str, Any]]:
+    """A tensor property that returns a view (x.T, x.mT, x.H, x.mH, x.data, x.real) as the method
+    call that makes the same view, so the trace reads the view from its base (a weight's `.T` is a
+    read of the weight, not a constant); (None, ...) for any other attribute."""
+    prop = getattr(getattr(func, "__self__", None), "__name__", None)
+    if getattr(func, "__name__", None) != "__get__" or not args or not isinstance(args[0], Tensor):
+        return None, args, {}
+    x = args[0]
+    if prop == "T":
+        return ("torch.Tensor.t", (x,), {}) if x.dim() == 2 else (
+            "torch.Tensor.permute", (x, *reversed(range(x.dim()))), {})
+    if prop in ("mT", "mH") and not x.is_complex():
+        return "torch.Tensor.transpose", (x, -2, -1), {}
+    if prop == "H" and not x.is_complex():
+        return "torch.Tensor.t", (x,), {}
+    if prop in ("data", "real") and not x.is_complex():
+        return "torch.Tensor.detach", (x,), {}
+    return None, args, {}
+
+
 class Coverage:
     """Counts line events of code whose file lies under one of `folders` (sys.settrace)."""
 
@@ -905,7 +974,9 @@ class Coverage:
         filename = frame.f_code.co_filename
         inside = self._inside.get(filename)
         if inside is None:
-            inside = self._inside[filename] = os.path.realpath(filename).startswith(self.folders)
+            # ("<frozen abc>", "<string>": no file; a relative realpath would put it in the cwd's folder)
+            inside = self._inside[filename] = (os.path.isabs(filename) and os.path.isfile(filename)
+                                               and os.path.realpath(filename).startswith(self.folders))
         return self._local if inside else None
 
     def _local(self, frame: Any, event: str, arg: Any) -> Any:
@@ -1297,6 +1368,7 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
     phase("probes done; writing the manifest (module tree, sources, coverage, op traces) and weights")
     traces = [traces_of[i] for i in traced]  # the first is the one the pack shows
     flows = {path: generalize([t[path] for t in traces if path in t]) for path in traces[0]}
+    mark_bodies(flows)
     tree, classes, class_files = modules_and_classes(model, folders, signatures, flows)
     covered = coverage.by_file()
     files = {}
@@ -1647,9 +1719,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _OutDir.check(args.out, args.force)
             torch.manual_seed(args.seed)
             random_init = args.random_init or args.hf_config is not None
-            model = build_from_hf(args.hf, args.hf_config, random_init, overrides)
+            model, inputs_fn = build_from_hf(args.hf, args.hf_config, random_init, overrides)
             source = {"kind": "hf", "path": args.hf or args.hf_config, "random_init": random_init, "overrides": overrides}
-            export(model, args.out, source=source, init=random_init, **common)
+            export(model, args.out, source=source, init=random_init, inputs_fn=inputs_fn, **common)
         if equivalents is not None:
             store_equivalents(args.out, equivalents)
         if args.solution:
@@ -1657,7 +1729,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ExportError as e:
         print(f"fmx.export: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - the model's own code failed: one line, exit 2
+        if os.environ.get("FMX_DEBUG"):
+            raise
+        where = _model_frame(e)
+        print(f"fmx.export: error: {type(e).__name__}: {e}".splitlines()[0][:400]
+              + (f" (at {where}; FMX_DEBUG=1 shows the traceback)" if where else " (FMX_DEBUG=1 shows the traceback)"),
+              file=sys.stderr)
+        return 2
     return 0
+
+
+def _model_frame(e: BaseException) -> Optional[str]:
+    """FILE:LINE of the innermost frame of the traceback outside fmx and torch (the model's code)."""
+    tb, where = e.__traceback__, None
+    skip = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    while tb is not None:
+        file = tb.tb_frame.f_code.co_filename
+        if os.path.isabs(file) and not file.startswith(skip):
+            where = f"{display_path(file)}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return where
 
 
 if __name__ == "__main__":

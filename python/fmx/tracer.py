@@ -80,8 +80,10 @@ class TracerError(Exception):
 class Stmt:
     """One line of a function body: `target = expr` (target None: a `return`), or a rolled loop."""
 
-    def __init__(self, target: Optional[str], expr: str, atom: bool, loop: Optional[Tuple[int, str]] = None):
-        self.target, self.expr, self.atom, self.loop = target, expr, atom, loop
+    def __init__(self, target: Optional[str], expr: str, atom: bool, loop: Optional[Tuple[str, str]] = None,
+                 block: Optional[List["Stmt"]] = None):
+        self.target, self.expr, self.atom, self.loop = target, expr, atom, loop  # loop: (range's bounds, var)
+        self.block = block  # a loop over time steps: its lines (expr then holds their text, for readers)
 
 
 class Body:
@@ -95,6 +97,8 @@ class Body:
         self.inputs = inputs  # input leaf -> parameter name
         self.uses_weights = False
         self.count = 0
+        self.fixed: Dict[str, str] = {}  # value key -> the name it must have (a loop's carried values)
+        self.step = "t" if "t" not in inputs.values() else "t_"  # a loop over time steps' variable
 
     def weight(self, rel: str) -> str:
         self.uses_weights = True
@@ -104,8 +108,11 @@ class Body:
         """A line `names = expr`, a fresh name for each value key; returns the target text."""
         names = []
         for key in keys:
-            names.append(f"v{self.count}")
-            self.count += 1
+            if key in self.fixed:
+                names.append(self.fixed[key])
+            else:
+                names.append(f"v{self.count}")
+                self.count += 1
             self.env[key] = (names[-1], True)
         target = ", ".join(names)
         self.stmts.append(Stmt(target, expr, atom if len(names) == 1 else True))
@@ -171,6 +178,15 @@ class Writer:
         if "add" in value:
             a, c = self.arg(value["add"][0], body, ctx), value["add"][1]
             return f"{_paren(*a)} {'+' if c >= 0 else '-'} {abs(c)}", False
+        if "loopvar" in value:  # the step of a loop over time steps, plus a constant
+            c = value["loopvar"]
+            return (body.step if c == 0 else f"{body.step} + {c}"), c == 0
+        if "rsub" in value:
+            c, a = value["rsub"][0], self.arg(value["rsub"][1], body, ctx)
+            return f"{c} - {_paren(*a)}", False
+        if "floordiv" in value:
+            a, c = self.arg(value["floordiv"][0], body, ctx), value["floordiv"][1]
+            return f"{_paren(*a)} // {c}", False
         if "tuple" in value or "list" in value:
             items = [self.arg(v, body, ctx)[0] for v in (value.get("tuple") or value.get("list") or [])]
             return "[" + ", ".join(items) + "]", True
@@ -180,6 +196,10 @@ class Writer:
         if "ellipsis" in value:
             return "...", True
         if "const" in value:
+            if value.get("weight"):
+                raise TracerError(f"a constant tensor holds the values of the weight {value['weight']!r}: the "
+                                  "trace did not see how the model read it (an fmx exporter bug); weights are "
+                                  "never written into the code")
             device = ctx.any_tensor(body)
             code = f"torch.tensor({value['const']!r}, dtype=torch.{value['dtype']}"
             code += f", device={device}.device)" if device else ")"
@@ -187,7 +207,9 @@ class Writer:
                 code += f".to({self.arg(value['cast'], body, ctx)[0]})"
             return code, True
         if "varies" in value:
-            raise TracerError(f"a size or dtype the trace could not explain (values {value['varies']})")
+            why = (self.traces.get(ctx.path) or {}).get("dataflow") or ""
+            raise TracerError(f"a size or dtype the trace could not explain (values {value['varies']})"
+                              + (f": {ctx.path or '(root)'}: {why}"[:600] if "follows the data" in why else ""))
         raise TracerError(f"cannot write the argument {value!r}"[:200])
 
     # -- ops
@@ -303,6 +325,11 @@ class Writer:
     def function(self, path: str, entry: Optional[str] = None) -> str:
         """The name of the function written for the module at `path` (written now if new)."""
         trace = self.traces[path]
+        flow = trace.get("dataflow") or ""
+        if flow.startswith(("the ops differed", "traced on one probe")):  # one probe's program, not the module's
+            raise TracerError(f"{path or '(root)'}: {flow.split(':')[0]}: the module runs other ops on other "
+                              "probes (a branch on a size, a loop whose steps are not one program), which "
+                              "one program cannot be written from")
         inputs = {leaf: _param(leaf) for leaf in trace.get("inputs") or []}
         body = Body("prefix + " if entry is None else "", inputs)
         ctx = Ctx(self, path, "", None)
@@ -342,6 +369,10 @@ class Writer:
         i = 0
         while i < len(ops):
             rec = ops[i]
+            if "loop" in rec:
+                self._time_loop(rec, ops[i + 1:i + 1 + rec["loop"]], path, body, ctx)
+                i += 1 + rec["loop"]
+                continue
             if "call" in rec:
                 run = _layer_run(ops, i)
                 if run > 1:
@@ -361,7 +392,7 @@ class Writer:
         trace = self.traces.get(child)
         if trace is None:
             raise TracerError(f"no trace of {child}")
-        rel = child[len(path) + 1:] if path else child
+        rel = rec.get("as") or (child[len(path) + 1:] if path else child)
         ops = trace.get("ops") or []
         if len(ops) <= 1 and not any("call" in o for o in ops):  # a leaf: inline its op
             sub = Ctx(self, child, ctx.key_prefix + f"{rel}/", ctx, rec.get("x") or {}, rel)
@@ -391,10 +422,33 @@ class Writer:
         body.assign([ctx.key(f"v{y}") for y in rec.get("y") or []], code, True)
         return None
 
+    def _time_loop(self, rec: Dict[str, Any], steps: Sequence[Dict[str, Any]], path: str, body: Body,
+                   ctx: "Ctx") -> None:
+        """`for t in range(T):` over one step's ops; each carried value starts from its value before
+        the loop and keeps one name, which the step reads before it remakes it."""
+        count = self.arg(rec["x"][0], body, ctx)[0]
+        carried = [ctx.key(f"v{ref['v']}") for ref, _ in rec.get("carried") or []]
+        for key, (_, init) in zip(carried, rec.get("carried") or []):
+            body.fixed[key] = body.assign([key], self.arg(init, body, ctx)[0], True)
+        outer, body.stmts = body.stmts, []
+        for op in steps:
+            if "call" in op:
+                self.call(op, path, body, ctx)
+            else:
+                self.op(op, body, ctx)
+        inner, body.stmts = body.stmts, outer
+        for key in carried:
+            del body.fixed[key]
+        if any(s.loop or s.target is None for s in inner):
+            raise TracerError(f"{path or '(root)'}: a loop inside a loop over time steps")
+        body.stmts.append(Stmt("", f"{count}\n" + "\n".join(s.expr for s in inner), True, loop=(count, body.step),
+                               block=inner))
+
     def _loop(self, run: Sequence[Dict[str, Any]], path: str, body: Body, ctx: "Ctx") -> None:
         first, last = run[0], run[-1]
         carried = _carried(run)
-        stem = _LAYER.match(first["call"]).group(1)  # type: ignore[union-attr]
+        m = _LAYER.match(first["call"])
+        stem, start = m.group(1), int(m.group(2))  # type: ignore[union-attr]
         rel = (stem[len(path) + 1:] if path else stem)
         init = self.arg(first["x"][carried], body, ctx)[0]
         var = body.assign([ctx.key(f"v{last['y'][0]}")], init, True)
@@ -402,7 +456,8 @@ class Writer:
         rec["x"][carried] = {"v": last["y"][0]}
         key = f"{body.prefix}{json.dumps(ctx.weight_rel + rel)} + str(i) + \".\""
         code = self.call(rec, path, body, ctx, prefix_code=key)
-        body.stmts.append(Stmt(var, code or "", True, loop=(len(run), "i")))
+        bounds = str(len(run)) if start == 0 else f"{start}, {start + len(run)}"
+        body.stmts.append(Stmt(var, code or "", True, loop=(bounds, "i")))
 
 
 def _param(leaf: str) -> str:
@@ -411,14 +466,18 @@ def _param(leaf: str) -> str:
 
 
 def _layer_run(ops: Sequence[Dict[str, Any]], i: int) -> int:
-    """How many calls from ops[i] on are items 0, 1, 2, ... of one ModuleList that thread one value."""
+    """How many calls from ops[i] on are consecutive items k, k+1, ... of one ModuleList that run
+    one program (the exporter's `body`) and thread one value through."""
     m = _LAYER.match(ops[i]["call"])
-    if not m or m.group(2) != "0" or not m.group(1).endswith("."):
+    if not m or not m.group(1).endswith("."):
         return 1
-    n = 1
-    while i + n < len(ops) and "call" in ops[i + n] and ops[i + n]["call"] == f"{m.group(1)}{n}":
+    start, n = int(m.group(2)), 1
+    while (i + n < len(ops) and "call" in ops[i + n] and ops[i + n]["call"] == f"{m.group(1)}{start + n}"
+           and ops[i + n].get("body") == ops[i].get("body")):
         n += 1
-    return n if n > 1 and _carried(ops[i:i + n]) is not None else 1
+    while n > 1 and _carried(ops[i:i + n]) is None:
+        n -= 1
+    return n
 
 
 def _carried(run: Sequence[Dict[str, Any]]) -> Optional[str]:
@@ -538,6 +597,9 @@ def _render(body: Body) -> List[str]:
     for s in body.stmts:
         if s.target is None:
             lines.append(f"    return {s.expr}")
+        elif s.block is not None:
+            lines.append(f"    for {s.loop[1]} in range({s.loop[0]}):")  # type: ignore[index]
+            lines += [f"        {b.target} = {b.expr}" for b in s.block]
         elif s.loop:
             lines.append(f"    for {s.loop[1]} in range({s.loop[0]}):")
             lines.append(f"        {s.target} = {s.expr}")
@@ -668,13 +730,17 @@ class Episode:
             if data.get("dataflow") not in (None, "general"):
                 self.log.append(f"{path}: {data['dataflow']}")
             traces[path] = data
+            bodies: Dict[str, Any] = {}  # ModuleList stem -> the body of the item read
             for rec in data["ops"]:
                 child = rec.get("call")
                 if child is None:
                     continue
                 m = _LAYER.match(child)
-                if m and m.group(1).endswith(".") and m.group(2) != "0":
-                    continue  # ModuleList items share item 0's code (the loop's body)
+                if m and m.group(1).endswith("."):
+                    seen = bodies.setdefault(m.group(1), {})
+                    if m.group(2) != "0" and rec.get("body", "?") in seen:
+                        continue  # an item that runs the same program as one read (the loop's body)
+                    seen[rec.get("body", "?")] = child
                 if child not in traces and child not in todo:
                     todo.append(child)
         return traces
@@ -778,6 +844,16 @@ def _offline(args: argparse.Namespace) -> int:
         code, warnings = write_pack(args.pack, args.component)
     except TracerError as e:
         print(f"fmx trace: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # FMX_PYTHON names an interpreter without torch
+        print(f"fmx trace: {sys.executable} cannot import {e.name or 'a module'} ({e}); set FMX_PYTHON to a "
+              "python3 with torch", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a bug of the tracer's: one line, exit 2
+        if os.environ.get("FMX_DEBUG"):
+            raise
+        print(f"fmx trace: {type(e).__name__}: {e} (FMX_DEBUG=1 shows the traceback)".splitlines()[0][:400],
+              file=sys.stderr)
         return 2
     for w in warnings:
         print(f"fmx trace: warning: {w}", file=sys.stderr)
