@@ -6,7 +6,7 @@
  * on a thread with a 64 MiB stack.
  *
  * Not here: the preprocessing (source.cpp), the resolver and prelude
- * (resolver.cpp), the allowlist itself (graph.cpp).
+ * (resolver.cpp), the allowlist itself (walk.cpp).
  */
 #include "internal.hpp"
 

@@ -6,7 +6,7 @@
  *
  * The pieces behind it (internal.hpp): source.cpp (messages and the
  * candidate's preprocessing), resolver.cpp (names, the F prelude, tap),
- * graph.cpp (the op allowlist and compile facts), compile.cpp, run.cpp,
+ * walk.cpp (the op allowlist), facts.cpp (compile facts), compile.cpp, run.cpp,
  * compare.cpp. It is not: a pack reader, a report printer, or a place for
  * grading policy (env/pack.c, env/verify.c).
  *

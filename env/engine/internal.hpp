@@ -365,8 +365,14 @@ std::vector<Def> parse_defs(const std::shared_ptr<Source> &src);
 CompilationUnit &prelude();
 
 /* ------------------------------------------------------------------------ */
-/* the op allowlist and compile facts (graph.cpp)                           */
+/* the op allowlist (walk.cpp) and compile facts (facts.cpp)                */
 /* ------------------------------------------------------------------------ */
+
+// Whether t is or holds a Tensor type.
+bool type_has_tensor(const c10::TypePtr &t);
+
+// The input of n bound to the schema argument called name, or null.
+torch::jit::Value *input_named(Node *n, const char *name);
 
 // A copy of fn's graph with every call inlined; fails (FMX_ECOMPILE) when
 // that would be too large. Call it with the optimiser off (RunGuards).
@@ -387,7 +393,8 @@ struct OpWalker {
     void walk_function(torch::jit::Function *fn) const;
 };
 
-// The host syncs and data-dependent control flow of fn inlined, into *out.
+// The host syncs and data-dependent control flow of fn inlined, into *out
+// (facts.cpp).
 void program_facts(const SourceMap &sm, torch::jit::Function *fn, fmx_program_facts *out);
 
 /* ------------------------------------------------------------------------ */

@@ -7,7 +7,7 @@
  *
  * Not here: the preprocessing that finds imports and constants
  * (source.cpp), evaluating the constants (compile.cpp), the op allowlist
- * (graph.cpp).
+ * (walk.cpp).
  */
 #include "internal.hpp"
 

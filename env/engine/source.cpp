@@ -6,7 +6,7 @@
  * f-strings rewritten with column maps).
  *
  * Not here: what names resolve to (resolver.cpp), which ops are allowed
- * (graph.cpp), compiling and the nesting limits (compile.cpp).
+ * (walk.cpp), compiling and the nesting limits (compile.cpp).
  */
 #include "internal.hpp"
 
