@@ -1113,6 +1113,86 @@ static void test_compare(void **state) {
     fmx_tensor_destroy(tw);
 }
 
+/* Both paths of fmx_compare (the cpu loop, the tensor ops cuda takes) give
+ * the same result field by field, NaN and inf included. */
+static int same_double(double a, double b) {
+    return (isnan(a) && isnan(b)) || a == b;
+}
+
+static void assert_same_result(const fmx_compare_result *a, const fmx_compare_result *b) {
+    assert_int_equal(a->shape_ok, b->shape_ok);
+    assert_int_equal(a->dtype_ok, b->dtype_ok);
+    assert_int_equal(a->pass, b->pass);
+    assert_int_equal(a->compared, b->compared);
+    assert_int_equal(a->bad, b->bad);
+    assert_int_equal(a->nonfinite, b->nonfinite);
+    assert_true(same_double(a->max_abs, b->max_abs));
+    assert_true(same_double(a->max_rel, b->max_rel));
+    assert_true(same_double(a->scale, b->scale));
+    assert_int_equal(a->worst_ndim, b->worst_ndim);
+    for (int d = 0; d < a->worst_ndim; d++)
+        assert_int_equal(a->worst[d], b->worst[d]);
+    assert_true(same_double(a->worst_got, b->worst_got));
+    assert_true(same_double(a->worst_want, b->worst_want));
+}
+
+static fmx_compare_result compare_both(const fmx_tensor *got, const fmx_tensor *want,
+                                       const fmx_tensor *mask, double atol, double rtol) {
+    fmx_compare_result a, b;
+    fmx_tolerance tol = {atol, rtol};
+    assert_int_equal(fmx_compare(got, want, mask, tol, &a, err, sizeof err), FMX_OK);
+    assert_int_equal(fmx__compare_tensor_path(got, want, mask, tol, &b, err, sizeof err), FMX_OK);
+    assert_same_result(&a, &b);
+    return a;
+}
+
+static void test_compare_paths_agree(void **state) {
+    (void)state;
+    /* finite, NaN against finite, NaN against NaN, inf against inf, -inf
+     * against inf, finite against inf, and exact zeros (0·inf allowances) */
+    float want[2 * 3 * 2] = {1, -2, 3, NAN, INFINITY, -INFINITY, 0.5f, 4, -1, 2, INFINITY, 0};
+    float got[2 * 3 * 2] = {1, -2.5f, NAN, NAN, INFINITY, INFINITY, 0.5f, 4.25f, -1, 2, 7, 0};
+    fmx_tensor *tw = f32(want, 3, 2, 3, 2, 0), *tg = f32(got, 3, 2, 3, 2, 0);
+    uint8_t keep[2 * 3] = {0, 1, 1, 1, 1, 1}, none[2 * 3] = {0};
+    fmx_tensor *tm = wrap(keep, FMX_DT_U8, 2, 2, 3, 0, 0);
+    fmx_tensor *tm0 = wrap(none, FMX_DT_U8, 2, 2, 3, 0, 0);
+    fmx_tensor *g64 = NULL;
+    assert_int_equal(fmx_tensor_cast(tg, FMX_DT_F64, &g64, err, sizeof err), FMX_OK);
+    const double tols[][2] = {{1e-6, 0}, {0.1, 0.1},    {1e30, 1e30},
+                              {0, 0},    {INFINITY, 0}, {0, INFINITY}};
+    for (size_t i = 0; i < sizeof tols / sizeof tols[0]; i++) {
+        compare_both(tg, tw, NULL, tols[i][0], tols[i][1]);
+        compare_both(tg, tw, tm, tols[i][0], tols[i][1]);
+        compare_both(tg, tw, tm0, tols[i][0], tols[i][1]);
+        compare_both(g64, tw, NULL, tols[i][0], tols[i][1]);
+        compare_both(tw, tw, NULL, tols[i][0], tols[i][1]);
+    }
+
+    /* what the policy says, on either path: non-finite never passes (inf
+     * does not match inf), max_rel is +inf where diff is, and the worst is
+     * the first element beyond any allowance (got NaN at [0, 1, 0]) */
+    fmx_compare_result r = compare_both(tg, tw, NULL, 1e30, 1e30);
+    assert_int_equal(r.compared, 12);
+    assert_int_equal(r.bad, 5);
+    assert_int_equal(r.nonfinite, 4);
+    assert_true(isinf(r.max_abs) && isinf(r.max_rel));
+    assert_true(fabs(r.scale - sqrt(35.25 / 8)) < 1e-12);
+    assert_int_equal(r.worst[0], 0);
+    assert_int_equal(r.worst[1], 1);
+    assert_int_equal(r.worst[2], 0);
+    /* nothing graded: nothing fails, nothing is worst */
+    r = compare_both(tg, tw, tm0, 1e-6, 0);
+    assert_true(r.pass);
+    assert_int_equal(r.compared, 0);
+    assert_true(r.max_abs == 0 && r.max_rel == 0 && r.worst_got == 0 && r.worst_want == 0);
+
+    fmx_tensor_destroy(g64);
+    fmx_tensor_destroy(tm0);
+    fmx_tensor_destroy(tm);
+    fmx_tensor_destroy(tg);
+    fmx_tensor_destroy(tw);
+}
+
 /* ---- compile time of a realistic candidate (printed, not asserted) ---- */
 
 static const char *k_decoder =
@@ -1554,6 +1634,7 @@ int main(void) {
         cmocka_unit_test(test_source_model),
         cmocka_unit_test(test_runtime_errors),
         cmocka_unit_test(test_compare),
+        cmocka_unit_test(test_compare_paths_agree),
         cmocka_unit_test(test_compile_time),
         cmocka_unit_test(test_facts_clean),
         cmocka_unit_test(test_facts_host_syncs),

@@ -254,9 +254,17 @@ typedef struct {
  * |got - want| <= atol·scale + rtol·|want|, scale = max(RMS(want), 1e-30).
  * mask, when given, is a (B, T) tensor of keep flags (nonzero = graded) and
  * want has shape (B, T, …): only kept (b, t) rows are graded. Shape and dtype
- * mismatches set shape_ok/dtype_ok = 0 and pass = 0 and return 0. */
+ * mismatches set shape_ok/dtype_ok = 0 and pass = 0 and return 0. NaN and
+ * ±inf never pass (inf does not match inf). The whole policy, NaN, inf and
+ * the worst element included: env/engine/compare.cpp. */
 int fmx_compare(const fmx_tensor *got, const fmx_tensor *want, const fmx_tensor *mask,
                 fmx_tolerance tol, fmx_compare_result *out, char *err, size_t errsz);
+
+/* For tests only: fmx_compare through its tensor path (the one cuda tensors
+ * take) even where its cpu loop applies, to check that both follow one
+ * policy. */
+int fmx__compare_tensor_path(const fmx_tensor *got, const fmx_tensor *want, const fmx_tensor *mask,
+                             fmx_tolerance tol, fmx_compare_result *out, char *err, size_t errsz);
 
 #ifdef __cplusplus
 }

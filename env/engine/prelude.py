@@ -1,5 +1,5 @@
 # prelude.py — the F prelude of the fmx candidate language: TorchScript
-# source that engine.cpp embeds at build time and compiles once. `F.<name>`
+# source that resolver.cpp embeds at build time and compiles once. `F.<name>`
 # in a candidate resolves to the function here of that name when there is
 # one, else to the aten op `<name>`. Functions are here when the Python
 # signature of torch.nn.functional differs from the aten op of the same name
@@ -7,7 +7,7 @@
 # version lacks the op. Names starting with _fmx are helpers, not F names.
 #
 # Not here: scaled_dot_product_attention and rms_norm themselves, which
-# depend on the libtorch version (engine.cpp picks aten's op or the _fmx_*
+# depend on the libtorch version (resolver.cpp picks aten's op or the _fmx_*
 # implementation below).
 import math
 import torch
