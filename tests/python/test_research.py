@@ -57,7 +57,8 @@ def copy_db(src, dst):
 def log(tmp_path_factory, example_packs):
     """(packs dir, episode log) after oracle and null played every gpt2 task."""
     out = tmp_path_factory.mktemp("research")
-    packs = example_packs.tasks("gpt2")
+    packs = out / "packs"  # beside the log, as fmx run lays them out
+    packs.symlink_to(example_packs.tasks("gpt2"), target_is_directory=True)
     db = out / "fmx.db"
     res = fmx("run", "--policy", "oracle,null", "--tasks", packs, "--db", db, "--jobs", "2")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -108,8 +109,11 @@ def test_replay_names_the_tampered_step(log, tmp_path):
             obs = json.loads(conn.execute("SELECT observation FROM steps WHERE episode = ? AND "
                                           "idx = ?", (ep, idx)).fetchone()[0])
             change(obs)
-            conn.execute("UPDATE steps SET observation = ? WHERE episode = ? AND idx = ?",
-                         (json.dumps(obs), ep, idx))
+            # steps is a view: observations are stored once in blobs (README: the log)
+            blob = conn.execute("INSERT INTO blobs (hash, body) VALUES (randomblob(32), ?)",
+                                (json.dumps(obs),)).lastrowid
+            conn.execute("UPDATE step_rows SET observation_id = ? WHERE episode = ? AND idx = ?",
+                         (blob, ep, idx))
         tools = [t for (t,) in conn.execute(
             "SELECT tool FROM steps WHERE episode = ? ORDER BY idx", (ep,))]
         cap = tools.index("capture_intermediate")
