@@ -54,7 +54,7 @@ static const char *usage_text =
     "commands:\n"
     "  export SPEC -o DIR [options]   make a task pack from FILE.py:FACTORY (or --hf DIR,\n"
     "                                 --hf-config FILE --random-init); see fmx export --help\n"
-    "  verify PACK FILE [options]     grade candidate FILE against PACK\n"
+    "  verify PACK FILE... [options]  grade candidate FILE (or several) against PACK\n"
     "      --component PATH           verify one module (default: the whole model)\n"
     "      --entry NAME               function to call (default: forward)\n"
     "      --probes visible|all       probes to grade (default: visible)\n"
@@ -128,17 +128,19 @@ static const struct {
      "  --solution FILE          then run fmx mutate DIR FILE and print the mutation score\n"
      "  (docs/pack-format.md says what a pack holds; FMX_PYTHON picks the interpreter)\n"},
     {"verify",
-     "usage: fmx verify PACK FILE [options]\n"
+     "usage: fmx verify PACK FILE [FILE...] [options]\n"
      "  grades candidate FILE against PACK: every graded output of the component on every\n"
-     "  probe, the first divergence, and the compile check\n"
+     "  probe, the first divergence, and the compile check; several files are graded in\n"
+     "  turn by one fmx (one report each; with --json one JSON object per line)\n"
      "  --component PATH         verify one module (default: the whole model)\n"
      "  --entry NAME             function to call (default: forward)\n"
      "  --probes visible|all     probes to grade (default: visible)\n"
      "  --atol X --rtol Y        override the pack's tolerance\n"
      "  --device cpu|cuda[:N]    where to run (default: cpu)\n"
-     "  --timeout S              give up after S seconds (exit 2)\n"
+     "  --timeout S              give up after S seconds, all files together (exit 2)\n"
      "  --json                   print the report as JSON\n"
-     "exit status: 0 every graded output matches, 1 mismatch, 2 error\n"},
+     "exit status: 0 every graded output matches, 1 mismatch, 2 error (several files:\n"
+     "the worst of theirs)\n"},
     {"trace", "usage: fmx trace PACK [--component PATH] [-o FILE] [--verify]\n"
               "  writes flat functional code for PACK from its op traces alone (the tracer\n"
               "  policy: no server, no LLM), warning about any module whose trace is not general\n"
@@ -269,7 +271,7 @@ static void fmx__arm_timeout(double secs, const char *pack, const char *file, in
 static int cmd_verify(int argc, char **argv) {
     fmx_verify_config cfg = fmx_verify_config_default();
     cfg.compile_check = 1;
-    const char *pos[2] = {0};
+    const char *pos[256] = {0}; /* PACK FILE [FILE...] */
     int npos = 0, json = 0;
     const char *device = "cpu";
     int have_atol = 0, have_rtol = 0;
@@ -316,13 +318,13 @@ static int cmd_verify(int argc, char **argv) {
             device = argv[++i];
         } else if (a[0] == '-' && a[1]) {
             return die("verify: unknown option '%s' (see fmx verify --help)", a);
-        } else if (npos < 2) {
+        } else if (npos < (int)(sizeof pos / sizeof *pos)) {
             pos[npos++] = a;
         } else {
-            return die("verify: unexpected argument '%s'", a);
+            return die("%s", "verify: at most 255 files at once");
         }
     }
-    if (npos != 2) return die("%s", "verify needs PACK and FILE: fmx verify PACK FILE [options]");
+    if (npos < 2) return die("%s", "verify needs PACK and FILE: fmx verify PACK FILE [options]");
     if (have_atol != have_rtol) return die("%s", "give --atol and --rtol together");
     cfg.override_tol = have_atol;
 
@@ -331,30 +333,39 @@ static int cmd_verify(int argc, char **argv) {
     if (fmx_engine_set_device(device, err, sizeof err) != 0) return die("%s", err);
     fmx_pack *pack = NULL;
     if (fmx_pack_open(pos[0], &pack, err, sizeof err) != 0) return die("%s", err);
-    size_t len = 0;
-    char *src = fmx_file_read(pos[1], &len, err, sizeof err);
-    if (!src) {
-        fmx_pack_close(pack);
-        return die("%s", err);
-    }
-    cJSON *report = NULL;
-    int rc = fmx_verify_source(pack, src, len, pos[1], &cfg, &report);
-    free(src);
-    if (report) {
-        cJSON_AddStringToObject(report, "file", pos[1]);
-        if (json) {
-            char *text = cJSON_Print(report);
-            if (text) puts(text);
-            free(text);
-        } else {
-            fmx_verify_print(stdout, report, isatty(STDOUT_FILENO));
+    /* Several files: one report each, in order (with --json one object per
+     * line); each is graded in evaluation processes of its own, as one file
+     * is. The exit status is the worst of theirs. */
+    int worst = 0;
+    for (int f = 1; f < npos; f++) {
+        size_t len = 0;
+        char *src = fmx_file_read(pos[f], &len, err, sizeof err);
+        if (!src) {
+            fprintf(stderr, "fmx: %s\n", err);
+            worst = 2;
+            continue;
         }
-        cJSON_Delete(report);
+        cJSON *report = NULL;
+        int rc = fmx_verify_source(pack, src, len, pos[f], &cfg, &report);
+        free(src);
+        if (report) {
+            cJSON_AddStringToObject(report, "file", pos[f]);
+            if (json) {
+                char *text = npos > 2 ? cJSON_PrintUnformatted(report) : cJSON_Print(report);
+                if (text) puts(text);
+                free(text);
+            } else {
+                if (npos > 2) printf("%s== %s\n", f > 1 ? "\n" : "", pos[f]);
+                fmx_verify_print(stdout, report, isatty(STDOUT_FILENO));
+            }
+            cJSON_Delete(report);
+        }
+        fflush(stdout);
+        int code = rc == FMX_OK ? 0 : rc == FMX_EMISMATCH ? 1 : 2;
+        if (code > worst) worst = code;
     }
     fmx_pack_close(pack);
-    if (rc == FMX_OK) return 0;
-    if (rc == FMX_EMISMATCH) return 1;
-    return 2;
+    return worst;
 }
 
 /* Prints one tensor as JSON: dtype, shape and its raw bytes in hex. */
