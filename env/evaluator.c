@@ -58,6 +58,13 @@ struct fmx_eval_job {
     size_t len, cap;
 };
 
+/* What one results memfd held once mapped: its JSON header and its bytes. */
+typedef struct {
+    cJSON *header;
+    unsigned char *map;
+    size_t map_len;
+} fmx__area;
+
 struct fmx_eval_result {
     fmx_eval_fate fate;
     char why[256];
@@ -65,6 +72,7 @@ struct fmx_eval_result {
     cJSON *header;
     unsigned char *map;
     size_t map_len;
+    fmx__area check; /* the compile check's results: sealed before candidate code ran */
 };
 
 fmx_evaluator_config fmx_evaluator_config_default(void) {
@@ -383,20 +391,24 @@ static int fmx__job_memfd(const fmx_eval_job *j, char *err, size_t errsz) {
 
 static void fmx__note_fate(const fmx_eval_result *r);
 
-static int fmx__send_run(int sock, double timeout_s, int job_fd, int res_fd) {
+/* The job, its results and (check_fd >= 0) the compile check's results. */
+static int fmx__send_run(int sock, double timeout_s, int job_fd, int res_fd, int check_fd) {
     char msg[128];
     int n = snprintf(msg, sizeof msg, "{\"op\":\"run\",\"timeout_s\":%.3f}", timeout_s);
-    int fds[2] = {job_fd, res_fd};
+    int fds[3] = {job_fd, res_fd, check_fd};
+    size_t nfds = check_fd >= 0 ? 3 : 2;
     char ctl[CMSG_SPACE(sizeof fds)];
     memset(ctl, 0, sizeof ctl);
     struct iovec iov = {.iov_base = msg, .iov_len = (size_t)n};
-    struct msghdr mh = {
-        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl, .msg_controllen = sizeof ctl};
+    struct msghdr mh = {.msg_iov = &iov,
+                        .msg_iovlen = 1,
+                        .msg_control = ctl,
+                        .msg_controllen = CMSG_SPACE(nfds * sizeof(int))};
     struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
     c->cmsg_level = SOL_SOCKET;
     c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof fds);
-    memcpy(CMSG_DATA(c), fds, sizeof fds);
+    c->cmsg_len = CMSG_LEN(nfds * sizeof(int));
+    memcpy(CMSG_DATA(c), fds, nfds * sizeof(int));
     for (;;) {
         ssize_t w = sendmsg(sock, &mh, MSG_NOSIGNAL);
         if (w < 0 && errno == EINTR) continue;
@@ -448,20 +460,21 @@ static void fmx__classify(fmx_eval_result *r, const cJSON *reply, double timeout
     }
 }
 
-/* Maps and checks the results the child wrote. 0, or -1 (r->why says why). */
-static int fmx__read_results(fmx_eval_result *r, int fd, size_t cap) {
+/* Maps and checks what the child wrote into a results memfd. 0, or -1
+ * (why says why). */
+static int fmx__read_area(fmx__area *a, int fd, size_t cap, char *why, size_t whysz) {
     /* The zygote answers when the child says it is done, before the child is
      * gone: its results are read only once sealed against writes, so no
      * thread still running there can change a byte after it was checked. */
     int seals = fcntl(fd, F_GET_SEALS);
     if (seals < 0 || !(seals & F_SEAL_WRITE)) {
-        snprintf(r->why, sizeof r->why, "the evaluation process did not seal its results");
+        snprintf(why, whysz, "the evaluation process did not seal its results");
         return -1;
     }
     unsigned char trailer[24];
     if (pread(fd, trailer, sizeof trailer, 0) != (ssize_t)sizeof trailer ||
         memcmp(trailer, "FMXRES01", 8) != 0) {
-        snprintf(r->why, sizeof r->why, "the evaluation process wrote no results");
+        snprintf(why, whysz, "the evaluation process wrote no results");
         return -1;
     }
     uint64_t hoff = 0, hlen = 0;
@@ -470,28 +483,62 @@ static int fmx__read_results(fmx_eval_result *r, int fd, size_t cap) {
         hlen = (hlen << 8) | trailer[16 + i];
     }
     if (hoff < FMX__DATA_START || hlen > FMX__MAX_HEADER || hoff > cap || hlen > cap - hoff) {
-        snprintf(r->why, sizeof r->why, "the evaluation process wrote unreadable results");
+        snprintf(why, whysz, "the evaluation process wrote unreadable results");
         return -1;
     }
-    r->map_len = (size_t)(hoff + hlen);
+    a->map_len = (size_t)(hoff + hlen);
     /* private: nothing shared stays mapped in the grader */
-    void *m = mmap(NULL, r->map_len, PROT_READ, MAP_PRIVATE, fd, 0);
+    void *m = mmap(NULL, a->map_len, PROT_READ, MAP_PRIVATE, fd, 0);
     if (m == MAP_FAILED) {
-        r->map_len = 0;
-        snprintf(r->why, sizeof r->why, "mapping the results: %s", strerror(errno));
+        a->map_len = 0;
+        snprintf(why, whysz, "mapping the results: %s", strerror(errno));
         return -1;
     }
-    r->map = m;
-    r->header = cJSON_ParseWithLength((const char *)r->map + hoff, (size_t)hlen);
-    if (!cJSON_IsObject(r->header)) {
-        snprintf(r->why, sizeof r->why, "the evaluation process wrote an unreadable header");
+    a->map = m;
+    a->header = cJSON_ParseWithLength((const char *)a->map + hoff, (size_t)hlen);
+    if (!cJSON_IsObject(a->header)) {
+        snprintf(why, whysz, "the evaluation process wrote an unreadable header");
         return -1;
     }
     return 0;
 }
 
+/* The child's results, and the compile check's from their own memfd (check_fd
+ * >= 0): the check's "check" replaces any the results header holds. */
+static int fmx__read_results(fmx_eval_result *r, int fd, int check_fd, size_t cap) {
+    fmx__area main = {0};
+    int rc = fmx__read_area(&main, fd, cap, r->why, sizeof r->why);
+    r->header = main.header;
+    r->map = main.map;
+    r->map_len = main.map_len;
+    if (rc != 0) return -1;
+    cJSON_DeleteItemFromObjectCaseSensitive(r->header, "check");
+    if (check_fd < 0) return 0;
+    char why[200];
+    if (fmx__read_area(&r->check, check_fd, cap, why, sizeof why) == 0) {
+        cJSON *c = cJSON_DetachItemFromObjectCaseSensitive(r->check.header, "check");
+        if (c) cJSON_AddItemToObject(r->header, "check", c);
+    }
+    /* no readable check: the report says the check did not run */
+    return 0;
+}
+
 static int fmx__run(fmx_evaluator *ev, fmx_eval_job *job, fmx_eval_result **out, char *err,
                     size_t errsz);
+
+/* A results memfd: sparse, cap bytes, sealed against growing and shrinking
+ * (the child seals it against writes when it is done). -1 on failure. */
+static int fmx__results_memfd(size_t cap) {
+    int fd = memfd_create("fmx-results", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd >= 0 && (ftruncate(fd, (off_t)cap) != 0 ||
+                    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0)) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        fd = -1;
+    }
+    return fd;
+}
 
 int fmx_evaluator_run(fmx_evaluator *ev, fmx_eval_job *job, fmx_eval_result **out, char *err,
                       size_t errsz) {
@@ -541,16 +588,20 @@ static int fmx__run(fmx_evaluator *ev, fmx_eval_job *job, fmx_eval_result **out,
     /* results: a sealed, sparse memfd the child cannot grow; the child adds
      * F_SEAL_WRITE when it is done (fmx__read_results) */
     size_t cap = (size_t)(ev->cfg.mem_mb > 0 ? ev->cfg.mem_mb : 4096) << 20;
-    int res_fd = memfd_create("fmx-results", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    if (res_fd < 0 || ftruncate(res_fd, (off_t)cap) != 0 ||
-        fcntl(res_fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0) {
+    int res_fd = fmx__results_memfd(cap);
+    /* the compile check's results go to a memfd of their own that the child
+     * seals before any candidate code runs: the candidate cannot touch them */
+    int check_fd =
+        cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(h, "check")) ? fmx__results_memfd(cap) : -2;
+    if (res_fd < 0 || check_fd == -1) {
         int e = errno;
         if (res_fd >= 0) close(res_fd);
+        if (check_fd >= 0) close(check_fd);
         close(job_fd);
         free(r);
         return fmx__fail(err, errsz, FMX_EIO, "the results memfd: %s", strerror(e));
     }
-    int sent = fmx__send_run(ev->fd, timeout, job_fd, res_fd);
+    int sent = fmx__send_run(ev->fd, timeout, job_fd, res_fd, check_fd);
     close(job_fd);
     char buf[4096];
     ssize_t n = sent == 0 ? fmx__recv(ev->fd, buf, sizeof buf,
@@ -559,6 +610,7 @@ static int fmx__run(fmx_evaluator *ev, fmx_eval_job *job, fmx_eval_result **out,
     cJSON *reply = n > 0 ? cJSON_ParseWithLength(buf, (size_t)n) : NULL;
     if (!reply) {
         close(res_fd);
+        if (check_fd >= 0) close(check_fd);
         fmx__zygote_dead(ev);
         r->fate = FMX_EVAL_CRASHED;
         snprintf(r->why, sizeof r->why, "the evaluation process died");
@@ -568,9 +620,10 @@ static int fmx__run(fmx_evaluator *ev, fmx_eval_job *job, fmx_eval_result **out,
     }
     fmx__classify(r, reply, timeout, ev->cfg.mem_mb);
     cJSON_Delete(reply);
-    if (r->fate == FMX_EVAL_OK && fmx__read_results(r, res_fd, cap) != 0)
+    if (r->fate == FMX_EVAL_OK && fmx__read_results(r, res_fd, check_fd, cap) != 0)
         r->fate = FMX_EVAL_CRASHED;
     close(res_fd);
+    if (check_fd >= 0) close(check_fd);
     fmx__note_fate(r);
     *out = r;
     return FMX_OK;
@@ -628,8 +681,13 @@ int fmx_eval_result_tensor(fmx_eval_result *r, const cJSON *blob, fmx_tensor **o
     double nb = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(blob, "nbytes"));
     int dt = fmx_eval_dtype_parse(dts);
     int nd = cJSON_GetArraySize(shape);
+    /* the compile check's outputs lie in its own memfd */
+    const char *area = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(blob, "area"));
+    int in_check = area && strcmp(area, "check") == 0;
+    unsigned char *map = in_check ? r->check.map : r->map;
+    size_t map_len = in_check ? r->check.map_len : r->map_len;
     if (dt < 0 || !cJSON_IsArray(shape) || nd > FMX_MAX_DIMS || !(off >= FMX__DATA_START) ||
-        !(nb >= 0) || off + nb > (double)r->map_len)
+        !(nb >= 0) || off + nb > (double)map_len || !map)
         return fmx__fail(err, errsz, FMX_EFORMAT,
                          "an output the evaluation process described "
                          "badly");
@@ -642,12 +700,14 @@ int fmx_eval_result_tensor(fmx_eval_result *r, const cJSON *blob, fmx_tensor **o
         n *= v;
     }
     if (n != nb) return fmx__fail(err, errsz, FMX_EFORMAT, "an output whose size and shape differ");
-    return fmx_tensor_wrap(r->map + (size_t)off, (fmx_dtype)dt, dims, nd, out, err, errsz);
+    return fmx_tensor_wrap(map + (size_t)off, (fmx_dtype)dt, dims, nd, out, err, errsz);
 }
 
 void fmx_eval_result_destroy(fmx_eval_result *r) {
     if (!r) return;
     cJSON_Delete(r->header);
     if (r->map) munmap(r->map, r->map_len);
+    cJSON_Delete(r->check.header);
+    if (r->check.map) munmap(r->check.map, r->check.map_len);
     free(r);
 }

@@ -241,7 +241,7 @@ def zygote(fd, engine_path, threads, device):
             req = json.loads(msg)
         except ValueError:
             req = {}
-        if req.get("op") != "run" or len(fds) != 2:
+        if req.get("op") != "run" or len(fds) not in (2, 3):
             for f in fds:
                 os.close(f)
             sock.sendall(json.dumps({"status": "refused", "why": "bad request"}).encode())
@@ -276,13 +276,13 @@ class Spare:
                     os._exit(0)
                 ctl_parent.close()
                 os.close(done_r)
-                _, fds, _, _ = socket.recv_fds(ctl_child, 16, 2)
+                _, fds, _, _ = socket.recv_fds(ctl_child, 16, 3)
                 ctl_child.close()
             except BaseException:  # noqa: BLE001 — the zygote is gone
                 os._exit(0)
-            if len(fds) != 2:
+            if len(fds) not in (2, 3):
                 os._exit(0)
-            child(fds[0], fds[1], zygote_fd, lib, done_w)
+            child(fds[0], fds[1], fds[2] if len(fds) == 3 else None, zygote_fd, lib, done_w)
         ctl_child.close()
         os.close(done_w)
         self.ctl, self.done = ctl_parent, done_r
@@ -397,10 +397,11 @@ def fill_check_input(ci, name, value):
 class Results:
     """The results memfd: tensor bytes first, the JSON header last."""
 
-    def __init__(self, fd):
+    def __init__(self, fd, area=None):
         self.fd = fd
         self.cap = os.fstat(fd).st_size
         self.off = DATA_START
+        self.area = area  # blobs say which memfd holds them ("check": the compile check's)
 
     def blob(self, t):
         import torch
@@ -421,6 +422,8 @@ class Results:
             while written < nbytes:
                 written += os.pwrite(self.fd, view[written:], self.off + written)
         b = {"dtype": name, "shape": list(t.shape), "offset": self.off, "nbytes": nbytes}
+        if self.area:
+            b["area"] = self.area
         self.off += (nbytes + 63) // 64 * 64
         return b
 
@@ -433,8 +436,13 @@ class Results:
         os.pwrite(self.fd, data, self.off)
         os.pwrite(self.fd, MAGIC + struct.pack("<QQ", self.off, len(data)), 0)
 
+    def seal_and_close(self):
+        """No more writes by anyone (F_SEAL_WRITE), and this process lets go of it."""
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+        os.close(self.fd)
 
-def child(job_fd, result_fd, zygote_fd, lib, done_fd):
+
+def child(job_fd, result_fd, check_fd, zygote_fd, lib, done_fd):
     try:
         os.close(zygote_fd)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -443,7 +451,7 @@ def child(job_fd, result_fd, zygote_fd, lib, done_fd):
         os.dup2(null, 0)
         os.dup2(null, 1)
         os.close(null)
-        keep = {0, 1, 2, result_fd, done_fd}
+        keep = {0, 1, 2, result_fd, done_fd, check_fd}
         for name in os.listdir("/proc/self/fd"):
             fd = int(name)
             if fd not in keep:
@@ -464,7 +472,8 @@ def child(job_fd, result_fd, zygote_fd, lib, done_fd):
             sys.stderr.write(f"fmx evaluation: sandbox: {err.value.decode()}\n")
             os._exit(EXIT_INTERNAL)
         results = Results(result_fd)
-        header = evaluate(job, tensors, weights_map, results, lib)
+        header = evaluate(job, tensors, weights_map, results, lib,
+                          Results(check_fd, area="check") if check_fd is not None else None)
         results.finish(header)
         # sealed: nothing (no thread the candidate started) can change them
         # now, so the grader may read them before this process is gone
@@ -522,7 +531,7 @@ def tensor_view(torch, buf, offset, dtype, shape):
     return torch.frombuffer(buf, dtype=dt, count=count, offset=offset).view(shape)
 
 
-def evaluate(job, tensors, weights_map, results, lib):
+def evaluate(job, tensors, weights_map, results, lib, check_results=None):
     import torch
     header = {"calls": []}
     pack_dtype = job.get("pack_dtype", "float32")
@@ -540,8 +549,13 @@ def evaluate(job, tensors, weights_map, results, lib):
         return {rel: stored[key] for rel, key in job.get("weights", [])}
 
     calls = job.get("calls", [])
-    if job.get("check") and calls:
-        header["check"] = compile_check(job, calls[0], tensors, weights_for, results, lib)
+    if job.get("check") and calls and check_results is not None:
+        # into a memfd of its own, sealed and closed before the candidate's
+        # Python runs: nothing the candidate does can change the facts
+        check = compile_check(job, calls[0], tensors, weights_for, check_results, lib)
+        if check_results is not None:
+            check_results.finish({"check": check})
+            check_results.seal_and_close()
     if not job.get("run", True):
         return header
     t0 = time.perf_counter()
