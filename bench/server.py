@@ -146,14 +146,29 @@ def oracle_worker(addr: str, offset: int, start: float, seconds: float) -> int:
     return done
 
 
-def raw_worker(addr: str, payloads: List[bytes], start: float, seconds: float) -> int:
-    """A bare DEALER: one message in flight per payload (its slot is its req
-    id), each reply answered by the next message of that slot, until start +
-    seconds; the same work against fmx and against the echo floor."""
+def raw_worker(addr: str, tools: str, window: int, is_fmx: bool, start: float,
+               seconds: float) -> int:
+    """A bare DEALER: `window` cheap steps in flight (a slot each; its req id is
+    its slot), each reply answered by the next step of that slot, until start +
+    seconds; the same messages against fmx and against the echo floor. On fmx
+    the episodes are opened first, on this socket (an episode answers only the
+    connection that opened it)."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(addr)
+    episodes = list(range(1, window + 1))
+    if is_fmx:
+        for i in range(window):
+            sock.send(msgpack.packb({"op": "reset", "req": i, "task": CHEAP_TASK,
+                                     "policy": "bench-raw"}, use_bin_type=True))
+        for _ in range(window):
+            reply = msgpack.unpackb(sock.recv(), raw=False)
+            episodes[reply["req"]] = int(reply["episode"])
+    names = tools.split(",")
+    payloads = [msgpack.packb({"op": "step", "req": i, "episode": ep,
+                               "action": {"tool": names[i % len(names)], "args": {}}},
+                              use_bin_type=True) for i, ep in enumerate(episodes)]
     n = 0
     try:
         wait_until(start)
@@ -166,6 +181,8 @@ def raw_worker(addr: str, payloads: List[bytes], start: float, seconds: float) -
                 raise RuntimeError(f"{addr}: no reply in 30 s")
             reply = msgpack.unpackb(sock.recv(copy=False), raw=False)
             inflight -= 1
+            if is_fmx and "error" in reply:
+                raise RuntimeError(f"fmx refused a step: {reply}")
             n += 1
             if time.time() < end:
                 sock.send(payloads[reply["req"]], copy=False)
@@ -176,21 +193,11 @@ def raw_worker(addr: str, payloads: List[bytes], start: float, seconds: float) -
     return n
 
 
-def step_payloads(addr: str, tools: str, window: int) -> List[bytes]:
-    """`window` episodes opened on fmx and one encoded cheap step for each
-    (req = its slot), the tools in turn."""
-    names = tools.split(",")
-    with Client(addr, timeout=60) as c:
-        episodes = [ep for ep, _, _ in c.reset_many([CHEAP_TASK] * window, policy="bench-raw")]
-    return [msgpack.packb({"op": "step", "req": i, "episode": ep,
-                           "action": {"tool": names[i % len(names)], "args": {}}},
-                          use_bin_type=True) for i, ep in enumerate(episodes)]
-
-
-def run_raw(pool_ctx, addrs: Sequence[str], payloads: List[List[bytes]], seconds: float) -> float:
-    start = time.time() + 1.0
-    with pool_ctx.Pool(len(payloads)) as pool:
-        done = pool.starmap(raw_worker, [(a, p, start, seconds) for a, p in zip(addrs, payloads)])
+def run_raw(pool_ctx, addr: str, clients: int, tools: str, window: int, is_fmx: bool,
+            seconds: float) -> float:
+    start = time.time() + 1.5
+    with pool_ctx.Pool(clients) as pool:
+        done = pool.starmap(raw_worker, [(addr, tools, window, is_fmx, start, seconds)] * clients)
     return sum(done) / seconds
 
 
@@ -295,10 +302,10 @@ def main() -> int:
             try:
                 print()
                 for n in (1, 4):
-                    payloads = [step_payloads(addr, args.tools, args.window) for _ in range(n)]
-                    floor = run_raw(ctx, [echo_addr] * n, payloads, args.seconds)
+                    floor = run_raw(ctx, echo_addr, n, args.tools, args.window, False,
+                                    args.seconds)
                     size0 = db_bytes(tmp / "bench.db")
-                    got = run_raw(ctx, [addr] * n, payloads, args.seconds)
+                    got = run_raw(ctx, addr, n, args.tools, args.window, True, args.seconds)
                     grown = db_bytes(tmp / "bench.db") - size0
                     print(f"raw DEALER clients, cheap steps: {n} client(s): echo floor "
                           f"{floor:,.0f}/s, fmx {got:,.0f}/s = {got / floor:.2f} of the floor; "

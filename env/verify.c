@@ -12,6 +12,8 @@
 
 #include <cjson/cJSON.h>
 #include <math.h>
+#include <openssl/evp.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -399,6 +401,58 @@ static int fmx__grade_call(fmx_pack *pack, const fmx_verify_config *cfg, const f
 /* The compile check's report: TorchScript's facts, and whether its run of
  * the job's first call computed what the Python run did. withhold: the check
  * ran on a hidden probe (say no more than yes or no). */
+/* ---- the compile check's verdicts, by file ----
+ * TorchScript's view of a file is a property of the file, its entry and the
+ * call it ran on: a file graded again in this process (a policy verifies,
+ * then submits the same code) reuses the verdict instead of compiling and
+ * running it again. The last FMX__CHECKS verdicts, keyed by the SHA-256 of
+ * the pack's folder, component, entry, call, withholding and the source. */
+#define FMX__CHECKS 32
+static struct {
+    unsigned char key[32];
+    cJSON *check; /* the report's compile_check object; NULL: empty slot */
+} fmx__checks[FMX__CHECKS];
+static int fmx__checks_next;
+static pthread_mutex_t fmx__checks_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int fmx__check_key(const fmx_pack *pack, const fmx_verify_config *cfg, int call,
+                          int withhold, const char *source, size_t len, unsigned char key[32]) {
+    char head[1200];
+    int n = snprintf(head, sizeof head, "%s\n%s\n%s\n%s\n%d\n%d\n", fmx_pack_dir(pack),
+                     fmx_pack_name(pack), cfg->component ? cfg->component : "",
+                     cfg->entry ? cfg->entry : "forward", call, withhold);
+    EVP_MD_CTX *md = EVP_MD_CTX_new();
+    unsigned int out = 0;
+    int ok = md && n > 0 && (size_t)n < sizeof head && EVP_DigestInit_ex(md, EVP_sha256(), NULL) &&
+             EVP_DigestUpdate(md, head, (size_t)n) && EVP_DigestUpdate(md, source, len) &&
+             EVP_DigestFinal_ex(md, key, &out) && out == 32;
+    EVP_MD_CTX_free(md);
+    return ok ? 0 : -1;
+}
+
+/* A copy of the verdict stored under key, or NULL. */
+static cJSON *fmx__check_cached(const unsigned char key[32]) {
+    cJSON *hit = NULL;
+    pthread_mutex_lock(&fmx__checks_lock);
+    for (int i = 0; i < FMX__CHECKS && !hit; i++)
+        if (fmx__checks[i].check && memcmp(fmx__checks[i].key, key, 32) == 0)
+            hit = cJSON_Duplicate(fmx__checks[i].check, 1);
+    pthread_mutex_unlock(&fmx__checks_lock);
+    return hit;
+}
+
+static void fmx__check_store(const unsigned char key[32], const cJSON *check) {
+    cJSON *copy = check ? cJSON_Duplicate(check, 1) : NULL;
+    if (!copy) return;
+    pthread_mutex_lock(&fmx__checks_lock);
+    int i = fmx__checks_next;
+    fmx__checks_next = (i + 1) % FMX__CHECKS;
+    cJSON_Delete(fmx__checks[i].check);
+    memcpy(fmx__checks[i].key, key, 32);
+    fmx__checks[i].check = copy;
+    pthread_mutex_unlock(&fmx__checks_lock);
+}
+
 static void fmx__compile_check(fmx_pack *pack, fmx_eval_result *res, int withhold, cJSON *report) {
     const cJSON *h = res ? fmx_eval_result_header(res) : NULL;
     const cJSON *c = cJSON_GetObjectItemCaseSensitive(h, "check");
@@ -480,6 +534,22 @@ static void fmx__compile_check(fmx_pack *pack, fmx_eval_result *res, int withhol
                                          : why);
 }
 
+/* The report's compile_check: the cached verdict (taken), else the one this
+ * evaluation's check gave (then stored under key, when there is one). */
+static void fmx__verdict(fmx_pack *pack, fmx_eval_result *first, int withhold, cJSON *report,
+                         cJSON **cached, const unsigned char *key) {
+    if (*cached) {
+        cJSON_DeleteItemFromObjectCaseSensitive(*cached, "reused");
+        cJSON_AddTrueToObject(*cached, "reused"); /* not run again: this file's verdict */
+        cJSON_AddItemToObject(report, "compile_check", *cached);
+        *cached = NULL;
+        return;
+    }
+    fmx__compile_check(pack, first, withhold, report);
+    const cJSON *c = cJSON_GetObjectItemCaseSensitive(report, "compile_check");
+    if (key && c && fmx_eval_result_fate(first) == FMX_EVAL_OK) fmx__check_store(key, c);
+}
+
 int fmx_verify_source(fmx_pack *pack, const char *source, size_t len, const char *filename,
                       const fmx_verify_config *cfg_in, cJSON **report_out) {
     fmx_verify_config cfg = cfg_in ? *cfg_in : fmx_verify_config_default();
@@ -541,6 +611,7 @@ int fmx_verify_source(fmx_pack *pack, const char *source, size_t len, const char
     int status = FMX_OK, err_status = FMX_OK, graded = 0, passed = 0;
     char err[FMX__ERR] = "";
     fmx_eval_result *vres = NULL;
+    cJSON *cached = NULL; /* the compile check's verdict from an earlier evaluation */
     if (nvis == 0 && nhid == 0) {
         fmx__errorf(report, "probes",
                     "module '%s' was never called on the %s probes; nothing to grade",
@@ -549,12 +620,19 @@ int fmx_verify_source(fmx_pack *pack, const char *source, size_t len, const char
         goto done;
     }
     int rc = FMX_OK;
+    /* a verdict this process has for the file already: no check this time */
+    unsigned char check_key[32];
+    int keyed =
+        cfg.compile_check && !cfg.check_again &&
+        fmx__check_key(pack, &cfg, nvis ? vis[0] : hid[0], nvis == 0, source, len, check_key) == 0;
+    cached = keyed ? fmx__check_cached(check_key) : NULL;
+    int check = cfg.compile_check && !cached;
     if (nvis)
-        rc = fmx__run_job(pack, source, len, filename, &cfg, mod, vis, nvis, 0, cfg.compile_check,
-                          &vres, err, sizeof err);
+        rc = fmx__run_job(pack, source, len, filename, &cfg, mod, vis, nvis, 0, check, &vres, err,
+                          sizeof err);
     for (int i = 0; rc == FMX_OK && i < nhid; i++)
         rc = fmx__run_job(pack, source, len, filename, &cfg, mod, &hid[i], 1, 1,
-                          cfg.compile_check && nvis == 0 && i == 0, &hres[i], err, sizeof err);
+                          check && nvis == 0 && i == 0, &hres[i], err, sizeof err);
     if (rc != FMX_OK) {
         fmx__error(report, "evaluator", err);
         err_status = rc;
@@ -573,12 +651,12 @@ int fmx_verify_source(fmx_pack *pack, const char *source, size_t len, const char
             const char *msg = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(e, "message"));
             int entry = stage && strcmp(stage, "entry") == 0;
             fmx__error(report, entry ? "entry" : "compile", msg ? msg : "the file does not load");
-            fmx__compile_check(pack, first, nvis == 0, report);
+            fmx__verdict(pack, first, nvis == 0, report, &cached, keyed ? check_key : NULL);
             err_status = entry ? FMX_ENOTFOUND : FMX_ECOMPILE;
             goto done;
         }
     }
-    fmx__compile_check(pack, first, nvis == 0, report);
+    fmx__verdict(pack, first, nvis == 0, report, &cached, keyed ? check_key : NULL);
 
     cJSON *results = cJSON_AddArrayToObject(report, "probes");
     const char *first_div = NULL, *first_div_probe = NULL;
@@ -626,6 +704,7 @@ int fmx_verify_source(fmx_pack *pack, const char *source, size_t len, const char
         if (dm >= 0) cJSON_AddStringToObject(d, "class", fmx_pack_module(pack, dm)->cls);
     }
 done:
+    cJSON_Delete(cached);
     fmx_eval_result_destroy(vres);
     for (int i = 0; i < nhid; i++)
         fmx_eval_result_destroy(hres[i]);

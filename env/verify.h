@@ -29,6 +29,8 @@ typedef struct {
     int override_tol;      /* 1: use tol below for every float output */
     fmx_tolerance tol;
     int compile_check; /* 1: also TorchScript's compile check (report "compile_check") */
+    int check_again;   /* 1: run the check even if this process has the file's verdict
+                          (benchmarks); 0 (default): reuse it */
 } fmx_verify_config;
 
 /* tap() values recorded per call; later ones are counted, not graded. */

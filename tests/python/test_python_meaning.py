@@ -213,3 +213,20 @@ def test_compile_check_says_what_torchscript_makes_of_the_file(pack, tmp_path):
         mlp(post="y.float().view(torch.int32).view(torch.float32).to(y.dtype)"))
     assert status == "match"
     assert not (cc["compiled"] and cc["ran"] and cc["same_meaning"]), cc
+
+
+def test_a_file_graded_again_reuses_its_compile_check_verdict(pack, tmp_path):
+    """The compile check is a property of the file: graded again by the same
+    process (here `fmx verify PACK A B A`), the verdict is reused, not run
+    again, and says so; another file gets its own."""
+    a = tmp_path / "a.py"
+    a.write_text((ROOT / "examples" / "solutions" / "qwen2.py").read_text())
+    b = tmp_path / "b.py"
+    b.write_text(a.read_text().replace("def forward(", "def forward(  ", 1))
+    res = subprocess.run([FMX, "verify", pack, a, b, a, "--json"], cwd=ROOT, capture_output=True,
+                         text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert res.returncode == 0, res.stderr
+    first, other, again = [json.loads(line)["compile_check"] for line in res.stdout.splitlines()]
+    assert first["compiled"] and other["compiled"]
+    assert "reused" not in first and "reused" not in other and again["reused"] is True
+    assert {k: v for k, v in again.items() if k != "reused"} == first
