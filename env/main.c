@@ -57,6 +57,8 @@ static const char *usage_text =
     "  verify PACK FILE [options]     grade candidate FILE against PACK\n"
     "      --component PATH           verify one module (default: the whole model)\n"
     "      --entry NAME               function to call (default: forward)\n"
+    "      --decode                   the decode task: the model with its KV cache, per\n"
+    "                                 generation step (docs/pack-format.md, Generation)\n"
     "      --probes visible|all       probes to grade (default: visible)\n"
     "      --atol X --rtol Y          override the pack's float tolerance\n"
     "      --device cpu|cuda[:N]      where to run (default: cpu)\n"
@@ -212,6 +214,8 @@ static int cmd_verify(int argc, char **argv) {
         } else if (strcmp(a, "--entry") == 0) {
             if (!need_value(i, argc, argv)) return 2;
             cfg.entry = argv[++i];
+        } else if (strcmp(a, "--decode") == 0) {
+            cfg.decode = 1;
         } else if (strcmp(a, "--probes") == 0) {
             if (!need_value(i, argc, argv)) return 2;
             const char *v = argv[++i];

@@ -2256,11 +2256,13 @@ void compare(const at::Tensor &got_in, const at::Tensor &want_in, const at::Tens
     at::Tensor keep;
     if (mask_in) {
         at::Tensor mask = mask_in->to(dev);
-        if (mask.dim() != 2 || want_in.dim() < 2 || mask.size(0) != want_in.size(0) ||
-            mask.size(1) != want_in.size(1)) {
+        bool lead = mask.dim() >= 2 && mask.dim() <= want_in.dim();
+        for (int64_t d = 0; lead && d < mask.dim(); d++)
+            lead = mask.size(d) == want_in.size(d);
+        if (!lead) {
             std::stringstream ss;
-            ss << "mask has shape " << mask.sizes() << "; it must be (B, T) for outputs of shape "
-               << want_in.sizes();
+            ss << "mask has shape " << mask.sizes()
+               << "; it must be (B, T) or the leading dims of outputs of shape " << want_in.sizes();
             fail(FMX_EINVAL, ss.str());
         }
         if (want_in.is_cpu() && got_in.is_cpu()) {
@@ -2268,7 +2270,7 @@ void compare(const at::Tensor &got_in, const at::Tensor &want_in, const at::Tens
             int64_t inner = rows.numel() ? want_in.numel() / rows.numel() : 1;
             if (compare_cpu(got_in, want_in, rows, inner ? inner : 1, tol, r)) return;
         }
-        std::vector<int64_t> shape = {mask.size(0), mask.size(1)};
+        std::vector<int64_t> shape(mask.sizes().begin(), mask.sizes().end());
         shape.resize(want_in.dim(), 1);
         keep = mask.ne(0).reshape(shape).expand(want_in.sizes()).reshape({-1});
     } else {

@@ -251,7 +251,9 @@ typedef struct {
 /* Compares got against want. An element passes when both are finite and
  * |got - want| <= atol·scale + rtol·|want|, scale = max(RMS(want), 1e-30).
  * mask, when given, is a (B, T) tensor of keep flags (nonzero = graded) and
- * want has shape (B, T, …): only kept (b, t) rows are graded. Shape and dtype
+ * want has shape (B, T, …): only kept (b, t) rows are graded; more generally
+ * a mask of k >= 2 dims keeps rows of want's leading k dims (a KV cache's
+ * (B, heads, L) flags for (B, heads, L, D)). Shape and dtype
  * mismatches set shape_ok/dtype_ok = 0 and pass = 0 and return 0. */
 int fmx_compare(const fmx_tensor *got, const fmx_tensor *want, const fmx_tensor *mask,
                 fmx_tolerance tol, fmx_compare_result *out, char *err, size_t errsz);

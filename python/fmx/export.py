@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from . import __version__
+from . import generate
 from . import hidden as hidden_set
 from .constants import ConstantCheck
 from .dataflow import Flow, generalize, record_op
@@ -1279,6 +1280,8 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
                         traced.append(i)
             _check_cast(model, low, "after its probes")  # the forward must not have changed them
             del low
+        generations = _capture_generations(model, capture.calls, writer, probe_entries, hidden, inputs_fn, seed,
+                                           device, quiet, lambda visible: hidden_set.load(model, weights_of[visible]))
         writer.close()
     except BaseException:
         writer.abort()
@@ -1328,6 +1331,7 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
         "classes": classes,
         "probes": probe_entries,
         "traced_probes": [probe_entries[i]["name"] for i in traced],
+        "generation": generations,
         "calls": capture.calls,
     }
     with open(out.path("task.json"), "w", encoding="utf-8") as f:
@@ -1436,6 +1440,27 @@ def _run_probe(model: nn.Module, capture: Capture, i: int, probe: Probe, *, writ
         print(f"[{i + 1}/{total}] probe {probe.name} ({kind}, {probe.batch}x{probe.seq}, "
               f"{probe.padding}{note}) {time.perf_counter() - t0:.2f}s", file=sys.stderr)
     return entry
+
+
+def _capture_generations(model: nn.Module, calls: List[Dict[str, Any]], writer: Writer,
+                         probe_entries: List[Dict[str, Any]], hidden: int, inputs_fn: InputsFn, seed: int, device: str,
+                         quiet: bool, load: Callable[[bool], None]) -> Dict[str, Any]:
+    """A causal LM's prefill and decode steps (generate.py), appended to the probes; task.json's
+    "generation" (`{"none": why}` for a model that has none)."""
+    why = generate.why_not_causal_lm(model)
+    if why is not None:
+        return {"none": why}
+    gens = generate.plan(hidden)
+    with torch.no_grad(), Capture(model, writer, None) as gen_capture:
+        gen_capture.calls = calls  # one call list, in the order calls started
+        try:
+            entries = generate.capture_generations(model, gen_capture, writer, gens, len(probe_entries),
+                                                   inputs_fn=inputs_fn, load=load, seed=seed, device=device,
+                                                   quiet=quiet)
+        except ValueError as e:
+            raise ExportError(f"capturing generation: {e}") from e
+    probe_entries.extend(entries)
+    return generate.summary(entries, gens)
 
 
 def _low_precision_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:

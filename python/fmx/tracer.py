@@ -685,6 +685,8 @@ class Episode:
         result: Dict[str, Any] = {"task": self.task, "episode": info["episode"], "policy": self.policy}
         code = None
         try:
+            if info["task"].get("kind") == "decode":
+                raise TracerError(DECODE_REFUSAL)
             traces = self.trace_all(root)
             winfo = self.step("get_weight_info", path=root)[0] if self.left >= 3 else {}
             listed = (winfo.get("data") or {}).get("weights") or []
@@ -718,6 +720,11 @@ class Episode:
                       target_loc=grade.get("target_loc"), steps=self.steps, notes=self.log)
         result["code"] = code
         return result
+
+
+DECODE_REFUSAL = ("the tracer cannot write a decode task's code: op traces are recorded on full-sequence "
+                  "probes only, so they hold no KV-cache update; write the decode step by hand "
+                  "(docs/pack-format.md, Generation)")
 
 
 def _passed(obs: Dict[str, Any]) -> bool:
