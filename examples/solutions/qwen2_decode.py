@@ -22,6 +22,7 @@ N_HEADS = 4
 N_KV_HEADS = 2
 EPS = 1e-6
 ROPE_THETA = 10000.0
+WINDOW = 0  # the config's sliding_window (0: none): a layer attends to and keeps its last WINDOW
 
 
 def tap(name: str, x: Tensor) -> Tensor:
@@ -53,8 +54,8 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def attention(x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, past_k: Tensor, past_v: Tensor,
-              weights: Dict[str, Tensor], prefix: str) -> Tuple[Tensor, Tensor, Tensor]:
+def attention(x: Tensor, cos: Tensor, sin: Tensor, query: Tensor, pad: Tensor, past_k: Tensor,
+              past_v: Tensor, weights: Dict[str, Tensor], prefix: str) -> Tuple[Tensor, Tensor, Tensor]:
     B, T, C = x.shape
     D = C // N_HEADS
     q = linear(x, weights, prefix + "q_proj.").view(B, T, -1, D).transpose(1, 2)
@@ -63,10 +64,19 @@ def attention(x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, past_k: Tensor,
     q, k = rope(q, cos[:, None], sin[:, None]), rope(k, cos[:, None], sin[:, None])
     # the cache holds rotated keys: (B, kv_heads, past + T, D)
     k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
+    # (B, 1, T, K) additive mask over the K cached keys, the last K of the L tokens so far
+    K, L = k.shape[2], pad.shape[-1]
+    key = torch.arange(L - K, L, device=x.device)[None, :]
+    keep = (key <= query) & pad[..., L - K:]
+    if WINDOW:
+        keep = keep & (key > query - WINDOW)
+    mask = torch.where(keep, 0.0, float("-inf")).to(x.dtype).nan_to_num()
     rep = N_HEADS // N_KV_HEADS
     scores = torch.matmul(q, k.repeat_interleave(rep, dim=1).transpose(2, 3)) * D**-0.5 + mask
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(probs, v.repeat_interleave(rep, dim=1))
+    if WINDOW:  # a sliding-window layer keeps only its window
+        k, v = k[:, :, -WINDOW:], v[:, :, -WINDOW:]
     return linear(out.transpose(1, 2).reshape(B, T, C), weights, prefix + "o_proj."), k, v
 
 
@@ -75,14 +85,13 @@ def forward(input_ids: Tensor, positions: Tensor, attention_mask: Tensor, past_k
     h = F.embedding(input_ids, weights["model.embed_tokens.weight"])
     T, L = input_ids.shape[1], attention_mask.shape[1]
     cos, sin = rotary(h, positions)
-    # (B, 1, T, L) additive mask: query t sits at L - T + t; keys after it or padding are masked
+    # new token t is token L - T + t of the sequence; pad: (B, 1, 1, L) real tokens so far
     query = torch.arange(L - T, L, device=h.device)[:, None]
-    keep = (torch.arange(L, device=h.device)[None, :] <= query) & (attention_mask[:, None, None, :] != 0)
-    mask = torch.where(keep, 0.0, float("-inf")).to(h.dtype).nan_to_num()
+    pad = attention_mask[:, None, None, :] != 0
     keys, values = [], []
     for i in range(N_LAYERS):
         p = "model.layers.{}.".format(i)
-        a, k, v = attention(rms_norm(h, weights, p + "input_layernorm."), cos, sin, mask,
+        a, k, v = attention(rms_norm(h, weights, p + "input_layernorm."), cos, sin, query, pad,
                             past_keys[i], past_values[i], weights, p + "self_attn.")
         h = h + a
         x = rms_norm(h, weights, p + "post_attention_layernorm.")
