@@ -1281,7 +1281,8 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
             _check_cast(model, low, "after its probes")  # the forward must not have changed them
             del low
         generations = _capture_generations(model, capture.calls, writer, probe_entries, hidden, inputs_fn, seed,
-                                           device, quiet, lambda visible: hidden_set.load(model, weights_of[visible]))
+                                           device, quiet, lambda visible: hidden_set.load(model, weights_of[visible]),
+                                           LOW_PRECISION if copies else None)
         writer.close()
     except BaseException:
         writer.abort()
@@ -1444,23 +1445,28 @@ def _run_probe(model: nn.Module, capture: Capture, i: int, probe: Probe, *, writ
 
 def _capture_generations(model: nn.Module, calls: List[Dict[str, Any]], writer: Writer,
                          probe_entries: List[Dict[str, Any]], hidden: int, inputs_fn: InputsFn, seed: int, device: str,
-                         quiet: bool, load: Callable[[bool], None]) -> Dict[str, Any]:
+                         quiet: bool, load: Callable[[bool], None], low_precision: Optional[str]) -> Dict[str, Any]:
     """A causal LM's prefill and decode steps (generate.py), appended to the probes; task.json's
-    "generation" (`{"none": why}` for a model that has none)."""
+    "generation" (`{"none": why}` for a model that has none). A reduced-precision generation runs on
+    a copy of the model in that dtype, as the reduced-precision probes do."""
     why = generate.why_not_causal_lm(model)
     if why is not None:
         return {"none": why}
-    gens = generate.plan(hidden)
-    with torch.no_grad(), Capture(model, writer, None) as gen_capture:
-        gen_capture.calls = calls  # one call list, in the order calls started
-        try:
-            entries = generate.capture_generations(model, gen_capture, writer, gens, len(probe_entries),
-                                                   inputs_fn=inputs_fn, load=load, seed=seed, device=device,
-                                                   quiet=quiet)
-        except ValueError as e:
-            raise ExportError(f"capturing generation: {e}") from e
-    probe_entries.extend(entries)
-    return generate.summary(entries, gens)
+    gens = generate.plan(hidden, low_precision)
+    first = len(probe_entries)
+    for dtype in dict.fromkeys(g.dtype for g in gens):
+        group = [g for g in gens if g.dtype == dtype]
+        load(True)
+        run = model if dtype is None else _low_precision_copy(model, DTYPES[dtype])
+        with torch.no_grad(), Capture(run, writer, None) as gen_capture:
+            gen_capture.calls = calls  # one call list, in the order calls started
+            try:
+                probe_entries += generate.capture_generations(
+                    run, gen_capture, writer, group, len(probe_entries), inputs_fn=inputs_fn,
+                    load=load if dtype is None else lambda visible: None, seed=seed, device=device, quiet=quiet)
+            except ValueError as e:
+                raise ExportError(f"capturing generation: {e}") from e
+    return generate.summary(probe_entries[first:], gens)
 
 
 def _low_precision_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -42,11 +42,18 @@ class Generation:
     batch: int
     prompt: int
     steps: int  # decode steps after the prefill
+    dtype: Optional[str] = None  # a reduced-precision copy of the model ran it (None: the pack's dtype)
+    inputs_of: Optional[str] = None  # the generation whose prompt it reruns
 
 
-def plan(hidden: int) -> List[Generation]:
+def plan(hidden: int, low_precision: Optional[str]) -> List[Generation]:
+    """The generations: visible, then hidden ones, then (a float32 pack) the visible one rerun on a
+    `low_precision` copy of the model, where casts are not no-ops."""
     shapes = [(True, s) for s in VISIBLE_GENERATIONS] + [(False, s) for s in HIDDEN_GENERATIONS[:max(0, hidden)]]
-    return [Generation(f"g{i}", visible, *shape) for i, (visible, shape) in enumerate(shapes)]
+    gens = [Generation(f"g{i}", visible, *shape) for i, (visible, shape) in enumerate(shapes)]
+    if low_precision:
+        gens.append(dataclasses.replace(gens[0], name=f"g{len(gens)}", dtype=low_precision, inputs_of=gens[0].name))
+    return gens
 
 
 def why_not_causal_lm(model: nn.Module) -> Optional[str]:
@@ -126,7 +133,8 @@ def capture_generations(model: nn.Module, capture: Any, writer: Any, gens: Seque
     windows = layer_windows(getattr(model, "config", None), 0)
     for gen in gens:
         load(gen.visible)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 + int(gen.name[1:]))
+        source = gen.inputs_of or gen.name
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 + int(source[1:]))
         inputs = inputs_fn(model, gen.batch, gen.prompt, "left" if gen.batch > 1 else "none", generator)
         ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
         if not isinstance(ids, Tensor):
@@ -167,6 +175,8 @@ def capture_generations(model: nn.Module, capture: Any, writer: Any, gens: Seque
                             "padding": "left" if step == 0 and bool((mask == 0).any()) else "none",
                             "mask": mask_key, "generation": gen.name, "step": step,
                             "past": int(mask.shape[1] - new)})
+            if gen.dtype is not None:
+                entries[-1]["dtype"] = gen.dtype
             if not quiet:
                 kind = "visible" if gen.visible else "hidden"
                 what = "prefill" if step == 0 else f"decode step {step}"
@@ -214,10 +224,13 @@ def _record(capture: Any, call: Dict[str, Any], ids: Tensor, positions: Tensor, 
 
 def summary(entries: Sequence[Mapping[str, Any]], gens: Sequence[Generation]) -> Dict[str, Any]:
     """task.json's "generation": the convention and which probes are which step."""
+    out = []
+    for g in gens:
+        item = {"name": g.name, "visible": g.visible, "batch": g.batch, "prompt": g.prompt, "steps": g.steps,
+                "probes": [e["name"] for e in entries if e.get("generation") == g.name]}
+        if g.dtype is not None:
+            item.update(dtype=g.dtype, inputs_of=g.inputs_of)
+        out.append(item)
     return {"convention": "flat-kv-v1",
             "entry": ["input_ids", "positions", "attention_mask", "past_keys", "past_values"],
-            "returns": ["logits", "keys", "values"],
-            "generations": [{"name": g.name, "visible": g.visible, "batch": g.batch, "prompt": g.prompt,
-                             "steps": g.steps,
-                             "probes": [e["name"] for e in entries if e.get("generation") == g.name]}
-                            for g in gens]}
+            "returns": ["logits", "keys", "values"], "generations": out}

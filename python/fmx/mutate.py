@@ -28,7 +28,7 @@ Operators (one mutant per site and variant):
   upcast       a float32 upcast removed (.float(), .to(torch.float32), dtype=torch.float32)
 
 Decode-step operators (a KV cache in the flat convention of docs/pack-format.md,
-"Generation"; they find sites only in code that has one):
+"Generation"; only in a file where some function takes a `past...` parameter):
 
   positions    `positions` off by one: read as positions + 1 and positions - 1
   cache_order  the cache appended before the rotary embedding: a statement
@@ -193,6 +193,9 @@ class _Generator:
             self.line_starts.append(self.line_starts[-1] + len(line))
         self.lines_bytes = [line.encode("utf-8") for line in source.splitlines(keepends=True)]
         self.defs = {n.name: n for n in self.tree.body if isinstance(n, ast.FunctionDef)}
+        # decode code: some function takes a KV cache (a parameter named past...)
+        self.has_cache = any(a.arg.startswith("past") for f in self.defs.values()
+                             for a in f.args.posonlyargs + f.args.args + f.args.kwonlyargs)
         self.edits: List[Edit] = []
         self.function: Optional[str] = None
         self.taint: Set[str] = set()
@@ -318,7 +321,8 @@ class _Generator:
                 body = body[1:]  # the docstring
             for stmt in body:
                 self._visit(stmt)
-            self._decode(fn)
+            if self.has_cache:
+                self._decode(fn)
         return self.edits
 
     # ---- decode-step operators (module docstring)
