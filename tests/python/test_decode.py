@@ -294,3 +294,30 @@ def test_run_plays_decode_tasks(packs, tmp_path):
                             "JOIN policies p ON p.id = e.policy_id WHERE p.name = 'tracer'").fetchone()[0]
     assert kinds["qwen2/decode"] == "decode" and kinds["gpt2/decode"] == "decode"
     assert "cannot write a decode task" in code
+
+
+def test_list_tasks_and_the_goal_state_the_cache_convention(packs, tmp_path):
+    from fmx import Client
+
+    addr = f"ipc://{tmp_path}/fmx.sock"
+    server = subprocess.Popen([FMX, "serve", "--tasks", str(packs), "--db", str(tmp_path / "s.db"), "--bind", addr,
+                               "--insecure"], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        client = Client(addr, timeout=60)
+        tasks = {t["id"]: t for t in client.list_tasks()}
+        assert {t for t, v in tasks.items() if v["kind"] == "decode"} == {"qwen2/decode", "gpt2/decode",
+                                                                          "qwen2w/decode"}
+        assert tasks["gpt2/decode"]["module"] == "" and tasks["gpt2/decode"]["class"] == "GPT2LMHeadModel"
+        obs, info = client.reset(task="qwen2/decode", policy="test")
+        text, data = obs["text"], obs["data"]
+        assert "past_keys: List[Tensor], past_values: List[Tensor]" in text and "decode step 1" in text
+        ins = {i["name"]: i for i in data["inputs"]}
+        outs = {o["name"]: o for o in data["outputs"]}
+        assert list(ins) == ["input_ids", "positions", "attention_mask", "past_keys", "past_values"]
+        assert ins["past_keys"]["kind"] == "tensor_list" and ins["past_keys"]["count"] == 2
+        assert list(outs) == ["logits", "keys", "values"]
+        client.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
