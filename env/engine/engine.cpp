@@ -205,12 +205,13 @@ struct fmx_param_info {
 };
 
 namespace {
-enum ArgKind { ARG_VALUE, ARG_WEIGHTS };
+enum ArgKind { ARG_VALUE, ARG_WEIGHTS, ARG_TENSOR_LIST };
 struct ArgVal {
     ArgKind kind = ARG_VALUE;
     c10::IValue value;
     bool borrowed = false;                                   // a borrowed tensor
     std::vector<std::pair<std::string, fmx_tensor>> weights; // ARG_WEIGHTS
+    std::vector<fmx_tensor> list;                            // ARG_TENSOR_LIST
 };
 } // namespace
 
@@ -1981,6 +1982,10 @@ fmx_param_kind param_kind(const c10::TypePtr &t) {
         if (t->castRaw<c10::OptionalType>()->getElementType()->kind() == TypeKind::TensorType)
             return FMX_PARAM_OPT_TENSOR;
         return FMX_PARAM_OTHER;
+    case TypeKind::ListType:
+        if (t->castRaw<c10::ListType>()->getElementType()->kind() == TypeKind::TensorType)
+            return FMX_PARAM_TENSOR_LIST;
+        return FMX_PARAM_OTHER;
     case TypeKind::DictType: {
         auto *d = t->castRaw<c10::DictType>();
         if (d->getKeyType()->kind() == TypeKind::StringType &&
@@ -2695,6 +2700,25 @@ extern "C" int fmx_args_weights(fmx_args *a, const char *name, const char *const
     }
 }
 
+extern "C" int fmx_args_tensor_list(fmx_args *a, const char *name, const fmx_tensor *const *vals,
+                                    int n) {
+    if (n < 0 || (n > 0 && !vals)) return FMX_EINVAL;
+    try {
+        ArgVal v;
+        v.kind = ARG_TENSOR_LIST;
+        v.list.reserve(n);
+        for (int i = 0; i < n; i++) {
+            if (!vals[i]) return FMX_EINVAL;
+            v.list.push_back(*vals[i]);
+        }
+        return set_arg(a, name, std::move(v));
+    } catch (const std::bad_alloc &) {
+        return FMX_ENOMEM;
+    } catch (...) {
+        return FMX_EINTERNAL;
+    }
+}
+
 /* ------------------------------------------------------------------------ */
 /* extern "C": runs                                                         */
 /* ------------------------------------------------------------------------ */
@@ -2709,9 +2733,12 @@ at::Tensor on_device(const at::Tensor &t, const at::Device &dev) {
 bool returns_tensors(const c10::TypePtr &t) {
     using c10::TypeKind;
     if (t->kind() == TypeKind::TensorType) return true;
-    if (t->kind() == TypeKind::TupleType) {
+    if (t->kind() == TypeKind::TupleType) { // Tensors, and lists of them (a decode step's cache)
         for (const c10::TypePtr &e : t->containedTypes())
-            if (e->kind() != TypeKind::TensorType) return false;
+            if (e->kind() != TypeKind::TensorType &&
+                !(e->kind() == TypeKind::ListType &&
+                  e->containedTypes().at(0)->kind() == TypeKind::TensorType))
+                return false;
         return true;
     }
     if (t->kind() == TypeKind::ListType)
@@ -2734,7 +2761,7 @@ torch::jit::Function *entry(fmx_program *p, const char *fn_name, Loc *def_loc) {
         fail(FMX_ERUNTIME,
              sm.format(*def_loc, std::string(fn_name) + "() returns " + ret->annotation_str() +
                                      "; the entry must return a Tensor or a tuple "
-                                     "of Tensors"));
+                                     "of Tensors (and lists of Tensors)"));
     return fn;
 }
 
@@ -2771,6 +2798,16 @@ torch::jit::Stack bind_stack(const c10::FunctionSchema &schema, const char *fn_n
                 d.insert(kv.first, t);
             }
             stack.emplace_back(d);
+            continue;
+        }
+        if (v->kind == ARG_TENSOR_LIST) { // fresh too: a candidate may append to it
+            c10::List<at::Tensor> l;
+            for (const auto &e : v->list) {
+                at::Tensor t = on_device(e.t, dev);
+                note(t, e.borrowed);
+                l.push_back(t);
+            }
+            stack.emplace_back(l);
             continue;
         }
         c10::IValue iv = v->value;
@@ -2842,7 +2879,11 @@ std::unique_ptr<fmx_run> collect(const SourceMap &sm, const Loc &def_loc,
     std::vector<c10::IValue> items;
     if (result.isTuple()) {
         for (const c10::IValue &e : result.toTupleRef().elements())
-            items.push_back(e);
+            if (e.isList()) // a list of Tensors in the tuple: flattened (a decode step's cache)
+                for (const c10::IValue &x : e.toListRef())
+                    items.push_back(x);
+            else
+                items.push_back(e);
     } else if (result.isList()) {
         for (const c10::IValue &e : result.toListRef())
             items.push_back(e);

@@ -107,7 +107,8 @@ typedef enum {
     FMX_PARAM_FLOAT,
     FMX_PARAM_BOOL,
     FMX_PARAM_STR,
-    FMX_PARAM_OTHER
+    FMX_PARAM_OTHER,
+    FMX_PARAM_TENSOR_LIST /* List[Tensor] (a decode step's per-layer cache) */
 } fmx_param_kind;
 
 typedef struct {
@@ -182,9 +183,12 @@ int fmx_args_none(fmx_args *a, const char *name);
  * run, so a candidate cannot change what the next run sees. */
 int fmx_args_weights(fmx_args *a, const char *name, const char *const *keys,
                      const fmx_tensor *const *vals, int n);
+/* A List[Tensor] argument of n tensors; a fresh list for every run, as for
+ * weights (a candidate may append to it). */
+int fmx_args_tensor_list(fmx_args *a, const char *name, const fmx_tensor *const *vals, int n);
 
 /* Runs fn with the arguments (keyword by name). Outputs: a Tensor, or a tuple
- * of Tensors. Records every tap(name, x) in call order. Caller frees *out
+ * of Tensors and lists of Tensors (flattened in order). Records every tap(name, x) in call order. Caller frees *out
  * with fmx_run_destroy. Runtime errors name the candidate's line. */
 int fmx_program_run(fmx_program *p, const char *fn, const fmx_args *a, fmx_run **out, char *err,
                     size_t errsz);
