@@ -130,7 +130,8 @@ def capture_generations(model: nn.Module, capture: Any, writer: Any, gens: Seque
     its steps numbered as probes from `first`; returns their probe entries. `load(visible)` puts
     the weight set of that visibility into the model."""
     entries: List[Dict[str, Any]] = []
-    windows = layer_windows(getattr(model, "config", None), 0)
+    load(True)
+    windows = checked_windows(model, capture, inputs_fn, seed, device)
     for gen in gens:
         load(gen.visible)
         source = gen.inputs_of or gen.name
@@ -160,8 +161,6 @@ def capture_generations(model: nn.Module, capture: Any, writer: Any, gens: Seque
             out = model(**kwargs)
             logits, cache = _logits(out), _cache(out)
             after_k, after_v = cache_lists(cache)
-            if len(windows) != len(after_k):
-                windows = layer_windows(getattr(model, "config", None), len(after_k))
             after_k, after_v = _windowed(after_k, windows), _windowed(after_v, windows)
             if not keys:  # the prefill's past: empty, shaped like the cache it makes
                 keys = [k[:, :, :0] for k in after_k]
@@ -189,6 +188,54 @@ def capture_generations(model: nn.Module, capture: Any, writer: Any, gens: Seque
             positions = positions[:, -1:] + 1
             mask = torch.cat([mask, torch.ones(gen.batch, 1, dtype=torch.int64)], dim=1)
     return entries
+
+
+def checked_windows(model: nn.Module, capture: Any, inputs_fn: Callable[..., Dict[str, Any]], seed: int,
+                    device: str) -> List[Optional[int]]:
+    """The layers' windows (layer_windows), checked on the model where every layer has the same one:
+    a decode step past the window must give the same logits from the cache cut to the window as
+    from the whole cache. A model that still attends past it (a config whose window the forward
+    ignores) keeps whole caches: the convention must hand a candidate what the model used."""
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    windows = layer_windows(config, layers) if isinstance(layers, int) else []
+    if not any(windows):
+        return windows
+    if len(set(windows)) != 1:
+        return windows  # per-layer types: the model's own rule, as transformers applies it
+    window = windows[0]
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + 104_729)
+    ids = inputs_fn(model, 1, window + 3, "none", generator).get("input_ids")
+    mask = torch.ones(1, window + 4, dtype=torch.int64)
+    positions = torch.arange(window + 4)[None]
+    capture.replaying = True  # not the pack's calls
+    try:
+        out = model(input_ids=ids.to(device), attention_mask=mask[:, :-1].to(device),
+                    position_ids=positions[:, :-1].to(device), use_cache=True)
+        cache = _cache(out)
+        keys, values = cache_lists(cache)
+        cut = _cache_like(cache, [k[:, :, -window:] for k in keys], [v[:, :, -window:] for v in values])
+        step = {"input_ids": _logits(out)[:, -1:].argmax(-1), "position_ids": positions[:, -1:].to(device),
+                "use_cache": True}
+        whole = _logits(model(attention_mask=mask.to(device), past_key_values=cache, **step))
+        windowed = _logits(model(attention_mask=mask[:, -window - 1:].to(device), past_key_values=cut, **step))
+    finally:
+        capture.replaying = False
+    scale = whole.float().pow(2).mean().sqrt()
+    same = bool(((windowed.float() - whole.float()).abs() <= 1e-4 * (scale + whole.float().abs())).all())
+    return windows if same else [None] * len(windows)
+
+
+def _cache_like(cache: Any, keys: Sequence[Tensor], values: Sequence[Tensor]) -> Any:
+    """A cache of the model's own kind holding these per-layer keys and values."""
+    if isinstance(cache, (tuple, list)):
+        return tuple((k, v) for k, v in zip(keys, values))
+    if hasattr(type(cache), "from_legacy_cache"):
+        return type(cache).from_legacy_cache(tuple((k, v) for k, v in zip(keys, values)))
+    fresh = type(cache)()
+    for i, (k, v) in enumerate(zip(keys, values)):
+        fresh.update(k, v, i)
+    return fresh
 
 
 def _windowed(ts: List[Tensor], windows: Sequence[Optional[int]]) -> List[Tensor]:

@@ -170,6 +170,26 @@ def test_sliding_window_layers_keep_only_their_window(packs):
     assert lengths and max(lengths) == 5
 
 
+def test_a_window_the_model_ignores_is_not_cut_from_the_cache():
+    """The cache convention hands a candidate what the model used: a config's sliding window is
+    applied to the cache only when a decode step past it gives the model's own logits."""
+    import dataclasses
+
+    from fmx.export import default_inputs
+    from fmx.generate import checked_windows
+
+    class Capture:
+        replaying = False
+
+    _, build, _ = load_spec("examples/models/qwen2.py:build")
+    torch.manual_seed(0)
+    model = build(sliding_window=5)
+    with torch.no_grad():
+        assert checked_windows(model, Capture(), default_inputs, 0, "cpu") == [5, 5]
+        model.model.config = dataclasses.replace(model.config, sliding_window=None)  # the forward ignores it
+        assert checked_windows(model, Capture(), default_inputs, 0, "cpu") == [None, None]
+
+
 # ---- verify --decode ----
 
 @pytest.mark.parametrize("ex", EXAMPLES)
