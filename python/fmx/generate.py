@@ -167,7 +167,7 @@ def capture_generations(model: nn.Module, capture: Any, writer: Any, gens: Seque
                 values = [v[:, :, :0] for v in after_v]
             root = capture.calls[at]
             assert root["module"] == "" and root["probe"] == i
-            _record(capture, root, ids, positions, mask, keys, values, logits, after_k, after_v, windows)
+            _record(capture, root, ids, positions, mask, keys, values, logits, after_k, after_v)
             step_mask = mask[:, -new:]
             mask_key = writer.add(f"p{i}/mask", step_mask.contiguous(), dedupe=True)
             entries.append({"name": f"p{i}", "visible": gen.visible, "batch": gen.batch, "seq": new,
@@ -244,7 +244,7 @@ def _windowed(ts: List[Tensor], windows: Sequence[Optional[int]]) -> List[Tensor
 
 def _record(capture: Any, call: Dict[str, Any], ids: Tensor, positions: Tensor, mask: Tensor,
             keys: Sequence[Tensor], values: Sequence[Tensor], logits: Tensor, after_k: Sequence[Tensor],
-            after_v: Sequence[Tensor], windows: Sequence[Optional[int]]) -> None:
+            after_v: Sequence[Tensor]) -> None:
     """The root call of a step in the cache convention (replaces the model's own arguments)."""
     def tensor(side: str, name: str, t: Tensor) -> Dict[str, Any]:
         # keys apart from those of the model's own arguments, which the capture stored already

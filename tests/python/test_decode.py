@@ -14,8 +14,8 @@ import json
 import os
 import pathlib
 import re
+import sqlite3
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -309,7 +309,6 @@ def test_run_plays_decode_tasks(packs, tmp_path):
     rows = {m.group(1): float(m.group(2)) for m in re.finditer(
         r"^qwen2/decode\s+(\w+)\s+\d+\s+\d+%\s+([\d.]+)", res.stdout, re.M)}
     assert rows["oracle"] > 0.6 and rows["null"] == 0 and rows["tracer"] == 0, res.stdout
-    import sqlite3
     with sqlite3.connect(db) as conn:
         kinds = dict(conn.execute("SELECT id, kind FROM tasks").fetchall())
         code = conn.execute("SELECT s.code FROM submissions s JOIN episodes e ON e.id = s.episode "
