@@ -676,7 +676,9 @@ def test_example_models_export_and_reproduce(tmp_path, example):
     assert len(ordinary) == 8 and m["calls"]  # six, and two reruns in bfloat16
     # then the generations (decode tasks): a prefill and 3+ decode steps each, visible and hidden
     gens = m["generation"]["generations"]
-    assert [g["visible"] for g in gens] == [True, False, False] and all(g["steps"] >= 3 for g in gens)
+    assert [(g["visible"], g.get("dtype")) for g in gens] == [(True, None), (False, None), (False, None),
+                                                             (True, "bfloat16")]
+    assert all(g["steps"] >= 3 for g in gens)
     assert len(m["probes"]) == 8 + sum(g["steps"] + 1 for g in gens)
     from fmx.export import display_path
 
