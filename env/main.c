@@ -412,8 +412,12 @@ static int cmd_info(int argc, char **argv) {
     printf("\nprobes:\n");
     for (int i = 0; i < fmx_pack_nprobes(pack); i++) {
         const fmx_probe *p = fmx_pack_probe(pack, i);
-        printf("  %-4s %-7s batch %d × seq %d, padding %s\n", p->name,
+        printf("  %-4s %-7s batch %d × seq %d, padding %s", p->name,
                p->visible ? "visible" : "hidden", p->batch, p->seq, p->padding);
+        if (p->dtype != fmx_pack_probe(pack, 0)->dtype) printf(", %s", fmx_dtype_name(p->dtype));
+        if (p->step == 0) printf("  (generation %s: prefill)", p->generation);
+        if (p->step > 0) printf("  (generation %s: decode step %d)", p->generation, p->step);
+        putchar('\n');
     }
     printf("\nmodules (%d):\n", fmx_pack_nmodules(pack));
     for (int i = 0; i < fmx_pack_nmodules(pack); i++) {
