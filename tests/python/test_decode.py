@@ -342,3 +342,25 @@ def test_list_tasks_and_the_goal_state_the_cache_convention(packs, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_transformers_qwen2_with_its_dynamic_cache(tmp_path):
+    """A real transformers Qwen2 (where installed): its DynamicCache is fed back step by step, its
+    sliding window applied to the cache, and the flat reference with the same constants passes."""
+    pytest.importorskip("transformers")
+    from fmx.export import build_from_hf, export
+
+    config = {"model_type": "qwen2", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 128, "sliding_window": 6, "use_sliding_window": True,
+              "max_window_layers": 0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    model = build_from_hf(None, str(tmp_path / "config.json"), True, {"attn_implementation": "eager"})
+    m = export(model, str(tmp_path / "hf"), quiet=True, init=True, probes=1, hidden=1,
+               low_precision_probe=False)
+    assert [g["name"] for g in m["generation"]["generations"]] == ["g0", "g1"]
+    path = tmp_path / "hf_decode.py"
+    path.write_text(solution("qwen2").read_text().replace("WINDOW = 0", "WINDOW = 6", 1))
+    res, report = verify(tmp_path / "hf", path, "--probes", "all")
+    assert res.returncode == 0 and report["status"] == "match", res.stdout[-3000:]
