@@ -68,6 +68,7 @@ static const char *usage_text =
     "                                 alone (the tracer policy, no server, no LLM)\n"
     "      --component PATH           one module (default: the whole model)\n"
     "      --verify                   then verify it on every probe (needs -o)\n"
+    "      --decode                   the decode task: refused, with the reason\n"
     "  mutate PACK SOLUTION [options] verify mutants of a correct SOLUTION on every probe and\n"
     "                                 report which survive (see fmx mutate --help)\n"
     "  info PACK [--json]             modules, classes, probes and sizes of a pack\n"

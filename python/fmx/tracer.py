@@ -777,6 +777,9 @@ def write_pack(pack: str, component: str = "") -> Tuple[str, List[str]]:
 
 def _offline(args: argparse.Namespace) -> int:
     """fmx trace PACK: write (and with --verify, check) a pack's module without a server."""
+    if args.decode:
+        print(f"fmx trace: {DECODE_REFUSAL}", file=sys.stderr)
+        return 2
     try:
         code, warnings = write_pack(args.pack, args.component)
     except TracerError as e:
@@ -806,6 +809,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--component", default="", help="with --pack: the module path (default: the whole model)")
     ap.add_argument("-o", "--output", help="with --pack: write the code here (default: standard output)")
     ap.add_argument("--verify", action="store_true", help="with --pack and -o: then fmx verify it on every probe")
+    ap.add_argument("--decode", action="store_true", help="with --pack: the decode task (refused: see DECODE_REFUSAL)")
     ap.add_argument("--task", action="append", help="task id (repeat; default: every task)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--episodes", type=int, default=1, help="episodes per task")

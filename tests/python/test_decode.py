@@ -315,6 +315,8 @@ def test_run_plays_decode_tasks(packs, tmp_path):
                             "JOIN policies p ON p.id = e.policy_id WHERE p.name = 'tracer'").fetchone()[0]
     assert kinds["qwen2/decode"] == "decode" and kinds["gpt2/decode"] == "decode"
     assert "cannot write a decode task" in code
+    res = fmx("trace", packs / "qwen2", "--decode")  # fmx trace says so too
+    assert res.returncode == 2 and "cannot write a decode task's code" in res.stderr
 
 
 def test_list_tasks_and_the_goal_state_the_cache_convention(packs, tmp_path):
