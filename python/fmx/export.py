@@ -1453,19 +1453,22 @@ def _capture_generations(model: nn.Module, calls: List[Dict[str, Any]], writer: 
     if why is not None:
         return {"none": why}
     gens = generate.plan(hidden, low_precision)
-    first = len(probe_entries)
-    for dtype in dict.fromkeys(g.dtype for g in gens):
-        group = [g for g in gens if g.dtype == dtype]
-        load(True)
-        run = model if dtype is None else _low_precision_copy(model, DTYPES[dtype])
-        with torch.no_grad(), Capture(run, writer, None) as gen_capture:
-            gen_capture.calls = calls  # one call list, in the order calls started
-            try:
+    first, first_call = len(probe_entries), len(calls)
+    try:
+        for dtype in dict.fromkeys(g.dtype for g in gens):
+            group = [g for g in gens if g.dtype == dtype]
+            load(True)
+            run = model if dtype is None else _low_precision_copy(model, DTYPES[dtype])
+            with torch.no_grad(), Capture(run, writer, None) as gen_capture:
+                gen_capture.calls = calls  # one call list, in the order calls started
                 probe_entries += generate.capture_generations(
                     run, gen_capture, writer, group, len(probe_entries), inputs_fn=inputs_fn,
                     load=load if dtype is None else lambda visible: None, seed=seed, device=device, quiet=quiet)
-            except ValueError as e:
-                raise ExportError(f"capturing generation: {e}") from e
+    except (ValueError, TypeError) as e:  # not a cache fmx can read: the pack has no decode task, says why
+        del probe_entries[first:], calls[first_call:]
+        if not quiet:
+            print(f"no generation captured: {e}", file=sys.stderr)
+        return {"none": f"generation failed: {type(e).__name__}: {e}"}
     return generate.summary(probe_entries[first:], gens)
 
 

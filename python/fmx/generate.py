@@ -62,7 +62,8 @@ def why_not_causal_lm(model: nn.Module) -> Optional[str]:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return "its forward has no signature"
-    missing = [p for p in ("input_ids", "attention_mask", "past_key_values", "use_cache") if p not in params]
+    missing = [p for p in ("input_ids", "attention_mask", "position_ids", "past_key_values", "use_cache")
+               if p not in params]
     if missing:
         return f"its forward takes no {', '.join(missing)}"
     return None

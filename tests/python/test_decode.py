@@ -190,6 +190,24 @@ def test_a_window_the_model_ignores_is_not_cut_from_the_cache():
         assert checked_windows(model, Capture(), default_inputs, 0, "cpu") == [None, None]
 
 
+def test_a_generation_that_cannot_be_captured_leaves_an_ordinary_pack(tmp_path):
+    """Probe inputs without input_ids (embeddings): no generation, said why; the pack still opens
+    and its whole-model task still grades."""
+    from fmx.export import export
+
+    def embeds(model, batch, seq, padding, generator):
+        x = torch.randn(batch, seq, model.config.hidden_size, generator=generator) * 0.03
+        return {"inputs_embeds": x, "attention_mask": torch.ones(batch, seq, dtype=torch.int64)}
+
+    m = export("examples/models/qwen2.py:build", str(tmp_path / "e"), quiet=True, probes=1, hidden=0,
+               low_precision_probe=False, inputs_fn=embeds)
+    assert "input_ids" in m["generation"]["none"]
+    assert not any("generation" in p for p in m["probes"]) and len(m["probes"]) == 1
+    assert all(c["probe"] == 0 for c in m["calls"])
+    res = fmx("info", tmp_path / "e")
+    assert res.returncode == 0 and "generation" not in res.stdout, res.stderr
+
+
 # ---- verify --decode ----
 
 @pytest.mark.parametrize("ex", EXAMPLES)
