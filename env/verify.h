@@ -29,6 +29,8 @@ typedef struct {
     int override_tol;      /* 1: use tol below for every float output */
     fmx_tolerance tol;
     int compile_check; /* 1: also TorchScript's compile check (report "compile_check") */
+    int decode;        /* 1: the decode task: the root's calls on the generation steps, in the cache
+                          convention (docs/pack-format.md); 0: every other probe */
 } fmx_verify_config;
 
 /* tap() values recorded per call; later ones are counted, not graded. */
