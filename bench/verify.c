@@ -12,7 +12,10 @@
  *                     facts, a run and the optimised re-run)
  *   compile ms        median of TorchScript compiles alone
  *   peak RSS          against the bytes of weights.safetensors (mmapped)
- * Usage: bench_verify [--repeat N] PACK SOLUTION [PACK SOLUTION ...]
+ * After --decode, pairs are decode tasks (a pack's generation steps and a
+ * solution with a KV cache): the same numbers per decode step (prefill
+ * included), against the bare decode step of the same file.
+ * Usage: bench_verify [--repeat N] [--decode] PACK SOLUTION [[--decode] PACK SOLUTION ...]
  */
 #define _GNU_SOURCE
 #include <cjson/cJSON.h>
@@ -44,7 +47,7 @@ static double median(double *v, int n) {
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-static int bench_one(const char *pack_dir, const char *solution, int repeat) {
+static int bench_one(const char *pack_dir, const char *solution, int repeat, int decode) {
     char err[2048];
     fmx_pack *pack = NULL;
     if (fmx_pack_open(pack_dir, &pack, err, sizeof err)) {
@@ -73,6 +76,7 @@ static int bench_one(const char *pack_dir, const char *solution, int repeat) {
     /* Verify `repeat` times; the first run warms caches (and starts the
      * evaluation process). */
     fmx_verify_config cfg = fmx_verify_config_default();
+    cfg.decode = decode;
     double *verify = calloc((size_t)repeat, sizeof(double));
     double *forward = calloc((size_t)repeat, sizeof(double));
     double *all = calloc((size_t)repeat, sizeof(double));
@@ -123,11 +127,15 @@ static int bench_one(const char *pack_dir, const char *solution, int repeat) {
     stat(wpath, &st);
     double c = median(compile, repeat), v = median(verify, repeat), f = median(forward, repeat);
     double a = median(all, repeat), k = median(check, repeat);
-    printf("%-24s %-10s verify %9.2f ms/probe  forward %9.2f ms/probe  ratio %.3f  "
-           "all %9.2f ms/probe (%d)  check %7.2f ms  compile %6.2f ms  grader RSS %7.1f MiB  "
-           "weights %7.1f MiB  (%d visible probes, %s)\n",
-           fmx_pack_name(pack), fmx_pack_dtype(pack), v, f, v / f, a, all_calls, k, c,
-           ru.ru_maxrss / 1024.0, st.st_size / 1048576.0, calls, fmx_engine_version());
+    const char *per = decode ? "step " : "probe";
+    char label[256];
+    snprintf(label, sizeof label, "%s%s", fmx_pack_name(pack), decode ? "/decode" : "");
+    printf("%-24s %-10s verify %9.2f ms/%s  %s %9.2f ms/%s  ratio %.3f  "
+           "all %9.2f ms/%s (%d)  check %7.2f ms  compile %6.2f ms  grader RSS %7.1f MiB  "
+           "weights %7.1f MiB  (%d visible %s, %s)\n",
+           label, fmx_pack_dtype(pack), v, per, decode ? "bare step" : "forward  ", f, per, v / f,
+           a, per, all_calls, k, c, ru.ru_maxrss / 1024.0, st.st_size / 1048576.0, calls,
+           decode ? "decode steps" : "probes", fmx_engine_version());
     fflush(stdout);
     free(compile);
     free(verify);
@@ -146,8 +154,12 @@ int main(int argc, char **argv) {
         repeat = atoi(argv[2]);
         i = 3;
     }
-    if (repeat < 1 || (argc - i) < 2 || (argc - i) % 2) {
-        fprintf(stderr, "usage: bench_verify [--repeat N] PACK SOLUTION [PACK SOLUTION ...]\n");
+    int pairs = 0;
+    for (int j = i; j < argc; j++)
+        pairs += strcmp(argv[j], "--decode") != 0;
+    if (repeat < 1 || pairs < 2 || pairs % 2) {
+        fprintf(stderr, "usage: bench_verify [--repeat N] [--decode] PACK SOLUTION "
+                        "[[--decode] PACK SOLUTION ...]\n");
         return 2;
     }
     const char *dev = getenv("FMX_DEVICE");
@@ -157,7 +169,11 @@ int main(int argc, char **argv) {
         return 2;
     }
     int rc = 0;
-    for (; i + 1 < argc; i += 2)
-        rc |= bench_one(argv[i], argv[i + 1], repeat);
+    for (; i + 1 < argc; i += 2) {
+        int decode = strcmp(argv[i], "--decode") == 0;
+        i += decode;
+        if (i + 1 >= argc) break;
+        rc |= bench_one(argv[i], argv[i + 1], repeat, decode);
+    }
     return rc;
 }

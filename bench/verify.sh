@@ -21,7 +21,9 @@ export_once() { # name spec [args...]
 
 export_once qwen2 examples/models/qwen2.py:build
 export_once gpt2 examples/models/gpt2.py:build
-runs=("qwen2 examples/solutions/qwen2.py" "gpt2 examples/solutions/gpt2.py")
+runs=("qwen2 examples/solutions/qwen2.py" "gpt2 examples/solutions/gpt2.py"
+  # decode tasks: verify ms per generation step against the bare decode step of the same file
+  "--decode qwen2 examples/solutions/qwen2_decode.py" "--decode gpt2 examples/solutions/gpt2_decode.py")
 if [ "${1:-}" != "--no-large" ]; then
   export_once qwen2-0.5b examples/models/qwen2.py:build \
     --set num_hidden_layers=24 --set hidden_size=896 --set num_attention_heads=14 \
@@ -32,10 +34,15 @@ if [ "${1:-}" != "--no-large" ]; then
   sed -e 's/^N_LAYERS = .*/N_LAYERS = 24/' -e 's/^N_HEADS = .*/N_HEADS = 14/' \
     -e 's/^N_KV_HEADS = .*/N_KV_HEADS = 2/' -e 's/^ROPE_THETA = .*/ROPE_THETA = 1000000.0/' \
     examples/solutions/qwen2.py > "$out/qwen2-0.5b.py"
-  runs+=("qwen2-0.5b $out/qwen2-0.5b.py")
+  sed -e 's/^N_LAYERS = .*/N_LAYERS = 24/' -e 's/^N_HEADS = .*/N_HEADS = 14/' \
+    -e 's/^N_KV_HEADS = .*/N_KV_HEADS = 2/' -e 's/^ROPE_THETA = .*/ROPE_THETA = 1000000.0/' \
+    examples/solutions/qwen2_decode.py > "$out/qwen2-0.5b_decode.py"
+  runs+=("qwen2-0.5b $out/qwen2-0.5b.py" "--decode qwen2-0.5b $out/qwen2-0.5b_decode.py")
 fi
 for r in "${runs[@]}"; do
   set -- $r
+  decode=()
+  [ "$1" = --decode ] && { decode=(--decode); shift; }
   # one process per pack, so peak RSS is that pack's alone
-  "$build/bench/bench_verify" --repeat 5 "$out/$1" "$2"
+  "$build/bench/bench_verify" --repeat 5 "${decode[@]}" "$out/$1" "$2"
 done

@@ -115,6 +115,90 @@ static void fmx__shape(const fmx_tensor *t, char *buf, size_t n, const char **dt
     if (used < n) snprintf(buf + used, n - used, nd == 1 ? ",)" : ")");
 }
 
+/* A decode task's calling convention (docs/pack-format.md, "Generation"), shapes from the
+ * first visible decode step's call: per-layer inputs NAME_0.. are one list NAME. */
+static void fmx__decode_convention(FILE *f, fmx_pack *pack, const fmx_call *call, cJSON *data) {
+    const fmx_probe *p = fmx_pack_probe(pack, call->probe);
+    fprintf(f,
+            "Calling convention (shapes from probe %s: generation %s, decode step %d, batch %d, "
+            "%d new token%s):\n  def forward(input_ids: Tensor, positions: Tensor, "
+            "attention_mask: Tensor, past_keys: List[Tensor], past_values: List[Tensor], "
+            "weights: Dict[str, Tensor]) -> Tuple[Tensor, List[Tensor], List[Tensor]]\nInputs:\n",
+            p->name, p->generation, p->step, p->batch, p->seq, p->seq == 1 ? "" : "s");
+    static const char *const notes[][2] = {
+        {"input_ids", "the new tokens (the prompt on the prefill, then one per step)"},
+        {"positions", "their positions: real tokens counted from 0 (left padding skipped)"},
+        {"attention_mask", "keep flags of every token so far, cached and new (0 = padding)"},
+        {"past_keys", "one tensor per layer (batch, kv_heads, cached, head_dim), after the "
+                      "rotary embedding where the model has one"},
+        {"past_values", "one tensor per layer (batch, kv_heads, cached, head_dim)"},
+        {"logits", "(batch, new tokens, vocab)"},
+        {"keys", "past_keys with this step's keys appended (a sliding-window layer keeps its "
+                 "last window positions)"},
+        {"values", "past_values likewise"}};
+    cJSON *ins = cJSON_AddArrayToObject(data, "inputs");
+    cJSON *outs = cJSON_AddArrayToObject(data, "outputs");
+    for (int side = 0; side < 2; side++) {
+        const fmx_io *ios = side ? call->outputs : call->inputs;
+        int n = side ? call->noutputs : call->ninputs;
+        if (side) fprintf(f, "Return (logits, keys, values):\n");
+        for (int k = 0; k < n; k++) {
+            const fmx_io *io = &ios[k];
+            if (io->kind != FMX_IO_TENSOR) continue;
+            const char *under = strrchr(io->name, '_');
+            int numbered =
+                under && under[1] && strspn(under + 1, "0123456789") == strlen(under + 1);
+            int listed = numbered && strcmp(under, "_0") == 0; /* past_keys_0 */
+            if (numbered && !listed) continue;                 /* NAME_1, ...: with NAME_0 */
+            char name[64], shape[160];
+            const char *dtype;
+            int len = listed ? (int)(under - io->name) : (int)strlen(io->name);
+            snprintf(name, sizeof name, "%.*s", len, io->name);
+            int count = 0;
+            for (int j = 0; listed && j < n; j++)
+                count += ios[j].kind == FMX_IO_TENSOR && strncmp(ios[j].name, name, len) == 0 &&
+                         ios[j].name[len] == '_';
+            fmx__shape(fmx_pack_capture(pack, io->key), shape, sizeof shape, &dtype);
+            const char *note = "";
+            for (size_t j = 0; j < sizeof notes / sizeof notes[0]; j++)
+                if (strcmp(notes[j][0], name) == 0) note = notes[j][1];
+            if (listed)
+                fprintf(f, "  %-16s List[Tensor] of %d, each %s %s: %s\n", name, count, shape,
+                        dtype, note);
+            else
+                fprintf(f, "  %-16s Tensor %s %s: %s\n", name, shape, dtype, note);
+            cJSON *o = cJSON_CreateObject();
+            cJSON_AddStringToObject(o, "name", name);
+            cJSON_AddStringToObject(o, "kind", listed ? "tensor_list" : "tensor");
+            if (listed) cJSON_AddNumberToObject(o, "count", count);
+            cJSON_AddStringToObject(o, "shape", shape);
+            cJSON_AddStringToObject(o, "dtype", dtype);
+            cJSON_AddItemToArray(side ? outs : ins, o);
+        }
+        if (!side)
+            fprintf(f,
+                    "  %-16s Dict[str, Tensor]: every parameter and buffer of the model by "
+                    "its full name (get_weight_info lists them)\n",
+                    "weights");
+    }
+    fprintf(f, "Graded on every step of every generation (a prefill, then decode steps fed "
+               "their own cache): the logits and the cache at real tokens only. tap() works per "
+               "step.\n");
+}
+
+/* The first call of the root on a visible decode step (step >= 1), else on any step. */
+static const fmx_call *fmx__decode_call(fmx_pack *pack) {
+    const fmx_call *any = NULL;
+    for (int c = 0; c < fmx_pack_ncalls(pack); c++) {
+        const fmx_call *call = fmx_pack_call(pack, c);
+        const fmx_probe *p = fmx_pack_probe(pack, call->probe);
+        if (call->module != 0 || p->step < 0) continue;
+        if (p->visible && p->step >= 1) return call;
+        if (!any) any = call;
+    }
+    return any;
+}
+
 cJSON *fmx_episode_goal(const fmx_episode *ep) {
     const fmx_task *task = ep->task;
     fmx_pack *pack = task->pack;
@@ -129,6 +213,18 @@ cJSON *fmx_episode_goal(const fmx_episode *ep) {
     cJSON_AddItemToObject(data, "task", fmx_task_json(task));
 
     const char *what = task->path[0] ? task->path : "the whole model";
+    const fmx_call *step = task->decode ? fmx__decode_call(pack) : NULL;
+    if (step) {
+        fprintf(f,
+                "Task %s: rewrite %s (class %s, pack %s) with a KV cache, as inference code "
+                "needs it: one Python file of flat functional PyTorch whose function `forward` "
+                "runs the model on new tokens given the cache of the tokens before them and "
+                "returns the logits and the updated cache, using only torch ops and the model's "
+                "weights, with no nn.Module classes.\n\n",
+                task->id, what, task->cls, task->pack_name);
+        fmx__decode_convention(f, pack, step, data);
+        goto language;
+    }
     fprintf(f,
             "Task %s: rewrite %s (class %s, pack %s) as flat functional PyTorch: one Python file "
             "whose function `forward` computes what the module's forward computes, using only "
@@ -219,6 +315,7 @@ cJSON *fmx_episode_goal(const fmx_episode *ep) {
         cJSON_AddStringToObject(o, "dtype", dtype);
         cJSON_AddItemToArray(outs, o);
     }
+language:
     fprintf(f, "\nLanguage: imports only `import torch`, `import torch.nn.functional as F`, `from "
                "torch import Tensor`, `import math`, `from typing import ...`; typed top-level "
                "functions and constants; no classes, no in-place tensor ops (x += y, x[i] = y, "

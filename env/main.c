@@ -57,6 +57,8 @@ static const char *usage_text =
     "  verify PACK FILE... [options]  grade candidate FILE (or several) against PACK\n"
     "      --component PATH           verify one module (default: the whole model)\n"
     "      --entry NAME               function to call (default: forward)\n"
+    "      --decode                   the decode task: the model with its KV cache, per\n"
+    "                                 generation step (docs/pack-format.md, Generation)\n"
     "      --probes visible|all       probes to grade (default: visible)\n"
     "      --atol X --rtol Y          override the pack's float tolerance\n"
     "      --device cpu|cuda[:N]      where to run (default: cpu)\n"
@@ -66,6 +68,7 @@ static const char *usage_text =
     "                                 alone (the tracer policy, no server, no LLM)\n"
     "      --component PATH           one module (default: the whole model)\n"
     "      --verify                   then verify it on every probe (needs -o)\n"
+    "      --decode                   the decode task: refused, with the reason\n"
     "  suite -o DIR [--check]         export the real-architecture suite (examples/suite, needs\n"
     "                                 transformers) into packs; --check traces and verifies\n"
     "                                 each (see fmx suite --help)\n"
@@ -291,6 +294,8 @@ static int cmd_verify(int argc, char **argv) {
         } else if (strcmp(a, "--entry") == 0) {
             if (!need_value(i, argc, argv)) return 2;
             cfg.entry = argv[++i];
+        } else if (strcmp(a, "--decode") == 0) {
+            cfg.decode = 1;
         } else if (strcmp(a, "--probes") == 0) {
             if (!need_value(i, argc, argv)) return 2;
             const char *v = argv[++i];

@@ -42,6 +42,8 @@ static const char *usage_text =
     "  --component PATH     mutate and verify one module (default: the whole model)\n"
     "  --entry NAME         function to call (default: forward); only the functions it\n"
     "                       reaches are mutated\n"
+    "  --decode             the decode task: SOLUTION is the model with its KV cache,\n"
+    "                       graded per generation step (adds the decode mutants' sites)\n"
     "  --equivalent FILE    more equivalent mutants, a JSON list like task.json's\n"
     "                       \"equivalent_mutants\" (see docs/pack-format.md)\n"
     "  --device cpu|cuda[:N]  where to run (default: cpu)\n"
@@ -397,6 +399,8 @@ static int fmx__parse(int argc, char **argv, fmx__opts *o) {
         int has_value = i + 1 < argc;
         if (strcmp(a, "--json") == 0) {
             o->json = 1;
+        } else if (strcmp(a, "--decode") == 0) {
+            o->cfg.decode = 1;
         } else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
             fputs(usage_text, stdout);
             return 0;

@@ -65,6 +65,7 @@ struct fmx_pack {
     int nmodules;
     fmx_probe *probe_list;
     int nprobes;
+    int has_generation; /* some probe is a generation step */
     fmx_call *calls;
     int ncalls;
     fmx_io *ios; /* all inputs and outputs of all calls */
@@ -260,6 +261,19 @@ static int fmx__parse_io(fmx_pack *p, const cJSON *j, fmx_io *io, int is_output,
                              "task.json: %s '%s': tensor key '%s' is not in probes.safetensors",
                              where, io->name, io->key ? io->key : "(missing)");
         io->token_aligned = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "token_aligned"));
+        io->mask = is_output ? fmx__str(j, "mask") : NULL;
+        if (io->mask) {
+            const fmx__st_entry *t = fmx__st_find(&p->probes, io->key);
+            const fmx__st_entry *mk = fmx__st_find(&p->probes, io->mask);
+            int lead = mk && mk->ndim >= 2 && mk->ndim <= t->ndim;
+            for (int d = 0; lead && d < mk->ndim; d++)
+                lead = mk->shape[d] == t->shape[d];
+            if (!lead)
+                return fmx__fail(err, errsz, FMX_EFORMAT,
+                                 "task.json: %s '%s': mask '%s' missing or not the output's "
+                                 "leading dims",
+                                 where, io->name, io->mask);
+        }
     } else if (strcmp(kind, "value") == 0) {
         io->kind = FMX_IO_VALUE;
         const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, "value");
@@ -354,6 +368,13 @@ static int fmx__load_probes(fmx_pack *p, char *err, size_t errsz) {
             return fmx__fail(err, errsz, FMX_EFORMAT,
                              "task.json: probes[%d] needs 'name', 'batch' and 'seq'", i);
         if (!pr->padding) pr->padding = "none";
+        pr->generation = fmx__str(j, "generation");
+        pr->step = -1;
+        if (pr->generation && (!fmx__int(j, "step", &pr->step) || pr->step < 0))
+            return fmx__fail(err, errsz, FMX_EFORMAT,
+                             "task.json: probe %s of generation %s needs a 'step' >= 0", pr->name,
+                             pr->generation);
+        p->has_generation |= pr->generation != NULL;
         const char *dtype = fmx__str(j, "dtype");
         pr->dtype = p->dtype_id;
         if (dtype) {
@@ -749,6 +770,8 @@ const char *fmx_pack_probe_describe(const fmx_pack *p, int i, char *buf, size_t 
     if (strcmp(fmx_dtype_name(pr->dtype), fmx_pack_dtype(p)) != 0)
         FMX__PUT(", %s%s%s%s", fmx_dtype_name(pr->dtype), of ? " (copy of " : "", of ? of : "",
                  of ? ")" : "");
+    if (pr->step == 0) FMX__PUT(", generation %s: prefill", pr->generation);
+    if (pr->step > 0) FMX__PUT(", generation %s: decode step %d", pr->generation, pr->step);
 #undef FMX__PUT
     if (used >= n && n > 4) memcpy(buf + n - 4, "...", 4);
     return buf;
@@ -765,6 +788,10 @@ int fmx_pack_find_module(const fmx_pack *p, const char *path) {
     for (int i = 0; i < p->nmodules; i++)
         if (strcmp(p->modules[i].path, path) == 0) return i;
     return -1;
+}
+
+int fmx_pack_has_generation(const fmx_pack *p) {
+    return p->has_generation;
 }
 
 int fmx_pack_find_call(const fmx_pack *p, int probe, int module, int k) {

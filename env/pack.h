@@ -44,6 +44,8 @@ typedef struct {
     fmx_io_kind kind;
     const char *key;   /* FMX_IO_TENSOR: tensor key */
     int token_aligned; /* outputs: shape (B, T, …) graded under the probe mask */
+    const char *mask;  /* outputs: keep flags over the leading dims (a cache's (B, heads, L)),
+                          graded under them instead; NULL if none */
     fmx_value_type vtype;
     int64_t i;     /* FMX_VAL_INT, FMX_VAL_BOOL */
     double f;      /* FMX_VAL_FLOAT */
@@ -63,9 +65,11 @@ typedef struct {
     const char *name;
     int visible;
     int batch, seq;
-    const char *padding;  /* "left", "right" or "none" */
-    const char *mask_key; /* (B, T) keep flags; NULL if none */
-    fmx_dtype dtype;      /* the model's dtype on this probe (default: the pack's) */
+    const char *padding;    /* "left", "right" or "none" */
+    const char *mask_key;   /* (B, T) keep flags; NULL if none */
+    fmx_dtype dtype;        /* the model's dtype on this probe (default: the pack's) */
+    const char *generation; /* a generation's step (decode tasks): its name ("g0"); else NULL */
+    int step;               /* 0 the prefill, k the k-th decode step; -1 not a generation */
 } fmx_probe;
 
 typedef struct {
@@ -97,11 +101,15 @@ const fmx_probe *fmx_pack_probe(const fmx_pack *p, int i);
  * other inputs (images, audio: the model file's fmx_inputs) by their tensors,
  * "pixel_values (2, 3, 32, 32) float32", from the manifest's probe `inputs`
  * (packs without it: the token form); a probe in another dtype than the
- * pack's says so: ", bfloat16 (copy of p1)". Returns buf. */
+ * pack's says so: ", bfloat16 (copy of p1)"; a generation's step too:
+ * ", generation g0: decode step 1". Returns buf. */
 const char *fmx_pack_probe_describe(const fmx_pack *p, int i, char *buf, size_t n);
 
 int fmx_pack_ncalls(const fmx_pack *p);
 const fmx_call *fmx_pack_call(const fmx_pack *p, int i);
+/* 1 when the pack captured generation steps (a causal LM: it has a decode task). */
+int fmx_pack_has_generation(const fmx_pack *p);
+
 /* Index of the k-th call of module m on probe, or -1. */
 int fmx_pack_find_call(const fmx_pack *p, int probe, int module, int k);
 

@@ -127,7 +127,7 @@ static int fmx__warm(fmx_pack *pack, char *err, size_t errsz) {
     return FMX_OK;
 }
 
-static int fmx__add(fmx_tasks *t, fmx_pack *pack, const char *pack_name, int m) {
+static int fmx__add(fmx_tasks *t, fmx_pack *pack, const char *pack_name, int m, int decode) {
     if (t->ntasks == t->cap) {
         int cap = t->cap ? 2 * t->cap : 16;
         fmx_task *grown = realloc(t->tasks, (size_t)cap * sizeof *grown);
@@ -137,11 +137,15 @@ static int fmx__add(fmx_tasks *t, fmx_pack *pack, const char *pack_name, int m) 
     }
     const fmx_module *mod = fmx_pack_module(pack, m);
     char *id = NULL;
-    if (m == 0 ? asprintf(&id, "%s", pack_name) < 0
-               : asprintf(&id, "%s/%s", pack_name, mod->cls) < 0)
+    if (decode   ? asprintf(&id, "%s/decode", pack_name) < 0
+        : m == 0 ? asprintf(&id, "%s", pack_name) < 0
+                 : asprintf(&id, "%s/%s", pack_name, mod->cls) < 0)
         return FMX_ENOMEM;
     t->tasks[t->ntasks++] = (fmx_task){.id = id,
-                                       .kind = m == 0 ? "model" : "component",
+                                       .kind = decode   ? "decode"
+                                               : m == 0 ? "model"
+                                                        : "component",
+                                       .decode = decode,
                                        .pack = pack,
                                        .pack_name = pack_name,
                                        .module = m,
@@ -166,7 +170,8 @@ static int fmx__add_pack(fmx_tasks *t, fmx_pack *pack, const char *name, char *e
         return FMX_ENOMEM;
     }
     int first_task = t->ntasks;
-    int rc = fmx__add(t, pack, dup, 0);
+    int rc = fmx__add(t, pack, dup, 0, 0);
+    if (!rc && fmx_pack_has_generation(pack)) rc = fmx__add(t, pack, dup, 0, 1);
     for (int i = 1; !rc && i < fmx_pack_nmodules(pack); i++) {
         const fmx_module *mod = fmx_pack_module(pack, i);
         if (mod->first_call < 0 || strcmp(mod->cls, fmx_pack_module(pack, 0)->cls) == 0) continue;
@@ -174,7 +179,7 @@ static int fmx__add_pack(fmx_tasks *t, fmx_pack *pack, const char *name, char *e
         for (int k = 1; k < i && !seen; k++)
             seen = fmx_pack_module(pack, k)->first_call >= 0 &&
                    strcmp(fmx_pack_module(pack, k)->cls, mod->cls) == 0;
-        if (!seen) rc = fmx__add(t, pack, dup, i);
+        if (!seen) rc = fmx__add(t, pack, dup, i, 0);
     }
     for (int i = first_task; !rc && i < t->ntasks; i++) {
         for (int p = 0; p < fmx_pack_nprobes(pack); p++) {

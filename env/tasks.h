@@ -7,7 +7,11 @@
  *     module path "" (the root);
  *   - one per distinct module class below the root, at the first instance (in
  *     the manifest's pre-order module list) that was called on probe 0:
- *     id = "pack/Class", kind "component".
+ *     id = "pack/Class", kind "component";
+ *   - a pack that captured generation (a causal LM with a cache): the decode
+ *     task, id = "pack/decode", kind "decode", module path "" (the whole
+ *     model with its KV cache, graded per generation step; target_loc the
+ *     whole model's).
  * Per task: params = elements of the stored weights the module sees
  * (fmx_pack_weights under its path; buffers and duplicate tied tensors not
  * counted) and target_loc = the manifest's optional "target_loc" map
@@ -41,7 +45,8 @@ typedef struct fmx_tasks fmx_tasks;
 /* One task. Everything borrowed, valid until fmx_tasks_close. */
 typedef struct {
     const char *id;   /* "qwen2" or "qwen2/Qwen2MLP" */
-    const char *kind; /* "model" or "component" */
+    const char *kind; /* "model", "component" or "decode" */
+    int decode;       /* 1 for the decode task (fmx_verify_config.decode) */
     fmx_pack *pack;
     const char *pack_name; /* the directory name */
     int module;            /* index into the pack's modules */
@@ -61,7 +66,6 @@ int fmx_tasks_count(const fmx_tasks *t);
 const fmx_task *fmx_tasks_get(const fmx_tasks *t, int i);           /* NULL if out of range */
 const fmx_task *fmx_tasks_find(const fmx_tasks *t, const char *id); /* NULL if none */
 int fmx_tasks_npacks(const fmx_tasks *t);
-
 
 /* The task list as in the protocol's list_tasks: an array of {id, kind,
  * pack, module, class, params, target_loc}. Caller frees with cJSON_Delete. */

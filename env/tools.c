@@ -1485,6 +1485,7 @@ static void fmx__verify_component(const fmx_tool_ctx *ctx, const fmx__args *a, f
     fmx_pack *pack = ctx->task->pack;
     fmx_verify_config cfg = fmx_verify_config_default();
     cfg.component = fmx_pack_module(pack, m)->path;
+    cfg.decode = ctx->task->decode && m == 0; /* the task's own code: graded with its cache */
     cfg.entry = a->entry;
     cfg.all_probes = 0;
     cfg.compile_check = 1;
@@ -1523,6 +1524,7 @@ int fmx_tools_grade(const fmx_tool_ctx *ctx, const char *code, size_t len, const
     fmx_pack *pack = ctx->task->pack;
     fmx_verify_config cfg = fmx_verify_config_default();
     cfg.component = ctx->task->path;
+    cfg.decode = ctx->task->decode;
     cfg.entry = entry ? entry : "forward";
     cfg.all_probes = 1;
     cfg.compile_check = 1;

@@ -66,7 +66,10 @@ static int fmx__grade(fmx_pack *pack, const fmx_verify_config *cfg, const fmx_pr
     cJSON_AddStringToObject(o, "name", name);
     const fmx_tensor *want = fmx_pack_capture(pack, want_io->key);
     const fmx_tensor *mask = NULL;
-    if (want_io->token_aligned && probe->mask_key) mask = fmx_pack_capture(pack, probe->mask_key);
+    if (want_io->mask)
+        mask = fmx_pack_capture(pack, want_io->mask);
+    else if (want_io->token_aligned && probe->mask_key)
+        mask = fmx_pack_capture(pack, probe->mask_key);
     fmx_dtype wdt = FMX_DT_F32, gdt = FMX_DT_F32;
     cJSON_AddItemToObject(o, "want_shape", fmx__shape_json(want, &wdt));
     cJSON_AddItemToObject(o, "got_shape", fmx__shape_json(got, &gdt));
@@ -586,6 +589,16 @@ int fmx_verify_source(fmx_pack *pack, const char *source, size_t len, const char
     }
     const fmx_module *mod = fmx_pack_module(pack, m);
     cJSON_AddStringToObject(report, "class", mod->cls);
+    if (cfg.decode && (m != 0 || !fmx_pack_has_generation(pack))) {
+        fmx__errorf(report, "component",
+                    m != 0 ? "a decode task grades the whole model with its cache; "
+                             "'%s' is a component (verify it without --decode)"
+                           : "pack %s captured no generation (not a causal LM with a cache, or "
+                             "exported before decode tasks): it has no decode task",
+                    m != 0 ? cfg.component : fmx_pack_name(pack));
+        return FMX_ENOTFOUND;
+    }
+    if (cfg.decode) cJSON_AddStringToObject(report, "task", "decode");
 
     /* The calls to grade: visible ones run together in one process; each
      * hidden one alone, under the hidden weight set. */
@@ -602,7 +615,7 @@ int fmx_verify_source(fmx_pack *pack, const char *source, size_t len, const char
     for (int c = 0; c < ncalls; c++) {
         const fmx_call *call = fmx_pack_call(pack, c);
         const fmx_probe *probe = fmx_pack_probe(pack, call->probe);
-        if (call->module != m || call->raised) continue;
+        if (call->module != m || call->raised || (probe->step >= 0) != (cfg.decode != 0)) continue;
         if (probe->visible)
             vis[nvis++] = c;
         else if (cfg.all_probes)
@@ -659,7 +672,8 @@ int fmx_verify_source(fmx_pack *pack, const char *source, size_t len, const char
     fmx__verdict(pack, first, nvis == 0, report, &cached, keyed ? check_key : NULL);
 
     cJSON *results = cJSON_AddArrayToObject(report, "probes");
-    const char *first_div = NULL, *first_div_probe = NULL;
+    const char *first_div = NULL;
+    const fmx_probe *first_div_probe = NULL;
     for (int c = 0, iv = 0, ih = 0; c < ncalls; c++) {
         int in_vis = iv < nvis && vis[iv] == c, in_hid = ih < nhid && hid[ih] == c;
         if (!in_vis && !in_hid) continue;
@@ -677,6 +691,10 @@ int fmx_verify_source(fmx_pack *pack, const char *source, size_t len, const char
         char words[256]; /* what the probe is, for people: image inputs, a bf16 copy */
         cJSON_AddStringToObject(r, "describe",
                                 fmx_pack_probe_describe(pack, call->probe, words, sizeof words));
+        if (probe->generation) {
+            cJSON_AddStringToObject(r, "generation", probe->generation);
+            cJSON_AddNumberToObject(r, "step", probe->step);
+        }
         graded++;
         const char *div = NULL;
         int ok = in_vis ? fmx__grade_call(pack, &cfg, mod, call, vres, iv++, r, report, &err_status,
@@ -689,7 +707,7 @@ int fmx_verify_source(fmx_pack *pack, const char *source, size_t len, const char
             status = FMX_EMISMATCH;
             if (!first_div) {
                 first_div = div;
-                first_div_probe = probe->name;
+                first_div_probe = probe;
             }
         }
     }
@@ -699,7 +717,11 @@ int fmx_verify_source(fmx_pack *pack, const char *source, size_t len, const char
         cJSON_ReplaceItemInObjectCaseSensitive(report, "status", cJSON_CreateString("mismatch"));
         cJSON *d = cJSON_AddObjectToObject(report, "first_divergence");
         cJSON_AddStringToObject(d, "name", first_div);
-        cJSON_AddStringToObject(d, "probe", first_div_probe);
+        cJSON_AddStringToObject(d, "probe", first_div_probe->name);
+        if (first_div_probe->generation) { /* a decode task: which step of which generation */
+            cJSON_AddStringToObject(d, "generation", first_div_probe->generation);
+            cJSON_AddNumberToObject(d, "step", first_div_probe->step);
+        }
         int dm = fmx__tap_module(pack, cfg.component, first_div);
         if (dm >= 0) cJSON_AddStringToObject(d, "class", fmx_pack_module(pack, dm)->cls);
     }
@@ -786,13 +808,24 @@ static void fmx__print_result(FILE *out, const cJSON *o, const char *indent, int
     fputc('\n', out);
 }
 
+/* " (generation g0, decode step 2)" or " (generation g0, prefill)" */
+static void fmx__print_step(FILE *out, const char *generation, double step) {
+    if (step > 0)
+        fprintf(out, " (generation %s, decode step %.0f)", generation, step);
+    else
+        fprintf(out, " (generation %s, prefill)", generation);
+}
+
 void fmx_verify_print(FILE *out, const cJSON *report, int color) {
     const char *status = fmx__s(report, "status");
     const char *component = fmx__s(report, "component");
     const char *cls = fmx__s(report, "class");
     fprintf(out, "pack %s · %s%s%s%s · entry %s() · %s\n", fmx__s(report, "pack"),
-            component[0] ? component : "whole model", cls[0] ? " (" : "", cls, cls[0] ? ")" : "",
-            fmx__s(report, "entry"), fmx__s(report, "engine"));
+            cJSON_GetObjectItem(report, "task") ? "decode task: whole model with its cache"
+            : component[0]                      ? component
+                                                : "whole model",
+            cls[0] ? " (" : "", cls, cls[0] ? ")" : "", fmx__s(report, "entry"),
+            fmx__s(report, "engine"));
     if (cJSON_GetObjectItem(report, "load_ms"))
         fprintf(out, "loaded in %.1f ms · %s tolerances\n", fmx__n(report, "load_ms"),
                 fmx__s(report, "tolerance_table"));
@@ -803,6 +836,8 @@ void fmx_verify_print(FILE *out, const cJSON *report, int color) {
         fprintf(out, "\nprobe %s%s (%s)", fmx__s(r, "probe"),
                 fmx__b(r, "visible") ? "" : " [hidden]", words[0] ? words : fmx__s(r, "shape"));
         if (fmx__n(r, "call") > 0) fprintf(out, " call %.0f", fmx__n(r, "call"));
+        if (cJSON_GetObjectItem(r, "step"))
+            fmx__print_step(out, fmx__s(r, "generation"), fmx__n(r, "step"));
         if (cJSON_GetObjectItem(r, "ms")) fprintf(out, " · %.2f ms", fmx__n(r, "ms"));
         fputc('\n', out);
         const cJSON *o;
@@ -843,7 +878,10 @@ void fmx_verify_print(FILE *out, const cJSON *report, int color) {
                 color ? "\033[1;31m" : "", color ? "\033[0m" : "", fmx__n(report, "passed"),
                 fmx__n(report, "graded"), fmx__s(d, "name"));
         if (cJSON_GetObjectItem(d, "class")) fprintf(out, " (%s)", fmx__s(d, "class"));
-        fprintf(out, " on probe %s\n", fmx__s(d, "probe"));
+        fprintf(out, " on probe %s", fmx__s(d, "probe"));
+        if (cJSON_GetObjectItem(d, "step"))
+            fmx__print_step(out, fmx__s(d, "generation"), fmx__n(d, "step"));
+        fputc('\n', out);
     } else {
         const cJSON *e = cJSON_GetObjectItem(report, "error");
         fprintf(out, "%sERROR%s (%s): %s\n", color ? "\033[1;31m" : "", color ? "\033[0m" : "",

@@ -31,6 +31,8 @@ typedef struct {
     int compile_check; /* 1: also TorchScript's compile check (report "compile_check") */
     int check_again;   /* 1: run the check even if this process has the file's verdict
                           (benchmarks); 0 (default): reuse it */
+    int decode;        /* 1: the decode task: the root's calls on the generation steps, in the cache
+                          convention (docs/pack-format.md); 0: every other probe */
 } fmx_verify_config;
 
 /* tap() values recorded per call; later ones are counted, not graded. */

@@ -94,10 +94,34 @@ int fmx_oracle_solution(const fmx_policy_ctx *ctx, const cJSON *task, char **cod
 #endif
     char py[4400], entries[4400];
     int found = 0;
+    /* A decode task's solution is STEM_decode.py, entry forward (the cache convention). */
+    const char *kind = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(task, "kind"));
+    int decode = kind && strcmp(kind, "decode") == 0;
     for (int i = 0; i < nd && !found; i++) {
-        snprintf(py, sizeof py, "%s/%s.py", dirs[i], stem);
+        snprintf(py, sizeof py, "%s/%s%s.py", dirs[i], stem, decode ? "_decode" : "");
         snprintf(entries, sizeof entries, "%s/%s.entries.json", dirs[i], stem);
-        found = fmx__is_file(py) && fmx__is_file(entries);
+        found = fmx__is_file(py) && (decode || fmx__is_file(entries));
+    }
+    if (!found && decode) {
+        snprintf(err, errsz,
+                 "no reference solution %s_decode.py for the decode task of pack %s: looked in "
+                 "%s%s%s (--solutions DIR adds a folder)",
+                 stem, pack, nd ? dirs[0] : "(nowhere)", nd > 1 ? ", " : "",
+                 nd > 1 ? dirs[nd - 1] : "");
+        return FMX_ENOTFOUND;
+    }
+    if (decode) {
+        char ferr[256];
+        *code = fmx_file_read(py, NULL, ferr, sizeof ferr);
+        *entry = strdup("forward");
+        if (!*code || !*entry) {
+            snprintf(err, errsz, "%s: %s", py, *code ? "out of memory" : ferr);
+            free(*code);
+            free(*entry);
+            *code = *entry = NULL;
+            return FMX_EIO;
+        }
+        return FMX_OK;
     }
     if (!found) {
         snprintf(err, errsz,

@@ -89,7 +89,14 @@ echo "== probe strength: mutants of each reference solution, verified on every p
 for ex in qwen2 gpt2; do
   # every mutant that is not listed as equivalent must be killed (exit 1 = survivors)
   if out=$("$fmx" mutate "packs/$ex" "examples/solutions/$ex.py"); then :; else status=1; fi
-  printf '%-6s %s\n' "$ex" "$(tail -1 <<<"$out")"
+  printf '%-13s %s\n' "$ex" "$(tail -1 <<<"$out")"
+  sed -n '/^survivors/,/^$/p' <<<"$out"
+  # the decode task's solution (the model with its KV cache), graded per generation step
+  equivalent=()
+  [ -f "examples/solutions/${ex}_decode.equivalent.json" ] &&
+    equivalent=(--equivalent "examples/solutions/${ex}_decode.equivalent.json")
+  if out=$("$fmx" mutate "packs/$ex" "examples/solutions/${ex}_decode.py" --decode "${equivalent[@]}"); then :; else status=1; fi
+  printf '%-13s %s\n' "$ex/decode" "$(tail -1 <<<"$out")"
   sed -n '/^survivors/,/^$/p' <<<"$out"
 done
 
@@ -100,7 +107,7 @@ import sqlite3, sys
 rows = sqlite3.connect(sys.argv[1]).execute(
     "SELECT s.correctness FROM submissions s JOIN episodes e ON e.id = s.episode "
     "JOIN policies p ON p.id = e.policy_id WHERE p.name = 'tracer'").fetchall()
-print(f"the tracer passes {sum(c == 1.0 for c, in rows)} of {len(rows)} tasks")
+print(f"the tracer passes {sum(c == 1.0 for c, in rows)} of {len(rows)} tasks (it says it cannot write decode tasks)")
 EOF
 )
 if [ $status -eq 0 ]; then

@@ -1156,6 +1156,9 @@ static void test_compare_paths_agree(void **state) {
     uint8_t keep[2 * 3] = {0, 1, 1, 1, 1, 1}, none[2 * 3] = {0};
     fmx_tensor *tm = wrap(keep, FMX_DT_U8, 2, 2, 3, 0, 0);
     fmx_tensor *tm0 = wrap(none, FMX_DT_U8, 2, 2, 3, 0, 0);
+    /* a mask over more leading dims (a KV cache's (B, heads, L) for (B, heads, L, D)) */
+    uint8_t keep3[2 * 3 * 2] = {1, 0, 1, 1, 0, 1, 1, 1, 1, 0, 0, 1};
+    fmx_tensor *tm3 = wrap(keep3, FMX_DT_U8, 3, 2, 3, 2, 0);
     fmx_tensor *g64 = NULL;
     assert_int_equal(fmx_tensor_cast(tg, FMX_DT_F64, &g64, err, sizeof err), FMX_OK);
     const double tols[][2] = {{1e-6, 0}, {0.1, 0.1},    {1e30, 1e30},
@@ -1164,6 +1167,7 @@ static void test_compare_paths_agree(void **state) {
         compare_both(tg, tw, NULL, tols[i][0], tols[i][1]);
         compare_both(tg, tw, tm, tols[i][0], tols[i][1]);
         compare_both(tg, tw, tm0, tols[i][0], tols[i][1]);
+        compare_both(tg, tw, tm3, tols[i][0], tols[i][1]);
         compare_both(g64, tw, NULL, tols[i][0], tols[i][1]);
         compare_both(tw, tw, NULL, tols[i][0], tols[i][1]);
     }
@@ -1185,8 +1189,26 @@ static void test_compare_paths_agree(void **state) {
     assert_true(r.pass);
     assert_int_equal(r.compared, 0);
     assert_true(r.max_abs == 0 && r.max_rel == 0 && r.worst_got == 0 && r.worst_want == 0);
+    /* the 3-dim mask grades its 8 kept elements, of the 5 bad ones those at
+     * [0, 1, 0], [0, 1, 1] (NaN) and [0, 2, 1] (inf against -inf); the first
+     * of them is worst */
+    r = compare_both(tg, tw, tm3, 1e30, 1e30);
+    assert_int_equal(r.compared, 8);
+    assert_int_equal(r.bad, 3);
+    assert_int_equal(r.worst[0], 0);
+    assert_int_equal(r.worst[1], 1);
+    assert_int_equal(r.worst[2], 0);
+    /* a mask that is not want's leading dims is refused, on either path */
+    fmx_tensor *bad = wrap(keep3, FMX_DT_U8, 2, 3, 2, 0, 0);
+    fmx_compare_result rb;
+    fmx_tolerance tol = {1e-6, 0};
+    assert_int_equal(fmx_compare(tg, tw, bad, tol, &rb, err, sizeof err), FMX_EINVAL);
+    assert_non_null(strstr(err, "leading dims"));
+    assert_int_equal(fmx__compare_tensor_path(tg, tw, bad, tol, &rb, err, sizeof err), FMX_EINVAL);
+    fmx_tensor_destroy(bad);
 
     fmx_tensor_destroy(g64);
+    fmx_tensor_destroy(tm3);
     fmx_tensor_destroy(tm0);
     fmx_tensor_destroy(tm);
     fmx_tensor_destroy(tg);

@@ -334,6 +334,61 @@ static void test_mask_shape_checked(void **state) {
     expect_refused(FMX_EFORMAT, "mask");
 }
 
+/* MANIFEST with the first occurrence of from replaced by to. */
+static char *edited(const char *from, const char *to) {
+    const char *at = strstr(MANIFEST, from);
+    assert_non_null(at);
+    size_t head = (size_t)(at - MANIFEST);
+    char *m = malloc(strlen(MANIFEST) + strlen(to) + 1);
+    assert_non_null(m);
+    memcpy(m, MANIFEST, head);
+    strcpy(m + head, to);
+    strcat(m, at + strlen(from));
+    return m;
+}
+
+static void test_generation_steps(void **state) {
+    (void)state;
+    char *m = edited("\"mask\":\"mask\"}]", "\"mask\":\"mask\",\"generation\":\"g0\",\"step\":2}]");
+    write_text("task.json", m);
+    free(m);
+    char err[512];
+    fmx_pack *p = NULL;
+    assert_int_equal(fmx_pack_open(dir, &p, err, sizeof err), FMX_OK);
+    assert_true(fmx_pack_has_generation(p));
+    assert_string_equal(fmx_pack_probe(p, 0)->generation, "g0");
+    assert_int_equal(fmx_pack_probe(p, 0)->step, 2);
+    fmx_pack_close(p);
+    /* an ordinary pack has none */
+    write_text("task.json", MANIFEST);
+    assert_int_equal(fmx_pack_open(dir, &p, err, sizeof err), FMX_OK);
+    assert_false(fmx_pack_has_generation(p));
+    assert_int_equal(fmx_pack_probe(p, 0)->step, -1);
+    fmx_pack_close(p);
+    /* a step without its number */
+    m = edited("\"mask\":\"mask\"}]", "\"mask\":\"mask\",\"generation\":\"g0\"}]");
+    write_text("task.json", m);
+    free(m);
+    expect_refused(FMX_EFORMAT, "needs a 'step' >= 0");
+}
+
+static void test_output_mask_checked(void **state) {
+    (void)state;
+    /* keep flags over the output's leading dims: (1, 2) for (1, 2, 3) */
+    char *m = edited("\"token_aligned\":true}", "\"token_aligned\":false,\"mask\":\"ids\"}");
+    write_text("task.json", m);
+    free(m);
+    char err[512];
+    fmx_pack *p = NULL;
+    assert_int_equal(fmx_pack_open(dir, &p, err, sizeof err), FMX_OK);
+    assert_string_equal(fmx_pack_call(p, 0)->outputs[0].mask, "ids");
+    fmx_pack_close(p);
+    m = edited("\"token_aligned\":true}", "\"mask\":\"nope\"}");
+    write_text("task.json", m);
+    free(m);
+    expect_refused(FMX_EFORMAT, "mask 'nope' missing or not the output's leading dims");
+}
+
 static void test_alias_to_nothing(void **state) {
     char *m = strdup(MANIFEST);
     char *k = strstr(m, "\"model.embed.weight\"}");
@@ -441,6 +496,8 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_call_names_missing_tensor, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mask_shape_checked, setup, teardown),
         cmocka_unit_test_setup_teardown(test_alias_to_nothing, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_generation_steps, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_output_mask_checked, setup, teardown),
         cmocka_unit_test_setup_teardown(test_hidden_weights_path, setup, teardown),
         cmocka_unit_test_setup_teardown(test_hidden_weights_wrong_shape, setup, teardown),
         cmocka_unit_test_setup_teardown(test_hidden_weights_wrong_dtype, setup, teardown),

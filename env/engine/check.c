@@ -14,6 +14,7 @@
 #include "check.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "status.h"
@@ -23,13 +24,35 @@
 static const char *fmx__param_kind(fmx_param_kind k) {
     static const char *names[] = {
         "Tensor", "Optional[Tensor]", "Dict[str, Tensor]", "int", "float", "bool",
-        "str",    "another type"};
+        "str",    "another type",     "List[Tensor]"};
     return names[k];
 }
 
 static const char *fmx__input_kind(int k) {
     static const char *names[] = {"a tensor", "None", "an int", "a float", "a bool", "a str"};
     return k >= 0 && k < 6 ? names[k] : "a value";
+}
+
+#define FMX__CHECK_MAX_LIST 1024
+
+/* The tensor inputs NAME_0, NAME_1, ... in order (a flattened list); their count. */
+static int fmx__listed(const char *name, const fmx_check_input *in, int nin, fmx_tensor **wrapped,
+                       const fmx_tensor **out, int cap) {
+    size_t len = strlen(name);
+    int n = 0;
+    for (int found = 1; found && n < cap;) {
+        found = 0;
+        for (int j = 0; j < nin && !found; j++) {
+            char *end;
+            if (in[j].kind != FMX_CHECK_TENSOR || strncmp(in[j].name, name, len) != 0 ||
+                in[j].name[len] != '_' || in[j].name[len + 1] < '0' || in[j].name[len + 1] > '9' ||
+                strtol(in[j].name + len + 1, &end, 10) != n || *end)
+                continue;
+            out[n++] = wrapped[j];
+            found = 1;
+        }
+    }
+    return n;
 }
 
 /* Binds the call's inputs to the entry's parameters as TorchScript typed them. */
@@ -45,6 +68,14 @@ static int fmx__check_bind(const fmx_param *params, int np, const fmx_check_inpu
         int k = -1;
         for (int j = 0; j < nin && k < 0; j++)
             if (strcmp(in[j].name, p->name) == 0) k = j;
+        if (k < 0 && p->kind == FMX_PARAM_TENSOR_LIST) { /* inputs NAME_0, NAME_1, ... */
+            const fmx_tensor *list[FMX__CHECK_MAX_LIST];
+            int n = fmx__listed(p->name, in, nin, wrapped, list, FMX__CHECK_MAX_LIST);
+            if (n > 0) {
+                if (fmx_args_tensor_list(args, p->name, list, n)) return FMX_ENOMEM;
+                continue;
+            }
+        }
         if (k < 0) {
             if (p->has_default) continue;
             snprintf(err, errsz, "TorchScript: parameter '%s' (%s) is no input of the module",

@@ -24,9 +24,11 @@ namespace fmx_engine_impl {
 /* Both paths below implement exactly this, and tests/test_engine.c checks
  * that they agree (fmx__compare_tensor_path):
  *
- *   graded    every element of want, or with a (B, T) mask (want (B, T, …))
- *             those whose (b, t) row is kept: mask != 0. compared = their
- *             count. Ungraded elements count nowhere below.
+ *   graded    every element of want, or with a mask over want's leading
+ *             k >= 2 dims (a (B, T) mask for want (B, T, …); a KV cache's
+ *             (B, heads, L) for (B, heads, L, D)) those whose row is kept:
+ *             mask != 0. compared = their count. Ungraded elements count
+ *             nowhere below.
  *   scale     max(sqrt(mean of want² over the graded elements where want is
  *             finite), 1e-30); 1e-30 when there are none.
  *   allow     atol·scale + rtol·|want|, element-wise.
@@ -92,8 +94,9 @@ elem_fn elem_reader(at::ScalarType t) {
 
 /* The cpu path of compare: two passes over the data, no temporaries (the
  * tensor path below costs a dozen kernels and host syncs per output, which
- * dominates verify time for small models). keep_rows: (B*T) flags or empty;
- * inner = elements per (b, t) row. Returns false for dtypes it cannot read. */
+ * dominates verify time for small models). keep_rows: the mask's flags in
+ * row-major order (one per row of want's leading dims) or empty; inner =
+ * elements per row. Returns false for dtypes it cannot read. */
 bool compare_cpu(const at::Tensor &got_in, const at::Tensor &want_in, const at::Tensor &keep_rows,
                  int64_t inner, fmx_tolerance tol, fmx_compare_result *r) {
     at::Tensor got = got_in.contiguous(), want = want_in.contiguous();
@@ -165,11 +168,14 @@ void compare(const at::Tensor &got_in, const at::Tensor &want_in, const at::Tens
     at::Tensor keep;
     if (mask_in) {
         at::Tensor mask = mask_in->to(dev);
-        if (mask.dim() != 2 || want_in.dim() < 2 || mask.size(0) != want_in.size(0) ||
-            mask.size(1) != want_in.size(1)) {
+        // a mask over want's leading dims, (B, T) at least
+        bool lead = mask.dim() >= 2 && mask.dim() <= want_in.dim();
+        for (int64_t d = 0; lead && d < mask.dim(); d++)
+            lead = mask.size(d) == want_in.size(d);
+        if (!lead) {
             std::stringstream ss;
-            ss << "mask has shape " << mask.sizes() << "; it must be (B, T) for outputs of shape "
-               << want_in.sizes();
+            ss << "mask has shape " << mask.sizes()
+               << "; it must be (B, T) or the leading dims of outputs of shape " << want_in.sizes();
             fail(FMX_EINVAL, ss.str());
         }
         if (want_in.is_cpu() && got_in.is_cpu() && !force_tensor_path) {
@@ -177,7 +183,7 @@ void compare(const at::Tensor &got_in, const at::Tensor &want_in, const at::Tens
             int64_t inner = rows.numel() ? want_in.numel() / rows.numel() : 1;
             if (compare_cpu(got_in, want_in, rows, inner ? inner : 1, tol, r)) return;
         }
-        std::vector<int64_t> shape = {mask.size(0), mask.size(1)};
+        std::vector<int64_t> shape(mask.sizes().begin(), mask.sizes().end());
         shape.resize(want_in.dim(), 1);
         keep = mask.ne(0).reshape(shape).expand(want_in.sizes()).reshape({-1});
     } else {

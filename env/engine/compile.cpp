@@ -109,6 +109,10 @@ fmx_param_kind param_kind(const c10::TypePtr &t) {
         if (t->castRaw<c10::OptionalType>()->getElementType()->kind() == TypeKind::TensorType)
             return FMX_PARAM_OPT_TENSOR;
         return FMX_PARAM_OTHER;
+    case TypeKind::ListType:
+        if (t->castRaw<c10::ListType>()->getElementType()->kind() == TypeKind::TensorType)
+            return FMX_PARAM_TENSOR_LIST;
+        return FMX_PARAM_OTHER;
     case TypeKind::DictType: {
         auto *d = t->castRaw<c10::DictType>();
         if (d->getKeyType()->kind() == TypeKind::StringType &&

@@ -402,6 +402,25 @@ extern "C" int fmx_args_weights(fmx_args *a, const char *name, const char *const
     }
 }
 
+extern "C" int fmx_args_tensor_list(fmx_args *a, const char *name, const fmx_tensor *const *vals,
+                                    int n) {
+    if (n < 0 || (n > 0 && !vals)) return FMX_EINVAL;
+    try {
+        ArgVal v;
+        v.kind = ARG_TENSOR_LIST;
+        v.list.reserve(n);
+        for (int i = 0; i < n; i++) {
+            if (!vals[i]) return FMX_EINVAL;
+            v.list.push_back(*vals[i]);
+        }
+        return set_arg(a, name, std::move(v));
+    } catch (const std::bad_alloc &) {
+        return FMX_ENOMEM;
+    } catch (...) {
+        return FMX_EINTERNAL;
+    }
+}
+
 /* ------------------------------------------------------------------------ */
 /* extern "C": runs                                                         */
 /* ------------------------------------------------------------------------ */

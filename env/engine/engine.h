@@ -109,7 +109,8 @@ typedef enum {
     FMX_PARAM_FLOAT,
     FMX_PARAM_BOOL,
     FMX_PARAM_STR,
-    FMX_PARAM_OTHER
+    FMX_PARAM_OTHER,
+    FMX_PARAM_TENSOR_LIST /* List[Tensor] (a decode step's per-layer cache) */
 } fmx_param_kind;
 
 typedef struct {
@@ -184,10 +185,14 @@ int fmx_args_none(fmx_args *a, const char *name);
  * run, so a candidate cannot change what the next run sees. */
 int fmx_args_weights(fmx_args *a, const char *name, const char *const *keys,
                      const fmx_tensor *const *vals, int n);
+/* A List[Tensor] argument of n tensors; a fresh list for every run, as for
+ * weights (a candidate may append to it). */
+int fmx_args_tensor_list(fmx_args *a, const char *name, const fmx_tensor *const *vals, int n);
 
 /* Runs fn with the arguments (keyword by name). Outputs: a Tensor, or a tuple
- * of Tensors. Records every tap(name, x) in call order. Caller frees *out
- * with fmx_run_destroy. Runtime errors name the candidate's line. */
+ * of Tensors and lists of Tensors (flattened in order). Records every
+ * tap(name, x) in call order. Caller frees *out with fmx_run_destroy. Runtime
+ * errors name the candidate's line. */
 int fmx_program_run(fmx_program *p, const char *fn, const fmx_args *a, fmx_run **out, char *err,
                     size_t errsz);
 void fmx_run_destroy(fmx_run *r);    /* accepts NULL */
@@ -253,10 +258,12 @@ typedef struct {
 /* Compares got against want. An element passes when both are finite and
  * |got - want| <= atol·scale + rtol·|want|, scale = max(RMS(want), 1e-30).
  * mask, when given, is a (B, T) tensor of keep flags (nonzero = graded) and
- * want has shape (B, T, …): only kept (b, t) rows are graded. Shape and dtype
- * mismatches set shape_ok/dtype_ok = 0 and pass = 0 and return 0. NaN and
- * ±inf never pass (inf does not match inf). The whole policy, NaN, inf and
- * the worst element included: env/engine/compare.cpp. */
+ * want has shape (B, T, …): only kept (b, t) rows are graded; more generally
+ * a mask of k >= 2 dims keeps rows of want's leading k dims (a KV cache's
+ * (B, heads, L) flags for (B, heads, L, D)). Shape and dtype mismatches set
+ * shape_ok/dtype_ok = 0 and pass = 0 and return 0. NaN and ±inf never pass
+ * (inf does not match inf). The whole policy, NaN, inf and the worst element
+ * included: env/engine/compare.cpp. */
 int fmx_compare(const fmx_tensor *got, const fmx_tensor *want, const fmx_tensor *mask,
                 fmx_tolerance tol, fmx_compare_result *out, char *err, size_t errsz);
 

@@ -63,12 +63,13 @@ struct fmx_param_info {
 
 namespace fmx_engine_impl {
 
-enum ArgKind { ARG_VALUE, ARG_WEIGHTS };
+enum ArgKind { ARG_VALUE, ARG_WEIGHTS, ARG_TENSOR_LIST };
 struct ArgVal {
     ArgKind kind = ARG_VALUE;
     c10::IValue value;
     bool borrowed = false;                                   // a borrowed tensor
     std::vector<std::pair<std::string, fmx_tensor>> weights; // ARG_WEIGHTS
+    std::vector<fmx_tensor> list;                            // ARG_TENSOR_LIST
 };
 
 } // namespace fmx_engine_impl

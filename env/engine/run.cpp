@@ -34,9 +34,12 @@ at::Tensor on_device(const at::Tensor &t, const at::Device &dev) {
 bool returns_tensors(const c10::TypePtr &t) {
     using c10::TypeKind;
     if (t->kind() == TypeKind::TensorType) return true;
-    if (t->kind() == TypeKind::TupleType) {
+    if (t->kind() == TypeKind::TupleType) { // Tensors, and lists of them (a decode step's cache)
         for (const c10::TypePtr &e : t->containedTypes())
-            if (e->kind() != TypeKind::TensorType) return false;
+            if (e->kind() != TypeKind::TensorType &&
+                !(e->kind() == TypeKind::ListType &&
+                  e->containedTypes().at(0)->kind() == TypeKind::TensorType))
+                return false;
         return true;
     }
     if (t->kind() == TypeKind::ListType)
@@ -59,7 +62,7 @@ torch::jit::Function *entry(fmx_program *p, const char *fn_name, Loc *def_loc) {
         fail(FMX_ERUNTIME,
              sm.format(*def_loc, std::string(fn_name) + "() returns " + ret->annotation_str() +
                                      "; the entry must return a Tensor or a tuple "
-                                     "of Tensors"));
+                                     "of Tensors (and lists of Tensors)"));
     return fn;
 }
 
@@ -96,6 +99,16 @@ torch::jit::Stack bind_stack(const c10::FunctionSchema &schema, const char *fn_n
                 d.insert(kv.first, t);
             }
             stack.emplace_back(d);
+            continue;
+        }
+        if (v->kind == ARG_TENSOR_LIST) { // fresh too: a candidate may append to it
+            c10::List<at::Tensor> l;
+            for (const auto &e : v->list) {
+                at::Tensor t = on_device(e.t, dev);
+                note(t, e.borrowed);
+                l.push_back(t);
+            }
+            stack.emplace_back(l);
             continue;
         }
         c10::IValue iv = v->value;
@@ -167,7 +180,11 @@ std::unique_ptr<fmx_run> collect(const SourceMap &sm, const Loc &def_loc,
     std::vector<c10::IValue> items;
     if (result.isTuple()) {
         for (const c10::IValue &e : result.toTupleRef().elements())
-            items.push_back(e);
+            if (e.isList()) // a list of Tensors in the tuple: flattened (a decode step's cache)
+                for (const c10::IValue &x : e.toListRef())
+                    items.push_back(x);
+            else
+                items.push_back(e);
     } else if (result.isList()) {
         for (const c10::IValue &e : result.toListRef())
             items.push_back(e);

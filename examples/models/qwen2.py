@@ -57,6 +57,7 @@ class Qwen2Config:
     output_hidden_states: bool = False
     use_return_dict: bool = True
     pad_token_id: Optional[int] = None
+    sliding_window: Optional[int] = None  # a query sees only the last sliding_window keys
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -502,6 +503,10 @@ class Qwen2Model(Qwen2PreTrainedModel):
             causal_mask = torch.triu(causal_mask, diagonal=1)
         future = torch.arange(target_len, device=device) > cache_position.reshape(-1, 1)
         causal_mask = causal_mask * future
+        if self.config.sliding_window is not None:  # keys sliding_window or more behind the query
+            old = (torch.arange(target_len, device=device)
+                   <= cache_position.reshape(-1, 1) - self.config.sliding_window)
+            causal_mask = causal_mask.masked_fill(old, min_dtype)
         causal_mask = causal_mask[None, None, :, :].expand(batch, 1, -1, -1)
         if attention_mask is not None:
             causal_mask = causal_mask.clone()

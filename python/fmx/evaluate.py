@@ -894,13 +894,47 @@ def weights_param(sig, inputs):
     return rest[0].name if len(rest) == 1 else None
 
 
+def listed_inputs(inputs):
+    """NAME -> [the inputs NAME_0, NAME_1, ...] for every run of tensor inputs so numbered from 0
+    (a flattened list: a decode step's past_keys), which a parameter NAME receives as a list."""
+    out = {}
+    for name in inputs:
+        base, _, index = name.rpartition("_")
+        if base and index == "0" and base not in inputs:
+            run = []
+            while inputs.get(f"{base}_{len(run)}", {}).get("kind") == "tensor":
+                run.append(inputs[f"{base}_{len(run)}"])
+            if run:
+                out[base] = run
+    return out
+
+
+def flat_outputs(out, torch):
+    """The tensors a call returned, in order: a Tensor, or a tuple/list of Tensors and of
+    lists of Tensors (a decode step's (logits, keys, values)), flattened; None if not that."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if not isinstance(out, (tuple, list)):
+        return None
+    flat = []
+    for o in out:
+        if isinstance(o, torch.Tensor):
+            flat.append(o)
+        elif isinstance(o, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in o):
+            flat.extend(o)
+        else:
+            return None
+    return flat
+
+
 def bind(job, fn, call, tensors, weights_for):
     entry = job.get("entry") or "forward"
     cls = job.get("module_class") or "the module"
     component = job.get("component") or ""
     sig = inspect.signature(fn)
     inputs = {i["name"]: i for i in call.get("inputs", [])}
-    wname = weights_param(sig, inputs)
+    lists = listed_inputs(inputs)
+    wname = weights_param(sig, {**inputs, **lists})
     kwargs = {}
     for p in sig.parameters.values():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
@@ -912,6 +946,9 @@ def bind(job, fn, call, tensors, weights_for):
             kwargs[p.name] = weights_for(call.get("dtype", job.get("pack_dtype", "float32")))
             continue
         inp = inputs.get(p.name)
+        if inp is None and p.name in lists:  # NAME_0, NAME_1, ... passed whole, as a list
+            kwargs[p.name] = [tensors[i["tensor"]] for i in lists[p.name]]
+            continue
         if inp is None:
             if p.default is not p.empty:
                 continue
@@ -959,18 +996,15 @@ def run_call(job, fn, call, tensors, weights_for, results):
                 describe_error(e, filename, job["code"].splitlines())}
     if fn.__fmx_guard__.violation:
         return {"ok": False, "stage": "run", "error": fn.__fmx_guard__.violation}
-    if isinstance(out, torch.Tensor):
-        outs = [out]
-    elif isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
-        outs = list(out)
-    else:
+    outs = flat_outputs(out, torch)
+    if outs is None:
         what = type(out).__name__
         if isinstance(out, (tuple, list)):
             bad = next(i for i, o in enumerate(out) if not isinstance(o, torch.Tensor))
             what = f"a {type(out).__name__} whose item {bad} is {type(out[bad]).__name__}"
         return {"ok": False, "stage": "run", "error":
                 f"{entry}() returned {what}; return a Tensor or a tuple of Tensors (the "
-                "module's tensor outputs, in order)"}
+                "module's tensor outputs, in order; lists of Tensors in it are flattened)"}
     try:
         res = {"ok": True, "ms": ms, "outputs": [results.blob(o) for o in outs]}
         res["taps"] = [dict(results.blob(t), name=name) for name, t in taps.taps]

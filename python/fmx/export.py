@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from . import __version__
+from . import generate
 from . import hidden as hidden_set
 from .constants import ConstantCheck
 from .dataflow import Flow, generalize, record_op
@@ -1358,6 +1359,9 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
                         traced.append(i)
             _check_cast(model, low, "after its probes")  # the forward must not have changed them
             del low
+        generations = _capture_generations(model, capture.calls, writer, probe_entries, hidden, inputs_fn, seed,
+                                           device, quiet, lambda visible: hidden_set.load(model, weights_of[visible]),
+                                           LOW_PRECISION if copies else None)
         writer.close()
     except BaseException:
         writer.abort()
@@ -1409,6 +1413,7 @@ def _export(spec_or_model: Any, out: _OutDir, overrides: Dict[str, Any], seed: i
         "classes": classes,
         "probes": probe_entries,
         "traced_probes": [probe_entries[i]["name"] for i in traced],
+        "generation": generations,
         "calls": capture.calls,
     }
     with open(out.path("task.json"), "w", encoding="utf-8") as f:
@@ -1520,6 +1525,35 @@ def _run_probe(model: nn.Module, capture: Capture, i: int, probe: Probe, *, writ
         print(f"[{i + 1}/{total}] probe {probe.name} ({kind}, {probe.batch}x{probe.seq}, "
               f"{probe.padding}{note}) {time.perf_counter() - t0:.2f}s", file=sys.stderr)
     return entry
+
+
+def _capture_generations(model: nn.Module, calls: List[Dict[str, Any]], writer: Writer,
+                         probe_entries: List[Dict[str, Any]], hidden: int, inputs_fn: InputsFn, seed: int, device: str,
+                         quiet: bool, load: Callable[[bool], None], low_precision: Optional[str]) -> Dict[str, Any]:
+    """A causal LM's prefill and decode steps (generate.py), appended to the probes; task.json's
+    "generation" (`{"none": why}` for a model that has none). A reduced-precision generation runs on
+    a copy of the model in that dtype, as the reduced-precision probes do."""
+    why = generate.why_not_causal_lm(model)
+    if why is not None:
+        return {"none": why}
+    gens = generate.plan(hidden, low_precision)
+    first, first_call = len(probe_entries), len(calls)
+    try:
+        for dtype in dict.fromkeys(g.dtype for g in gens):
+            group = [g for g in gens if g.dtype == dtype]
+            load(True)
+            run = model if dtype is None else _low_precision_copy(model, DTYPES[dtype])
+            with torch.no_grad(), Capture(run, writer, None) as gen_capture:
+                gen_capture.calls = calls  # one call list, in the order calls started
+                probe_entries += generate.capture_generations(
+                    run, gen_capture, writer, group, len(probe_entries), inputs_fn=inputs_fn,
+                    load=load if dtype is None else lambda visible: None, seed=seed, device=device, quiet=quiet)
+    except (ValueError, TypeError) as e:  # not a cache fmx can read: the pack has no decode task, says why
+        del probe_entries[first:], calls[first_call:]
+        if not quiet:
+            print(f"no generation captured: {e}", file=sys.stderr)
+        return {"none": f"generation failed: {type(e).__name__}: {e}"}
+    return generate.summary(probe_entries[first:], gens)
 
 
 def _low_precision_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:

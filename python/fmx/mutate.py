@@ -27,6 +27,16 @@ Operators (one mutant per site and variant):
   cast_order   `w * x.to(dt)` -> `(w * x).to(dt)` (the cast back moved outside)
   upcast       a float32 upcast removed (.float(), .to(torch.float32), dtype=torch.float32)
 
+Decode-step operators (a KV cache in the flat convention of docs/pack-format.md,
+"Generation"; only in a file where some function takes a `past...` parameter):
+
+  positions    `positions` off by one: read as positions + 1 and positions - 1
+  cache_order  the cache appended before the rotary embedding: a statement
+               `k = torch.cat((past_k, k), ...)` moved above the rope call before it
+  mask_extend  the attention mask not extended over the cache: an entry's read of
+               `attention_mask` cut to its last new-token columns
+  window       the sliding window not applied to the cache: `x[:, :, -WINDOW:]` kept whole
+
 Sites inside `def tap`, the `if __name__ == "__main__":` block and
 docstrings are never mutated. With an entry function only the functions it
 reaches (it and what it calls, transitively) and the top-level constants they
@@ -45,7 +55,8 @@ import sys
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 OPERATORS = ("constant", "activation", "residual", "bias", "norm", "scale", "rope_halves", "rope",
-             "softmax_dim", "transpose", "repeat", "cast_order", "upcast")
+             "softmax_dim", "transpose", "repeat", "cast_order", "upcast", "positions", "cache_order",
+             "mask_extend", "window")
 
 # Activation variants: the call for an argument's text.
 ACTIVATIONS = {
@@ -182,6 +193,9 @@ class _Generator:
             self.line_starts.append(self.line_starts[-1] + len(line))
         self.lines_bytes = [line.encode("utf-8") for line in source.splitlines(keepends=True)]
         self.defs = {n.name: n for n in self.tree.body if isinstance(n, ast.FunctionDef)}
+        # decode code: some function takes a KV cache (a parameter named past...)
+        self.has_cache = any(a.arg.startswith("past") for f in self.defs.values()
+                             for a in f.args.posonlyargs + f.args.args + f.args.kwonlyargs)
         self.edits: List[Edit] = []
         self.function: Optional[str] = None
         self.taint: Set[str] = set()
@@ -307,7 +321,59 @@ class _Generator:
                 body = body[1:]  # the docstring
             for stmt in body:
                 self._visit(stmt)
+            if self.has_cache:
+                self._decode(fn)
         return self.edits
+
+    # ---- decode-step operators (module docstring)
+
+    def _decode(self, fn: ast.FunctionDef) -> None:
+        parents = {id(c): n for n in ast.walk(fn) for c in ast.iter_child_nodes(n)}
+
+        def loads(name: str) -> List[ast.Name]:
+            """Reads of `name` as a tensor (not of its shape or dtype)."""
+            out = []
+            for n in ast.walk(fn):
+                if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load):
+                    up = parents.get(id(n))
+                    if not (isinstance(up, ast.Attribute) and up.attr in SHAPE_ATTRS):
+                        out.append(n)
+            return out
+
+        for n in loads("positions"):
+            self.add("positions", n, "(positions + 1)", "positions off by one (+1)")
+            self.add("positions", n, "(positions - 1)", "positions off by one (-1)")
+        params = [a.arg for a in fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs]
+        ids = next((a for a in params if a.endswith("input_ids")), None)
+        if ids is not None and "attention_mask" in params:
+            for n in loads("attention_mask"):
+                self.add("mask_extend", n, f"attention_mask[:, -{ids}.shape[1]:]",
+                         "the attention mask not extended over the cache (the new tokens' columns only)")
+        for n in ast.walk(fn):
+            if isinstance(n, ast.Subscript) and any(_is_window_cut(e) for e in (
+                    n.slice.elts if isinstance(n.slice, ast.Tuple) else [n.slice])):
+                self.replace_with("window", n, n.value, "the sliding window not applied to the cache")
+        for node in ast.walk(fn):
+            for field in ("body", "orelse"):
+                body = getattr(node, field, None)
+                if isinstance(body, list) and body and isinstance(body[0], ast.stmt):
+                    self._cache_order(body)
+
+    def _cache_order(self, body: List[ast.stmt]) -> None:
+        for i, stmt in enumerate(body):
+            if not (isinstance(stmt, ast.Assign) and _appends_cache(stmt.value)):
+                continue
+            rope = [j for j in range(i) if any(
+                isinstance(c, ast.Call) and any(w in _call_name(c).lower() for w in ("rope", "rotary"))
+                for c in ast.walk(body[j]))]
+            if not rope:
+                continue
+            first = body[rope[-1]]
+            start = self.span(first)[0]
+            indent = self.source[self.line_starts[first.lineno - 1]:start]
+            moved = self.source[start:self.span(body[i - 1])[1]]
+            self.add("cache_order", (start, self.span(stmt)[1]), f"{self.seg(stmt)}\n{indent}{moved}",
+                     "the cache appended before the rotary embedding")
 
     def _visit(self, stmt: ast.AST) -> None:
         gelu_context = "gelu" in (self.function or "").lower() or _contains_gelu_hint(self.seg(stmt))
@@ -478,6 +544,23 @@ class _Generator:
                     prod = f"{x} * {a}" if cast_left else f"{a} * {x}"
                     self.add("cast_order", node, f"({prod}).to{args}",
                              f"cast moved outside the product: ({prod}).to{args}")
+
+
+def _is_window_cut(node: ast.AST) -> bool:
+    """`-WINDOW:` (a slice keeping the last WINDOW positions; any name with "window" in it)."""
+    return (isinstance(node, ast.Slice) and node.upper is None and node.step is None
+            and isinstance(node.lower, ast.UnaryOp) and isinstance(node.lower.op, ast.USub)
+            and isinstance(node.lower.operand, ast.Name) and "window" in node.lower.operand.id.lower())
+
+
+def _appends_cache(node: ast.AST) -> bool:
+    """A torch.cat of a past cache tensor (a name starting with "past") and new ones."""
+    for c in ast.walk(node):
+        if isinstance(c, ast.Call) and _call_name(c).endswith("cat") and c.args and \
+                isinstance(c.args[0], (ast.Tuple, ast.List)) and any(
+                    isinstance(e, ast.Name) and e.id.startswith("past") for e in c.args[0].elts):
+            return True
+    return False
 
 
 def _is_scale(node: ast.AST) -> bool:

@@ -752,6 +752,8 @@ class Episode:
         result: Dict[str, Any] = {"task": self.task, "episode": info["episode"], "policy": self.policy}
         code = None
         try:
+            if info["task"].get("kind") == "decode":
+                raise TracerError(DECODE_REFUSAL)
             traces = self.trace_all(root)
             winfo = self.step("get_weight_info", path=root)[0] if self.left >= 3 else {}
             listed = (winfo.get("data") or {}).get("weights") or []
@@ -785,6 +787,11 @@ class Episode:
                       target_loc=grade.get("target_loc"), steps=self.steps, notes=self.log)
         result["code"] = code
         return result
+
+
+DECODE_REFUSAL = ("the tracer cannot write a decode task's code: op traces are recorded on full-sequence "
+                  "probes only, so they hold no KV-cache update; write the decode step by hand "
+                  "(docs/pack-format.md, Generation)")
 
 
 def _passed(obs: Dict[str, Any]) -> bool:
@@ -837,6 +844,9 @@ def write_pack(pack: str, component: str = "") -> Tuple[str, List[str]]:
 
 def _offline(args: argparse.Namespace) -> int:
     """fmx trace PACK: write (and with --verify, check) a pack's module without a server."""
+    if args.decode:
+        print(f"fmx trace: {DECODE_REFUSAL}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     print(f"fmx trace: writing {args.component or 'the whole model'} of {args.pack} from its op "
           "traces", file=sys.stderr, flush=True)
@@ -884,6 +894,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--component", default="", help="with --pack: the module path (default: the whole model)")
     ap.add_argument("-o", "--output", help="with --pack: write the code here (default: standard output)")
     ap.add_argument("--verify", action="store_true", help="with --pack and -o: then fmx verify it on every probe")
+    ap.add_argument("--decode", action="store_true", help="with --pack: the decode task (refused: see DECODE_REFUSAL)")
     ap.add_argument("--task", action="append", help="task id (repeat; default: every task)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--episodes", type=int, default=1, help="episodes per task")

@@ -217,7 +217,8 @@ class Server:
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         with Client(self.addr, timeout=60) as c:
             assert c.hello()["protocol"] == 1
-            self.tasks = {t["class"]: t["id"] for t in c.list_tasks()}
+            # by class: the model and component tasks (a decode task is the root's class too)
+            self.tasks = {t["class"]: t["id"] for t in c.list_tasks() if t["kind"] != "decode"}
         self.locs = {}
 
     def submit(self, cls, code, entry="forward"):

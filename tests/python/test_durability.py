@@ -272,8 +272,8 @@ def test_kill9_at_random_moments_loses_nothing_acknowledged(packs):
     ledger = Ledger()
     t0 = time.monotonic()
     srv.start()
-    with Client(srv.addr, timeout=30) as c:
-        tasks = c.list_tasks()
+    with Client(srv.addr, timeout=30) as c:  # decode tasks take other code: test_decode.py
+        tasks = [t for t in c.list_tasks() if t["kind"] != "decode"]
     orphans = []
     kills_mid_stream = 0  # kills that left steps unanswered
     for cycle in range(CYCLES):

@@ -285,7 +285,7 @@ def _rerun_root(pack: str, build) -> None:
         for p in m["probes"]:
             if p.get("dtype", m["dtype"]) != m["dtype"]:
                 models[(visible, p["dtype"])] = copy.deepcopy(model).to(getattr(torch, p["dtype"]))
-    for call in [c for c in m["calls"] if c["module"] == ""]:
+    for call in [c for c in m["calls"] if c["module"] == "" and "generation" not in m["probes"][c["probe"]]]:
         kwargs = {}
         for e in call["inputs"]:
             if e.get("default"):
@@ -676,7 +676,14 @@ def test_example_models_export_and_reproduce(tmp_path, example):
     if not os.path.exists(path):
         pytest.skip(f"{path} not written yet")
     m = export(f"{path}:build", str(tmp_path / example), quiet=True)
-    assert len(m["probes"]) == 8 and m["calls"]  # six, and two reruns in bfloat16
+    ordinary = [p for p in m["probes"] if "generation" not in p]
+    assert len(ordinary) == 8 and m["calls"]  # six, and two reruns in bfloat16
+    # then the generations (decode tasks): a prefill and 3+ decode steps each, visible and hidden
+    gens = m["generation"]["generations"]
+    assert [(g["visible"], g.get("dtype")) for g in gens] == [(True, None), (False, None), (False, None),
+                                                             (True, "bfloat16")]
+    assert all(g["steps"] >= 3 for g in gens)
+    assert len(m["probes"]) == 8 + sum(g["steps"] + 1 for g in gens)
     from fmx.export import display_path
 
     assert list(m["files"]) == [display_path(path)]

@@ -169,7 +169,8 @@ class Server:
              *map(str, extra)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         with Client(self.addr, timeout=120) as c:
-            self.tasks = {t["class"]: t["id"] for t in c.list_tasks()}
+            # by class: the model and component tasks (a decode task is the root's class too)
+            self.tasks = {t["class"]: t["id"] for t in c.list_tasks() if t["kind"] != "decode"}
 
     def step(self, cls, tool, args):
         with Client(self.addr, timeout=120) as c:

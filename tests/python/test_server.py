@@ -91,6 +91,8 @@ def server(packs):
 def reference(task):
     """The example's reference solution and the entry function for the task's class."""
     pack = task["pack"]
+    if task.get("kind") == "decode":  # the model with its KV cache
+        return (SOLUTIONS / f"{pack}_decode.py").read_text(), "forward"
     entries = json.loads((SOLUTIONS / f"{pack}.entries.json").read_text())
     return (SOLUTIONS / f"{pack}.py").read_text(), entries[task["class"]]
 
@@ -139,9 +141,10 @@ def test_hello_spec_and_tasks(server):
         tasks = c.list_tasks()
         ids = [t["id"] for t in tasks]
         assert "qwen2" in ids and "gpt2" in ids and "qwen2/Qwen2MLP" in ids
-        assert len(ids) == len(set(ids)) == 21
+        assert "qwen2/decode" in ids and "gpt2/decode" in ids  # causal LMs: their decode tasks
+        assert len(ids) == len(set(ids)) == 23
         health = c.health()
-        assert health["tasks"] == 21 and health["db"] == str(server.db)
+        assert health["tasks"] == 23 and health["db"] == str(server.db)
 
 
 # ---- whole episodes ----
@@ -687,15 +690,15 @@ def test_fmx_run_plays_oracle_and_null_and_prints_the_leaderboard(packs, tmp_pat
     assert f"episode log (SQLite): {db}" in res.stdout
     lines = res.stdout.splitlines()
     rank = next(i for i, l in enumerate(lines) if l.startswith("rank"))
-    assert lines[rank + 1].split()[:3] == ["1", "oracle", "21"]
-    assert lines[rank + 2].split()[:5] == ["2", "null", "21", "0%", "0.000"]
+    assert lines[rank + 1].split()[:3] == ["1", "oracle", "23"]  # 21 tasks and 2 decode tasks
+    assert lines[rank + 2].split()[:5] == ["2", "null", "23", "0%", "0.000"]
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         rows = conn.execute(
             "SELECT p.name, count(*), min(s.correctness), max(s.correctness), max(e.reward) "
             "FROM episodes e JOIN policies p ON p.id = e.policy_id "
             "JOIN submissions s ON s.episode = e.id GROUP BY p.name ORDER BY p.name").fetchall()
-        assert rows[0][:4] == ("null", 21, 0.0, 0.0) and rows[0][4] == 0.0
-        assert rows[1][:4] == ("oracle", 21, 1.0, 1.0)
+        assert rows[0][:4] == ("null", 23, 0.0, 0.0) and rows[0][4] == 0.0
+        assert rows[1][:4] == ("oracle", 23, 1.0, 1.0)
         # the oracle reads each tool once, verifies, then submits
         tools = conn.execute(
             "SELECT group_concat(tool, ' ') FROM (SELECT s.tool FROM steps s JOIN episodes e "
@@ -711,9 +714,9 @@ def test_fmx_run_plays_oracle_and_null_and_prints_the_leaderboard(packs, tmp_pat
             "JOIN policies p ON p.id = e.policy_id WHERE p.name = 'oracle'").fetchall())
         assert loc["qwen2/Qwen2MLP"] * 4 < loc["qwen2"] and loc["gpt2/Linear"] <= 3
     board = fmx("leaderboard", "--db", db)
-    assert board.returncode == 0 and board.stdout.count("oracle") == 22  # total + 21 tasks
+    assert board.returncode == 0 and board.stdout.count("oracle") == 24  # total + 23 tasks
     only = fmx("leaderboard", "--db", db, "--policy", "null")
-    assert "oracle" not in only.stdout and only.stdout.count("null") == 22
+    assert "oracle" not in only.stdout and only.stdout.count("null") == 24
     missing = fmx("leaderboard", "--db", tmp_path / "none.db")
     assert missing.returncode == 2 and "none.db" in missing.stderr
 

@@ -67,10 +67,16 @@ def test_tracer_passes_every_task(played):
     _, db, _ = played
     tasks = {r[0] for r in sql(db, "SELECT id FROM tasks")}
     subs = submissions(db)
-    assert set(subs) == tasks and len(tasks) == 31  # 11 gpt2, 10 qwen2 and 10 tiny tasks
-    failed = {t: s[1] for t, s in subs.items() if s[1] != 1.0}
+    # 11 gpt2, 10 qwen2 and 10 tiny tasks, and the examples' decode tasks (causal LMs with a cache)
+    assert set(subs) == tasks and len(tasks) == 33
+    decode = {"gpt2/decode", "qwen2/decode"}
+    failed = {t: s[1] for t, s in subs.items() if s[1] != 1.0 and t not in decode}
     assert not failed
-    assert all(s[3] > 0.85 for s in subs.values())
+    assert all(s[3] > 0.85 for t, s in subs.items() if t not in decode)
+    # a decode task: the tracer says plainly that it cannot write it (and submits nothing useful)
+    for t in decode:
+        code, correctness, _, reward = subs[t]
+        assert correctness == 0 and reward == 0 and "cannot write a decode task" in code
 
 
 def test_model_programs_roll_layers_and_share_helpers(played):
@@ -115,9 +121,9 @@ def test_written_code_runs_in_plain_python_and_matches_the_model(played):
 def test_leaderboard_has_the_tracer_row(played):
     _, db, out = played
     row = next(line for line in out.splitlines() if re.match(r"^1\s+tracer\s", line))
-    assert re.search(r"\s31\s+100%\s", row), row
+    assert re.search(r"\s33\s+94%\s", row), row  # 31 of 33: not the two decode tasks
     res = fmx("leaderboard", "--db", db)
-    assert res.returncode == 0 and re.search(r"tracer\s+31\s+100%", res.stdout)
+    assert res.returncode == 0 and re.search(r"tracer\s+33\s+94%", res.stdout)
 
 
 # ---- the op traces ----
