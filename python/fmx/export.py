@@ -1548,7 +1548,10 @@ def _capture_generations(model: nn.Module, calls: List[Dict[str, Any]], writer: 
                 probe_entries += generate.capture_generations(
                     run, gen_capture, writer, group, len(probe_entries), inputs_fn=inputs_fn,
                     load=load if dtype is None else lambda visible: None, seed=seed, device=device, quiet=quiet)
-    except (ValueError, TypeError) as e:  # not a cache fmx can read: the pack has no decode task, says why
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 — not a cache fmx can read, or the model's own generation
+        # code failing on this torch (gemma2's HybridCache on torch 1.x): no decode task, and why
         del probe_entries[first:], calls[first_call:]
         if not quiet:
             print(f"no generation captured: {e}", file=sys.stderr)
