@@ -72,7 +72,7 @@ if ((episode)); then
     objs+=("$o")
   done
   if ! "$CXX" -fsanitize=fuzzer,address,undefined "${objs[@]}" "$engine" "${torch_libs[@]}" \
-    "${libs[@]}" -lseccomp -ldl -lpthread -o "$out/fuzz_episode" 2>>"$out/build.log"; then
+    "${libs[@]}" -lseccomp -lcrypto -ldl -lpthread -o "$out/fuzz_episode" 2>>"$out/build.log"; then
     cat "$out/build.log" >&2
     echo "fuzz: linking fuzz_episode failed" >&2
     exit 2
