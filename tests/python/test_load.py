@@ -47,7 +47,7 @@ SEED = 7
 CLIENTS = 64
 EPISODES_PER_CLIENT = 2
 WINDOW = 2  # steps in flight per episode
-DURATION_S = 20.0  # clients start new steps for this long, then drain
+DURATION_S = 14.0  # clients start new steps for this long, then drain
 # RSS may grow after the 25% sample by this much: caches still filling
 # (glibc arenas, the cheap tools' observation cache, SQLite's page cache).
 # Measured on 2 cores: +2 to +4 MiB. A leak of 8 KiB per step (~4,500 steps
