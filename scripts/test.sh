@@ -42,7 +42,7 @@ run_stage ctest ctest --test-dir "$build" --output-on-failure
 
 echo "== Python tests (pytest)"
 run_stage pytest env FMX_BIN="$build/fmx" PYTHONPATH="$PWD/python" \
-  /usr/bin/python3 -m pytest -q -p no:cacheprovider --durations=15 -n 3 --dist loadfile tests/python
+  /usr/bin/python3 -m pytest -q -p no:cacheprovider --durations=15 -n 2 --dist loadfile tests/python
 
 # ---- sanitizers: a second build of the C code (the libtorch bridge is
 # reused from $build), its unit tests and one served episode ----
