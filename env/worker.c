@@ -1,9 +1,10 @@
 /*
  * worker.c — worker processes for the server's evaluations (worker.h): the
  * pool the server's main thread drives (spawn, dispatch, deadlines, reaping,
- * replacement), the sandbox a worker puts itself in, the worker's serve
- * loop, the channel's framing and the self-tests. It is not: the server loop
- * (env/server.c) or what a job computes (env/episode.c, env/tools.c).
+ * replacement), the sandbox a worker puts itself in and the worker's serve
+ * loop. It is not: the server loop (env/server.c), what a job computes
+ * (env/episode.c, env/tools.c), the channel's messages (channel.c), step
+ * outcomes and fates (outcome.c) or the self-tests (selftest.c).
  */
 #define _GNU_SOURCE
 #include "worker.h"
@@ -30,6 +31,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "channel.h"
+#include "outcome.h"
 #include "engine/engine.h"
 #include "evaluator.h"
 #include "sandbox.h"
@@ -40,367 +43,14 @@
 
 #define FMX__EXIT_OOM 86             /* a worker's exit status: an allocation failed */
 #define FMX__EXIT_SETUP 87           /* ... it could not sandbox itself */
-#define FMX__MAX_MSG (256u << 20)    /* largest message on a channel */
 #define FMX__SEND_WAIT_S 10.0        /* how long a request write may block */
-#define FMX__CHANNEL_FD 3            /* a worker's end of the channel */
 #define FMX__RESTART_MAX_DELAY_S 5.0 /* back-off cap for workers that die starting */
 #define FMX__START_FAILURES_MAX 5    /* then jobs fail instead of waiting for a worker */
-#define FMX__TREE_MAX_DEPTH 64
 
 static double fmx__mono(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-/* ---- the channel: framing and a lossless cJSON tree encoding ----
- *
- * JSON text would lose NaN/Inf (cJSON prints null) and the float flag of
- * whole numbers (fmx_proto_float: a reward of 1.0 goes out as a float), so
- * a tree travels as: 'n' null, 'f' false, 't' true, 'd' flags:u32 value:f64,
- * 's' len:u32 bytes, 'a' n:u32 items, 'o' n:u32 (len:u32 key item)*. */
-
-typedef struct {
-    char *s;
-    size_t len, cap;
-    int oom;
-} fmx__buf;
-
-static void fmx__put(fmx__buf *b, const void *p, size_t n) {
-    if (b->oom) return;
-    if (b->len + n > b->cap) {
-        size_t cap = b->cap ? b->cap : 4096;
-        while (cap < b->len + n)
-            cap *= 2;
-        char *s = realloc(b->s, cap);
-        if (!s) {
-            b->oom = 1;
-            return;
-        }
-        b->s = s;
-        b->cap = cap;
-    }
-    memcpy(b->s + b->len, p, n);
-    b->len += n;
-}
-
-static void fmx__put_u32(fmx__buf *b, uint32_t v) {
-    unsigned char x[4] = {(unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16),
-                          (unsigned char)(v >> 24)};
-    fmx__put(b, x, 4);
-}
-
-static void fmx__put_str(fmx__buf *b, const char *s) {
-    size_t n = s ? strlen(s) : 0;
-    fmx__put_u32(b, (uint32_t)n);
-    fmx__put(b, s ? s : "", n);
-}
-
-static void fmx__tree_put(fmx__buf *b, const cJSON *j) {
-    switch (j->type & 0xff) {
-    case cJSON_False:
-        fmx__put(b, "f", 1);
-        break;
-    case cJSON_True:
-        fmx__put(b, "t", 1);
-        break;
-    case cJSON_Number: {
-        fmx__put(b, "d", 1);
-        fmx__put_u32(b, (uint32_t)(j->type & ~(0xff | cJSON_IsReference | cJSON_StringIsConst)));
-        fmx__put(b, &j->valuedouble, 8);
-        break;
-    }
-    case cJSON_String:
-    case cJSON_Raw:
-        fmx__put(b, "s", 1);
-        fmx__put_str(b, j->valuestring);
-        break;
-    case cJSON_Array:
-    case cJSON_Object: {
-        int obj = (j->type & 0xff) == cJSON_Object;
-        fmx__put(b, obj ? "o" : "a", 1);
-        fmx__put_u32(b, (uint32_t)cJSON_GetArraySize(j));
-        for (const cJSON *c = j->child; c; c = c->next) {
-            if (obj) fmx__put_str(b, c->string);
-            fmx__tree_put(b, c);
-        }
-        break;
-    }
-    default:
-        fmx__put(b, "n", 1);
-    }
-}
-
-typedef struct {
-    const unsigned char *p;
-    size_t n, at;
-} fmx__rd;
-
-static int fmx__get_u32(fmx__rd *r, uint32_t *v) {
-    if (r->n - r->at < 4) return 0;
-    const unsigned char *x = r->p + r->at;
-    *v = (uint32_t)x[0] | (uint32_t)x[1] << 8 | (uint32_t)x[2] << 16 | (uint32_t)x[3] << 24;
-    r->at += 4;
-    return 1;
-}
-
-/* A string of the stream as a NUL-terminated copy; NULL when malformed (or
- * holding a NUL byte) or out of memory. */
-static char *fmx__get_str(fmx__rd *r) {
-    uint32_t n;
-    if (!fmx__get_u32(r, &n) || r->n - r->at < n || memchr(r->p + r->at, 0, n)) return NULL;
-    char *s = malloc((size_t)n + 1);
-    if (!s) return NULL;
-    memcpy(s, r->p + r->at, n);
-    s[n] = 0;
-    r->at += n;
-    return s;
-}
-
-static cJSON *fmx__tree_get(fmx__rd *r, int depth) {
-    if (depth > FMX__TREE_MAX_DEPTH || r->at >= r->n) return NULL;
-    char t = (char)r->p[r->at++];
-    switch (t) {
-    case 'n':
-        return cJSON_CreateNull();
-    case 'f':
-        return cJSON_CreateFalse();
-    case 't':
-        return cJSON_CreateTrue();
-    case 'd': {
-        uint32_t flags;
-        double v;
-        if (!fmx__get_u32(r, &flags) || r->n - r->at < 8) return NULL;
-        memcpy(&v, r->p + r->at, 8);
-        r->at += 8;
-        cJSON *j = cJSON_CreateNumber(v);
-        if (j) j->type |= (int)(flags & ~(0xffu | cJSON_IsReference | cJSON_StringIsConst));
-        return j;
-    }
-    case 's': {
-        char *s = fmx__get_str(r);
-        cJSON *j = s ? cJSON_CreateString(s) : NULL;
-        free(s);
-        return j;
-    }
-    case 'a':
-    case 'o': {
-        uint32_t n;
-        /* every entry takes at least one byte: a count can never outrun the data */
-        if (!fmx__get_u32(r, &n) || n > r->n - r->at) return NULL;
-        cJSON *j = t == 'o' ? cJSON_CreateObject() : cJSON_CreateArray();
-        for (uint32_t i = 0; j && i < n; i++) {
-            char *key = t == 'o' ? fmx__get_str(r) : NULL;
-            cJSON *c = (t == 'a' || key) ? fmx__tree_get(r, depth + 1) : NULL;
-            if (!c) {
-                free(key);
-                cJSON_Delete(j);
-                return NULL;
-            }
-            if (key)
-                cJSON_AddItemToObject(j, key, c);
-            else
-                cJSON_AddItemToArray(j, c);
-            free(key);
-        }
-        return j;
-    }
-    default:
-        return NULL;
-    }
-}
-
-/* Encodes a message: length prefix, then the tree. Caller frees *out. */
-static int fmx__encode(const cJSON *j, char **out, size_t *len) {
-    fmx__buf b = {0};
-    fmx__put_u32(&b, 0);
-    fmx__tree_put(&b, j);
-    if (b.oom || b.len - 4 > FMX__MAX_MSG) {
-        free(b.s);
-        return FMX_ENOMEM;
-    }
-    uint32_t n = (uint32_t)(b.len - 4);
-    unsigned char x[4] = {(unsigned char)n, (unsigned char)(n >> 8), (unsigned char)(n >> 16),
-                          (unsigned char)(n >> 24)};
-    memcpy(b.s, x, 4);
-    *out = b.s;
-    *len = b.len;
-    return FMX_OK;
-}
-
-static cJSON *fmx__decode(const char *s, size_t n) {
-    fmx__rd r = {(const unsigned char *)s, n, 0};
-    cJSON *j = fmx__tree_get(&r, 0);
-    if (j && r.at != n) {
-        cJSON_Delete(j);
-        return NULL;
-    }
-    return j;
-}
-
-/* Blocking write of a whole buffer (the worker's side). */
-static int fmx__write_all(int fd, const char *p, size_t n) {
-    while (n) {
-        ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
-        if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) return -1;
-        p += k;
-        n -= (size_t)k;
-    }
-    return 0;
-}
-
-/* Blocking read of one message (the worker's side). Returns 1 with *out
- * (caller frees), 0 at end of stream, -1 on error. */
-static int fmx__read_msg(int fd, char **out, size_t *len) {
-    unsigned char h[4];
-    size_t got = 0;
-    while (got < 4) {
-        ssize_t k = recv(fd, h + got, 4 - got, 0);
-        if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) return got == 0 && k == 0 ? 0 : -1;
-        got += (size_t)k;
-    }
-    uint32_t n = (uint32_t)h[0] | (uint32_t)h[1] << 8 | (uint32_t)h[2] << 16 | (uint32_t)h[3] << 24;
-    if (n > FMX__MAX_MSG) return -1;
-    char *b = malloc((size_t)n + 1);
-    if (!b) return -1;
-    for (got = 0; got < n;) {
-        ssize_t k = recv(fd, b + got, n - got, 0);
-        if (k < 0 && errno == EINTR) continue;
-        if (k <= 0) {
-            free(b);
-            return -1;
-        }
-        got += (size_t)k;
-    }
-    *out = b;
-    *len = n;
-    return 1;
-}
-
-/* ---- grades and outcomes as trees ---- */
-
-static cJSON *fmx__grade_json(const fmx_grade *g) {
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddNumberToObject(o, "graded_probes", g->graded_probes);
-    cJSON_AddNumberToObject(o, "passed_probes", g->passed_probes);
-    cJSON *f = cJSON_AddObjectToObject(o, "facts");
-    cJSON_AddNumberToObject(f, "correctness", g->facts.correctness);
-    cJSON_AddNumberToObject(f, "loc", (double)g->facts.loc);
-    cJSON_AddNumberToObject(f, "target_loc", (double)g->facts.target_loc);
-    cJSON_AddNumberToObject(f, "compiled", g->facts.compiled);
-    cJSON_AddNumberToObject(f, "host_syncs", g->facts.host_syncs);
-    cJSON_AddNumberToObject(f, "data_dependent_flow", g->facts.data_dependent_flow);
-    cJSON_AddNumberToObject(f, "survives_optimization", g->facts.survives_optimization);
-    cJSON_AddNumberToObject(f, "runs_all_shapes", g->facts.runs_all_shapes);
-    cJSON *s = cJSON_AddObjectToObject(o, "score");
-    cJSON_AddNumberToObject(s, "correctness", g->score.correctness);
-    cJSON_AddNumberToObject(s, "loc_score", g->score.loc_score);
-    cJSON_AddNumberToObject(s, "compile_score", g->score.compile_score);
-    cJSON_AddNumberToObject(s, "reward", g->score.reward);
-    cJSON_AddStringToObject(o, "breakdown", g->breakdown);
-    if (g->summary) cJSON_AddItemToObject(o, "summary", cJSON_Duplicate(g->summary, 1));
-    if (g->text) cJSON_AddStringToObject(o, "text", g->text);
-    return o;
-}
-
-static double fmx__num(const cJSON *o, const char *k) {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
-    return cJSON_IsNumber(v) ? v->valuedouble : 0;
-}
-
-static int fmx__flag(const cJSON *o, const char *k) {
-    return cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(o, k));
-}
-
-/* Fills g from a tree of fmx__grade_json. Returns FMX_OK, FMX_EFORMAT or FMX_ENOMEM. */
-static int fmx__grade_from(const cJSON *o, fmx_grade *g) {
-    memset(g, 0, sizeof *g);
-    if (!cJSON_IsObject(o)) return FMX_EFORMAT;
-    const cJSON *f = cJSON_GetObjectItemCaseSensitive(o, "facts");
-    const cJSON *s = cJSON_GetObjectItemCaseSensitive(o, "score");
-    const char *bd = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(o, "breakdown"));
-    const char *text = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(o, "text"));
-    const cJSON *sum = cJSON_GetObjectItemCaseSensitive(o, "summary");
-    if (!cJSON_IsObject(f) || !cJSON_IsObject(s) || !bd || !text || !cJSON_IsObject(sum))
-        return FMX_EFORMAT;
-    g->graded_probes = (int)fmx__num(o, "graded_probes");
-    g->passed_probes = (int)fmx__num(o, "passed_probes");
-    g->facts.correctness = fmx__num(f, "correctness");
-    g->facts.loc = (long)fmx__num(f, "loc");
-    g->facts.target_loc = (long)fmx__num(f, "target_loc");
-    g->facts.compiled = (int)fmx__num(f, "compiled");
-    g->facts.host_syncs = (int)fmx__num(f, "host_syncs");
-    g->facts.data_dependent_flow = (int)fmx__num(f, "data_dependent_flow");
-    g->facts.survives_optimization = (int)fmx__num(f, "survives_optimization");
-    g->facts.runs_all_shapes = (int)fmx__num(f, "runs_all_shapes");
-    g->score.correctness = fmx__num(s, "correctness");
-    g->score.loc_score = fmx__num(s, "loc_score");
-    g->score.compile_score = fmx__num(s, "compile_score");
-    g->score.reward = fmx__num(s, "reward");
-    snprintf(g->breakdown, sizeof g->breakdown, "%s", bd);
-    g->summary = cJSON_Duplicate(sum, 1);
-    g->text = strdup(text);
-    if (!g->summary || !g->text) {
-        fmx_grade_clear(g);
-        return FMX_ENOMEM;
-    }
-    return FMX_OK;
-}
-
-/* The outcome as a reply; takes the observation out of it. NULL when out of memory. */
-static cJSON *fmx__outcome_json(fmx_step_outcome *out) {
-    cJSON *o = cJSON_CreateObject();
-    if (!o) return NULL;
-    cJSON *t = cJSON_AddObjectToObject(o, "tool");
-    if (out->tool.observation) {
-        cJSON_AddItemToObject(t, "observation", out->tool.observation);
-        out->tool.observation = NULL;
-        out->tool.error = NULL;
-    }
-    cJSON_AddBoolToObject(t, "verified_task_code", out->tool.verified_task_code);
-    cJSON_AddBoolToObject(t, "submitted", out->tool.submitted);
-    if (out->tool.submitted) cJSON_AddItemToObject(t, "grade", fmx__grade_json(&out->tool.grade));
-    cJSON_AddBoolToObject(o, "truncated", out->truncated);
-    cJSON_AddBoolToObject(o, "trunc_graded", out->trunc_graded);
-    if (out->trunc_graded)
-        cJSON_AddItemToObject(o, "trunc_grade", fmx__grade_json(&out->trunc_grade));
-    if (out->graded_code) cJSON_AddStringToObject(o, "graded_code", out->graded_code);
-    if (out->graded_entry) cJSON_AddStringToObject(o, "graded_entry", out->graded_entry);
-    cJSON_AddNumberToObject(o, "ms", out->ms);
-    return o;
-}
-
-/* Fills out from a reply of fmx__outcome_json (taking its observation). */
-static int fmx__outcome_from(cJSON *o, fmx_step_outcome *out) {
-    memset(out, 0, sizeof *out);
-    cJSON *t = cJSON_GetObjectItemCaseSensitive(o, "tool");
-    cJSON *obs = cJSON_GetObjectItemCaseSensitive(t, "observation");
-    if (!cJSON_IsObject(t) || !cJSON_IsObject(obs)) return FMX_EFORMAT;
-    int rc = FMX_OK;
-    out->tool.verified_task_code = fmx__flag(t, "verified_task_code");
-    out->tool.submitted = fmx__flag(t, "submitted");
-    if (out->tool.submitted)
-        rc = fmx__grade_from(cJSON_GetObjectItemCaseSensitive(t, "grade"), &out->tool.grade);
-    out->truncated = fmx__flag(o, "truncated");
-    out->trunc_graded = fmx__flag(o, "trunc_graded");
-    if (rc == FMX_OK && out->trunc_graded)
-        rc = fmx__grade_from(cJSON_GetObjectItemCaseSensitive(o, "trunc_grade"), &out->trunc_grade);
-    const char *code = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(o, "graded_code"));
-    const char *entry = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(o, "graded_entry"));
-    if (rc == FMX_OK && out->trunc_graded && (!code || !entry)) rc = FMX_EFORMAT;
-    if (rc == FMX_OK && code && !(out->graded_code = strdup(code))) rc = FMX_ENOMEM;
-    if (rc == FMX_OK && entry && !(out->graded_entry = strdup(entry))) rc = FMX_ENOMEM;
-    out->ms = fmx__num(o, "ms");
-    if (rc != FMX_OK) {
-        fmx_step_outcome_clear(out);
-        return rc;
-    }
-    out->tool.observation = cJSON_DetachItemViaPointer(t, obs);
-    const cJSON *err = cJSON_GetObjectItemCaseSensitive(out->tool.observation, "error");
-    out->tool.error = cJSON_IsString(err) ? err->valuestring : NULL;
-    return FMX_OK;
 }
 
 /* ---- requests ---- */
@@ -590,15 +240,15 @@ static void fmx__set_threads(int n) {
 }
 
 static void fmx__close_fds(int keep) {
-    if (keep != FMX__CHANNEL_FD) {
-        dup2(keep, FMX__CHANNEL_FD); /* clears close-on-exec on the copy */
+    if (keep != FMX_CHANNEL_FD) {
+        dup2(keep, FMX_CHANNEL_FD); /* clears close-on-exec on the copy */
         close(keep);
     } else {
         fcntl(keep, F_SETFD, 0);
     }
-    if (close_range(FMX__CHANNEL_FD + 1, ~0U, 0) != 0) {
+    if (close_range(FMX_CHANNEL_FD + 1, ~0U, 0) != 0) {
         long max = sysconf(_SC_OPEN_MAX);
-        for (long fd = FMX__CHANNEL_FD + 1; fd < (max > 0 ? max : 65536); fd++)
+        for (long fd = FMX_CHANNEL_FD + 1; fd < (max > 0 ? max : 65536); fd++)
             close((int)fd);
     }
     int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
@@ -778,7 +428,7 @@ static cJSON *fmx__job(const fmx__wctx *w, cJSON *rq) {
     fmx_step_plan plan = {0};
     plan.ctx = (fmx_tool_ctx){.task = task,
                               .reward = w->reward,
-                              .max_code_bytes = (size_t)fmx__num(rq, "max_code_bytes")};
+                              .max_code_bytes = (size_t)fmx_tree_num(rq, "max_code_bytes")};
     plan.heavy = 1;
     if (strcmp(kind, "grade") == 0) {
         const char *code = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(rq, "code"));
@@ -787,7 +437,7 @@ static cJSON *fmx__job(const fmx__wctx *w, cJSON *rq) {
         fmx_grade g;
         if (fmx_tools_grade(&plan.ctx, code, strlen(code), entry, &g) != FMX_OK) return NULL;
         cJSON *r = cJSON_CreateObject();
-        if (r) cJSON_AddItemToObject(r, "grade", fmx__grade_json(&g));
+        if (r) cJSON_AddItemToObject(r, "grade", fmx_grade_tree(&g));
         fmx_grade_clear(&g);
         return r;
     }
@@ -795,15 +445,15 @@ static cJSON *fmx__job(const fmx__wctx *w, cJSON *rq) {
     const cJSON *args = cJSON_GetObjectItemCaseSensitive(rq, "args");
     plan.tool = fmx__dup_arg(rq, "tool");
     plan.args = cJSON_IsObject(args) ? cJSON_Duplicate(args, 1) : NULL;
-    plan.final = fmx__flag(rq, "final");
-    plan.finish = fmx__flag(rq, "finish");
+    plan.final = fmx_tree_flag(rq, "final");
+    plan.finish = fmx_tree_flag(rq, "finish");
     plan.fallback_code = fmx__dup_arg(rq, "fallback_code");
     plan.fallback_entry = fmx__dup_arg(rq, "fallback_entry");
     cJSON *r = NULL;
     fmx_step_outcome out;
     if (plan.tool && (!cJSON_IsObject(args) || plan.args) &&
         fmx_episode_execute(&plan, &out) == FMX_OK) {
-        r = fmx__outcome_json(&out);
+        r = fmx_outcome_tree(&out);
         fmx_step_outcome_clear(&out);
     }
     fmx_step_plan_clear(&plan);
@@ -813,8 +463,8 @@ static cJSON *fmx__job(const fmx__wctx *w, cJSON *rq) {
 static void fmx__send_tree(int fd, const cJSON *j) {
     char *buf = NULL;
     size_t len = 0;
-    if (fmx__encode(j, &buf, &len) != FMX_OK) _exit(FMX__EXIT_OOM);
-    if (fmx__write_all(fd, buf, len) != 0) _exit(0); /* the server is gone */
+    if (fmx_channel_encode(j, &buf, &len) != FMX_OK) _exit(FMX__EXIT_OOM);
+    if (fmx_channel_write_all(fd, buf, len) != 0) _exit(0); /* the server is gone */
     free(buf);
 }
 
@@ -838,9 +488,9 @@ static void __attribute__((noreturn)) fmx__worker_run(int fd, const fmx__wctx *w
     for (;;) {
         char *msg = NULL;
         size_t len = 0;
-        int rc = fmx__read_msg(fd, &msg, &len);
+        int rc = fmx_channel_read_msg(fd, &msg, &len);
         if (rc <= 0) _exit(0); /* the server closed the channel */
-        cJSON *rq = fmx__decode(msg, len);
+        cJSON *rq = fmx_channel_decode(msg, len);
         free(msg);
         if (!rq) _exit(FMX__EXIT_OOM); /* the server's encoding is sound: out of memory */
         fmx__arm_cpu(w->cpu_s);
@@ -931,7 +581,7 @@ static int fmx__is_cpu(const char *device) {
     return !device || strcmp(device, "cpu") == 0;
 }
 
-static double fmx__cpu_budget(const fmx_pool_config *c) {
+double fmx_pool_cpu_budget(const fmx_pool_config *c) {
     if (c->cpu_s > 0) return c->cpu_s;
     return c->eval_timeout_s * (c->threads > 0 ? c->threads : 1) + 1;
 }
@@ -941,10 +591,10 @@ static int fmx__build_argv(fmx_pool *p) {
     const fmx_pool_config *c = &p->cfg;
     char num[5][32];
     snprintf(num[4], sizeof num[4], "%.17g", c->eval_timeout_s);
-    snprintf(num[0], sizeof num[0], "%d", FMX__CHANNEL_FD);
+    snprintf(num[0], sizeof num[0], "%d", FMX_CHANNEL_FD);
     snprintf(num[1], sizeof num[1], "%ld", c->mem_mb);
     snprintf(num[2], sizeof num[2], "%d", c->threads > 0 ? c->threads : 1);
-    snprintf(num[3], sizeof num[3], "%.17g", fmx__cpu_budget(c));
+    snprintf(num[3], sizeof num[3], "%.17g", fmx_pool_cpu_budget(c));
     const char *v[20];
     int k = 0;
     v[k++] = c->exe ? c->exe : "/proc/self/exe";
@@ -986,11 +636,11 @@ static void __attribute__((noreturn)) fmx__worker_child(fmx_pool *p, int chan, p
         cJSON *hello = cJSON_CreateObject();
         cJSON_AddFalseToObject(hello, "ready");
         cJSON_AddStringToObject(hello, "error", why);
-        fmx__send_tree(FMX__CHANNEL_FD, hello);
+        fmx__send_tree(FMX_CHANNEL_FD, hello);
         _exit(FMX__EXIT_SETUP);
     }
     fmx__unmap_shared();
-    fmx__worker_run(FMX__CHANNEL_FD, &p->wctx);
+    fmx__worker_run(FMX_CHANNEL_FD, &p->wctx);
 }
 
 /* ---- the spawner ----
@@ -1050,7 +700,7 @@ static int fmx__recv_fd(int sock, pid_t *pid, int *fd) {
 static void __attribute__((noreturn)) fmx__spawner_run(fmx_pool *p, int ctl, pid_t server) {
     if (fmx__child_basics(server) != 0) _exit(FMX__EXIT_SETUP);
     fmx__close_fds(ctl);
-    ctl = FMX__CHANNEL_FD;
+    ctl = FMX_CHANNEL_FD;
     prctl(PR_SET_NAME, "fmx-spawner");
     for (;;) {
         char c;
@@ -1167,7 +817,7 @@ static fmx_fate fmx__classify(int st, int killed, const fmx_pool *p, char *why, 
     if (WIFSIGNALED(st)) {
         int sig = WTERMSIG(st);
         if (sig == SIGXCPU) {
-            snprintf(why, n, "used up its CPU-time budget (%g s)", fmx__cpu_budget(&p->cfg));
+            snprintf(why, n, "used up its CPU-time budget (%g s)", fmx_pool_cpu_budget(&p->cfg));
             return FMX_FATE_TIMEOUT;
         }
         if (sig == SIGKILL) {
@@ -1270,7 +920,7 @@ static int fmx__proc_read(fmx__proc *w) {
             if (w->hdr_got < 4) continue;
             w->msg_len = (size_t)w->hdr[0] | (size_t)w->hdr[1] << 8 | (size_t)w->hdr[2] << 16 |
                          (size_t)w->hdr[3] << 24;
-            if (w->msg_len > FMX__MAX_MSG) return -1;
+            if (w->msg_len > FMX_CHANNEL_MAX_MSG) return -1;
             w->msg = malloc(w->msg_len + 1);
             w->msg_got = 0;
             if (!w->msg) return -1;
@@ -1359,7 +1009,7 @@ int fmx_pool_service(fmx_pool *p, fmx_pool_done_fn done, void *ctx) {
                 fmx__worker_gone(p, w, 0, NULL, done, ctx, &finished);
                 break;
             }
-            cJSON *m = fmx__decode(w->msg, w->msg_len);
+            cJSON *m = fmx_channel_decode(w->msg, w->msg_len);
             free(w->msg);
             w->msg = NULL;
             w->hdr_got = 0;
@@ -1369,7 +1019,7 @@ int fmx_pool_service(fmx_pool *p, fmx_pool_done_fn done, void *ctx) {
                 break;
             }
             if (w->state == FMX__STARTING) {
-                if (fmx__flag(m, "ready")) {
+                if (fmx_tree_flag(m, "ready")) {
                     w->state = FMX__IDLE;
                     p->start_failures = 0;
                     p->last_start_error[0] = 0;
@@ -1457,7 +1107,7 @@ int fmx_pool_service(fmx_pool *p, fmx_pool_done_fn done, void *ctx) {
         j->next = NULL;
         char *buf = NULL;
         size_t len = 0;
-        if (fmx__encode(j->request, &buf, &len) != FMX_OK) {
+        if (fmx_channel_encode(j->request, &buf, &len) != FMX_OK) {
             fmx__fail_job(p, j, FMX_FATE_OOM, "out of memory encoding the request", 0, done, ctx);
             finished++;
             i--;
@@ -1562,7 +1212,7 @@ int fmx_pool_create(const fmx_pool_config *cfg, const fmx_tasks *tasks,
                           .reward = reward,
                           .threads = p->cfg.threads,
                           .mem_mb = p->cfg.mem_mb,
-                          .cpu_s = fmx__cpu_budget(&p->cfg),
+                          .cpu_s = fmx_pool_cpu_budget(&p->cfg),
                           .cpu_device = fmx__is_cpu(p->cfg.device),
                           .full_warmup = 0,
                           .eval_timeout_s = p->cfg.eval_timeout_s,
@@ -1642,58 +1292,7 @@ void fmx_pool_destroy(fmx_pool *p) {
     free(p);
 }
 
-/* ---- outcomes of step jobs ---- */
-
-/* A submit whose evaluation failed: graded as failing every probe (reward 0),
- * so that the episode ends. (Were it to go on, code that hangs or crashes
- * depending on a hidden probe's inputs would reveal them a bit per step.) */
-static int fmx__failed_grade(const fmx_step_plan *plan, fmx_fate fate, const char *why,
-                             const char *text, fmx_grade *g) {
-    memset(g, 0, sizeof *g);
-    g->score = fmx_reward_score(plan->ctx.reward, &g->facts);
-    fmx_reward_breakdown_json(plan->ctx.reward, &g->facts, &g->score, g->breakdown,
-                              sizeof g->breakdown);
-    cJSON *sum = cJSON_CreateObject();
-    fmx_proto_add_float(sum, "reward", g->score.reward);
-    fmx_proto_add_float(sum, "correctness", 0.0);
-    cJSON_AddNumberToObject(sum, "probes_passed", 0);
-    cJSON_AddNumberToObject(sum, "probes_graded", 0);
-    cJSON_AddItemToObject(sum, "probes", cJSON_CreateArray());
-    cJSON_AddBoolToObject(sum, "compiled", 0);
-    cJSON_AddBoolToObject(sum, "runs_all_shapes", 0);
-    fmx_proto_add_float(sum, "loc_score", g->score.loc_score);
-    fmx_proto_add_float(sum, "compile_score", g->score.compile_score);
-    cJSON *bd = cJSON_Parse(g->breakdown);
-    if (bd) cJSON_AddItemToObject(sum, "breakdown", bd);
-    cJSON *e = cJSON_AddObjectToObject(sum, "error");
-    cJSON_AddStringToObject(e, "stage", fmx_fate_name(fate));
-    cJSON_AddStringToObject(e, "message", why);
-    g->summary = sum;
-    g->text = strdup(text);
-    if (!g->text || !cJSON_GetObjectItemCaseSensitive(sum, "error")) {
-        fmx_grade_clear(g);
-        return FMX_ENOMEM;
-    }
-    return FMX_OK;
-}
-
-double fmx_eval_budget_s(double eval_timeout_s) {
-    if (eval_timeout_s <= 0) return 0;
-    return eval_timeout_s > 1 ? eval_timeout_s - 0.25 : eval_timeout_s * 0.75;
-}
-
-fmx_fate fmx_fate_of_eval(fmx_eval_fate f) {
-    switch (f) {
-    case FMX_EVAL_OK:
-        return FMX_FATE_OK;
-    case FMX_EVAL_TIMEOUT:
-        return FMX_FATE_TIMEOUT;
-    case FMX_EVAL_OOM:
-        return FMX_FATE_OOM;
-    default:
-        return FMX_FATE_CRASHED;
-    }
-}
+/* ---- outcomes of step jobs (the rest: env/outcome.c) ---- */
 
 int fmx_pool_outcome(const fmx_pool *p, const fmx_step_plan *plan, fmx_pool_result *res,
                      fmx_step_outcome *out) {
@@ -1703,7 +1302,7 @@ int fmx_pool_outcome(const fmx_pool *p, const fmx_step_plan *plan, fmx_pool_resu
     snprintf(why, sizeof why, "%s", res->why);
     if (fate == FMX_FATE_OK) {
         const char *e = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(res->reply, "error"));
-        int rc = e ? FMX_EFORMAT : fmx__outcome_from(res->reply, out);
+        int rc = e ? FMX_EFORMAT : fmx_outcome_from_tree(res->reply, out);
         if (rc == FMX_OK || rc == FMX_ENOMEM) return rc;
         fate = FMX_FATE_CRASHED;
         snprintf(why, sizeof why, "%s", e ? e : "the worker's reply is malformed");
@@ -1713,296 +1312,9 @@ int fmx_pool_outcome(const fmx_pool *p, const fmx_step_plan *plan, fmx_pool_resu
     return rc;
 }
 
-int fmx_fate_outcome(const fmx_pool_config *cfg, const fmx_step_plan *plan, fmx_fate fate,
-                     const char *why, fmx_step_outcome *out) {
-    memset(out, 0, sizeof *out);
-    const char *tool = plan->tool ? plan->tool : "";
-    int is_submit = strcmp(tool, "submit") == 0;
-    const char *after = is_submit
-                            ? "The submission fails every probe (reward 0); the episode is over."
-                            : "Nothing was graded; the episode goes on and this step counts.";
-    char text[1536];
-    if (fate == FMX_FATE_TIMEOUT)
-        snprintf(text, sizeof text,
-                 "Evaluation stopped: %s (limits: %g s wall clock, %g s CPU). The code did not "
-                 "finish: a loop that never ends, or far too much work? %s",
-                 why, cfg->eval_timeout_s, fmx__cpu_budget(cfg), after);
-    else if (fate == FMX_FATE_OOM)
-        snprintf(text, sizeof text,
-                 "Evaluation stopped: out of memory: %s. An evaluation may allocate at most %ld "
-                 "MiB. %s",
-                 why, cfg->mem_mb, after);
-    else
-        snprintf(text, sizeof text, "Evaluation failed: %s. %s", why, after);
-    cJSON *obs = cJSON_CreateObject();
-    cJSON *data = cJSON_CreateObject();
-    if (!obs || !data) {
-        cJSON_Delete(obs);
-        cJSON_Delete(data);
-        return FMX_ENOMEM;
-    }
-    cJSON_AddStringToObject(obs, "tool", tool);
-    cJSON_AddStringToObject(obs, "text", text);
-    cJSON_AddItemToObject(obs, "data", data);
-    cJSON_AddStringToObject(data, "fate", fmx_fate_name(fate));
-    cJSON_AddStringToObject(data, "detail", why);
-    if (fate == FMX_FATE_TIMEOUT) {
-        fmx_proto_add_float(data, "limit_s", cfg->eval_timeout_s);
-        fmx_proto_add_float(data, "cpu_limit_s", fmx__cpu_budget(cfg));
-    }
-    if (fate == FMX_FATE_OOM) cJSON_AddNumberToObject(data, "limit_mb", (double)cfg->mem_mb);
-    cJSON *e = cJSON_AddStringToObject(obs, "error", fmx_fate_name(fate));
-    if (!e) {
-        cJSON_Delete(obs);
-        return FMX_ENOMEM;
-    }
-    out->tool.observation = obs;
-    out->tool.error = e->valuestring;
-    if (is_submit) {
-        if (fmx__failed_grade(plan, fate, why, text, &out->tool.grade) != FMX_OK) {
-            fmx_step_outcome_clear(out);
-            return FMX_ENOMEM;
-        }
-        out->tool.submitted = 1;
-        cJSON_AddItemToObject(data, "grade", cJSON_Duplicate(out->tool.grade.summary, 1));
-        return FMX_OK;
-    }
-    /* the budget's last step, or a finish, ends the episode all the same */
-    out->truncated = plan->final || plan->finish;
-    return FMX_OK;
-}
-
-int fmx_pool_needs_fallback(const fmx_step_plan *plan, const fmx_pool_result *res) {
-    /* verify_component (the tool ran, so its death may be the tool's); a
-     * cheap tool's job died grading the fallback itself; submit ends the
-     * episode */
-    return res->fate != FMX_FATE_OK && plan->final && plan->fallback_code && plan->tool &&
-           strcmp(plan->tool, "verify_component") == 0;
-}
-
-int fmx_pool_fallback(const fmx_step_plan *plan, fmx_pool_result *res, fmx_step_outcome *out) {
-    cJSON *obs = out->tool.observation;
-    const char *old = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(obs, "text"));
-    if (res->fate == FMX_FATE_OK &&
-        fmx__grade_from(cJSON_GetObjectItemCaseSensitive(res->reply, "grade"), &out->trunc_grade) ==
-            FMX_OK) {
-        out->graded_code = strdup(plan->fallback_code);
-        out->graded_entry = strdup(plan->fallback_entry ? plan->fallback_entry : "forward");
-        if (!out->graded_code || !out->graded_entry) {
-            fmx_grade_clear(&out->trunc_grade);
-            free(out->graded_code);
-            free(out->graded_entry);
-            out->graded_code = out->graded_entry = NULL;
-            return FMX_ENOMEM;
-        }
-        out->trunc_graded = 1;
-        return FMX_OK;
-    }
-    /* The last verified code could not be graded either: say so. */
-    char *joined = NULL;
-    if (asprintf(&joined, "%s The last verified code could not be graded either (%s: %s).",
-                 old ? old : "", fmx_fate_name(res->fate),
-                 res->fate == FMX_FATE_OK ? "a malformed grade" : res->why) < 0)
-        return FMX_ENOMEM;
-    cJSON_ReplaceItemInObjectCaseSensitive(obs, "text", cJSON_CreateString(joined));
-    free(joined);
-    return FMX_OK;
-}
-
-/* ---- self-tests (inside a worker) ---- */
-
-static void *fmx__thread_fn(void *arg) {
-    *(int *)arg = 42;
-    return NULL;
-}
-
-static int fmx__check(char *detail, size_t n, size_t *used, int ok, const char *what, int err) {
-    if (*used < n)
-        *used += (size_t)snprintf(detail + *used, n - *used, "%s%s: %s", *used ? "; " : "", what,
-                                  ok ? (err ? strerror(err) : "ok") : "ALLOWED");
-    return ok;
-}
-
-int fmx_worker_selftest(const char *what, char *detail, size_t n) {
-    size_t used = 0;
-    detail[0] = 0;
-    int ok = 1;
-    if (strcmp(what, "socket") == 0) {
-        int fams[] = {AF_INET, AF_INET6, AF_NETLINK, AF_PACKET, AF_UNIX};
-        const char *names[] = {"AF_INET", "AF_INET6", "AF_NETLINK", "AF_PACKET", "AF_UNIX"};
-        for (int i = 0; i < 5; i++) {
-            errno = 0;
-            int fd = socket(fams[i], SOCK_STREAM, 0);
-            if (fd < 0 && fams[i] == AF_PACKET) fd = socket(fams[i], SOCK_RAW, 0);
-            ok &= fmx__check(detail, n, &used, fd < 0, names[i], errno);
-            if (fd >= 0) close(fd);
-        }
-        int sv[2];
-        errno = 0;
-        int r = socketpair(AF_UNIX, SOCK_STREAM, 0, sv);
-        ok &= fmx__check(detail, n, &used, r < 0, "socketpair", errno);
-        return ok;
-    }
-    if (strcmp(what, "fork") == 0) {
-        errno = 0;
-        pid_t pid = fork();
-        if (pid == 0) _exit(0);
-        if (pid > 0) waitpid(pid, NULL, 0);
-        ok &= fmx__check(detail, n, &used, pid < 0, "fork", errno);
-        errno = 0;
-        long r = syscall(SYS_vfork);
-        if (r == 0) _exit(0);
-        ok &= fmx__check(detail, n, &used, r < 0, "vfork", errno);
-        errno = 0;
-        r = syscall(SYS_clone, (long)SIGCHLD, 0L, 0L, 0L, 0L);
-        if (r == 0) _exit(0);
-        if (r > 0) waitpid((pid_t)r, NULL, 0);
-        ok &= fmx__check(detail, n, &used, r < 0, "clone(SIGCHLD)", errno);
-        errno = 0;
-        r = kill(getppid(), 0);
-        ok &= fmx__check(detail, n, &used, r < 0, "kill(parent)", errno);
-        return ok;
-    }
-    if (strcmp(what, "exec") == 0) {
-        char *argv[] = {"/bin/true", NULL}, *envp[] = {NULL};
-        errno = 0;
-        int r = execve("/bin/true", argv, envp);
-        ok &= fmx__check(detail, n, &used, r < 0, "execve", errno);
-        errno = 0;
-        r = (int)syscall(SYS_execveat, AT_FDCWD, "/bin/true", argv, envp, 0);
-        ok &= fmx__check(detail, n, &used, r < 0, "execveat", errno);
-        return ok;
-    }
-    if (strcmp(what, "open") == 0) {
-        errno = 0;
-        int fd = open("/etc/passwd", O_RDONLY);
-        ok &= fmx__check(detail, n, &used, fd < 0, "open(/etc/passwd)", errno);
-        if (fd >= 0) close(fd);
-        errno = 0;
-        fd = openat(AT_FDCWD, "/etc/passwd", O_RDONLY);
-        ok &= fmx__check(detail, n, &used, fd < 0, "openat(/etc/passwd)", errno);
-        if (fd >= 0) close(fd);
-        errno = 0;
-        fd = open("/tmp/fmx-worker-selftest", O_WRONLY | O_CREAT | O_TRUNC, 0600);
-        ok &= fmx__check(detail, n, &used, fd < 0, "open(O_CREAT)", errno);
-        if (fd >= 0) close(fd);
-        errno = 0;
-        fd = creat("/tmp/fmx-worker-selftest", 0600);
-        ok &= fmx__check(detail, n, &used, fd < 0, "creat", errno);
-        if (fd >= 0) close(fd);
-        errno = 0;
-        FILE *f = fopen("/proc/self/status", "r");
-        ok &= fmx__check(detail, n, &used, f == NULL, "fopen(/proc/self/status)", errno);
-        if (f) fclose(f);
-        return ok;
-    }
-    if (strcmp(what, "fds") == 0) {
-        /* only stdio, the channel and the evaluation process's socket are
-         * open (probed: /proc cannot be opened) */
-        for (int fd = 0; fd < 4096; fd++) {
-            if (fcntl(fd, F_GETFD) < 0) continue;
-            if (fd <= FMX__CHANNEL_FD || fd == fmx_evaluator_shared_fd()) {
-                if (used < n)
-                    used += (size_t)snprintf(detail + used, n - used, "%s%d",
-                                             used ? " " : "open: ", fd);
-                continue;
-            }
-            ok = 0;
-            if (used < n) used += (size_t)snprintf(detail + used, n - used, " %d(UNEXPECTED)", fd);
-        }
-        return ok;
-    }
-    if (strcmp(what, "thread") == 0) {
-        pthread_t t;
-        int v = 0;
-        int r = pthread_create(&t, NULL, fmx__thread_fn, &v);
-        if (r == 0) pthread_join(t, NULL);
-        snprintf(detail, n, "pthread_create: %s, value %d", r ? strerror(r) : "ok", v);
-        return r == 0 && v == 42;
-    }
-    if (strcmp(what, "compile") == 0 || strcmp(what, "torch_oom") == 0) {
-        int oom = strcmp(what, "torch_oom") == 0;
-        const char *src = oom ? "import torch\nfrom torch import Tensor\n\n"
-                                "def f(x: Tensor) -> Tensor:\n"
-                                "    return torch.empty(1 << 40) + x.sum()\n"
-                              : "import torch\nfrom torch import Tensor\n\n"
-                                "def f(x: Tensor) -> Tensor:\n"
-                                "    return torch.softmax(x @ x.t(), dim=-1).sum(0)\n";
-        char err[1024] = "";
-        fmx_program *prog = NULL;
-        fmx_args *a = fmx_args_create();
-        fmx_tensor *x = NULL;
-        fmx_run *run = NULL;
-        float xs[12] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
-        int64_t shape[2] = {3, 4};
-        int rc = fmx_program_compile(src, strlen(src), "selftest.py", &prog, err, sizeof err);
-        if (rc == FMX_OK) rc = fmx_tensor_wrap(xs, FMX_DT_F32, shape, 2, &x, err, sizeof err);
-        if (rc == FMX_OK) rc = fmx_args_tensor(a, "x", x);
-        if (rc == FMX_OK) rc = fmx_program_run(prog, "f", a, &run, err, sizeof err);
-        float out[3] = {0};
-        if (rc == FMX_OK && !oom)
-            rc = fmx_tensor_read(fmx_run_output(run, 0), out, sizeof out, err, sizeof err);
-        if (oom)
-            snprintf(detail, n, "%s", rc == FMX_OK ? "torch.empty(1 << 40) succeeded" : err);
-        else
-            snprintf(detail, n, "%s: sum %.4f", rc == FMX_OK ? "ran" : err,
-                     (double)(out[0] + out[1] + out[2]));
-        fmx_run_destroy(run);
-        fmx_tensor_destroy(x);
-        fmx_args_destroy(a);
-        fmx_program_destroy(prog);
-        return oom ? rc == FMX_ERUNTIME : rc == FMX_OK && fabs(out[0] + out[1] + out[2] - 3) < 1e-4;
-    }
-    if (strcmp(what, "limits") == 0) {
-        struct rlimit as, cpu, core;
-        getrlimit(RLIMIT_AS, &as);
-        getrlimit(RLIMIT_CPU, &cpu);
-        getrlimit(RLIMIT_CORE, &core);
-        int nnp = prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0);
-        int mode = prctl(PR_GET_SECCOMP, 0, 0, 0, 0);
-        int dumpable = prctl(PR_GET_DUMPABLE, 0, 0, 0, 0);
-        snprintf(detail, n,
-                 "RLIMIT_AS %lld MiB, RLIMIT_CPU %lld s, RLIMIT_CORE %lld, no_new_privs %d, "
-                 "seccomp mode %d, dumpable %d, pgid==pid %d, shared mappings %d (%d unmapped)",
-                 as.rlim_cur == RLIM_INFINITY ? -1LL : (long long)(as.rlim_cur >> 20),
-                 cpu.rlim_cur == RLIM_INFINITY ? -1LL : (long long)cpu.rlim_cur,
-                 (long long)core.rlim_cur, nnp, mode, dumpable, getpgrp() == getpid(),
-                 fmx__shared_left, fmx__shared_unmapped);
-        return as.rlim_cur != RLIM_INFINITY && cpu.rlim_cur != RLIM_INFINITY &&
-               core.rlim_cur == 0 && nnp == 1 && mode == 2 && dumpable == 0 &&
-               fmx__shared_left <= 0; /* 0 after the scrub; -1 in exec mode (none inherited) */
-    }
-    if (strcmp(what, "segv") == 0) {
-        raise(SIGSEGV);
-        _exit(1);
-    }
-    if (strcmp(what, "hang") == 0)
-        for (;;)
-            pause();
-    if (strcmp(what, "spin") == 0) {
-        volatile unsigned long k = 0;
-        for (;;)
-            k++;
-    }
-    if (strcmp(what, "oom") == 0 || strcmp(what, "abort_oom") == 0) {
-        /* Allocate (and touch) until the address space runs out. */
-        size_t chunk = (size_t)64 << 20, total = 0;
-        for (;;) {
-            char *p = malloc(chunk);
-            if (!p) {
-                if (chunk <= ((size_t)1 << 20)) break;
-                chunk /= 2;
-                continue;
-            }
-            memset(p, 1, 4096);
-            total += chunk;
-        }
-        snprintf(detail, n, "allocated %zu MiB before malloc failed", total >> 20);
-        if (strcmp(what, "abort_oom") == 0) abort();
-        return FMX_ENOMEM;
-    }
-    snprintf(detail, n, "unknown self-test '%s'", what);
-    return 0;
+void fmx_worker_scrub_counts(int *left, int *unmapped) {
+    *left = fmx__shared_left;
+    *unmapped = fmx__shared_unmapped;
 }
 
 /* ---- `fmx worker` (exec mode) ---- */

@@ -175,6 +175,9 @@ cJSON *fmx_worker_step_request(const fmx_step_plan *plan);
 /* The request to grade code as submit does for the plan's task. */
 cJSON *fmx_worker_grade_request(const fmx_step_plan *plan, const char *code, const char *entry);
 cJSON *fmx_worker_selftest_request(const char *what);
+/* Inside a worker: the shared mappings left after the scrub of inherited
+ * ones (-1: not run, exec mode) and how many it unmapped (self-tests). */
+void fmx_worker_scrub_counts(int *left, int *unmapped);
 
 /* The outcome of a step job: the worker's outcome, or (any failure) an
  * error observation {tool, text, data: {fate, detail, limit_s|limit_mb},
@@ -183,6 +186,9 @@ cJSON *fmx_worker_selftest_request(const char *what);
  * ends it (so code that hangs or crashes depending on hidden inputs cannot
  * probe them step after step), and the budget's last step truncates it.
  * Clear with fmx_step_outcome_clear. FMX_OK or FMX_ENOMEM. */
+/* CPU seconds a job may use under cfg (RLIMIT_CPU): cpu_s, else
+ * eval_timeout_s per thread and one more. */
+double fmx_pool_cpu_budget(const fmx_pool_config *cfg);
 int fmx_pool_outcome(const fmx_pool *p, const fmx_step_plan *plan, fmx_pool_result *res,
                      fmx_step_outcome *out);
 /* The outcome of a step whose evaluation was stopped (fate not FMX_FATE_OK,
