@@ -70,7 +70,26 @@ class _Placement:
             raise UnknownEpisode(f"no episode {ours} was opened through these servers") from None
 
 
-class Servers:
+class _Routed:
+    """What both kinds share: the current episode and where an episode lives."""
+    addrs: List[str]
+    episode: Optional[int]
+    _place: _Placement
+
+    def where(self, episode: int) -> Tuple[str, int]:
+        """(the address of the server holding the episode, its id there)."""
+        server, ep = self._place.where(episode)
+        return self.addrs[server], ep
+
+    def _episode(self, episode: Optional[int]) -> int:
+        if episode is not None:
+            return int(episode)
+        if self.episode is None:
+            raise BadRequest("no current episode: call reset() first or pass episode=")
+        return self.episode
+
+
+class Servers(_Routed):
     """Several servers, one client each (fmx.Client), episodes placed by load.
 
     addrs: the servers' addresses; timeout, context: as fmx.Client;
@@ -112,11 +131,6 @@ class Servers:
         """The first server's tasks (servers of one pool serve the same packs)."""
         return self.clients[0].list_tasks(goals=goals)
 
-    def where(self, episode: int) -> Tuple[str, int]:
-        """(the address of the server holding the episode, its id there)."""
-        server, ep = self._place.where(episode)
-        return self.addrs[server], ep
-
     def reset(self, task: Optional[str] = None, seed: Optional[int] = None,
               policy: Optional[str] = None, max_steps: Optional[int] = None
               ) -> Tuple[Observation, Info]:
@@ -145,15 +159,8 @@ class Servers:
             self.episode = None
         return dict(reply, episode=ours) if isinstance(reply, dict) else reply
 
-    def _episode(self, episode: Optional[int]) -> int:
-        if episode is not None:
-            return int(episode)
-        if self.episode is None:
-            raise BadRequest("no current episode: call reset() first or pass episode=")
-        return self.episode
 
-
-class AsyncServers:
+class AsyncServers(_Routed):
     """Servers for asyncio: one fmx.AsyncClient per server, the same placement."""
 
     def __init__(self, addrs: Sequence[str], timeout: Optional[float] = 60.0,
@@ -184,10 +191,6 @@ class AsyncServers:
     async def list_tasks(self, goals: bool = False) -> List[Dict[str, Any]]:
         return await self.clients[0].list_tasks(goals=goals)
 
-    def where(self, episode: int) -> Tuple[str, int]:
-        server, ep = self._place.where(episode)
-        return self.addrs[server], ep
-
     async def reset(self, task: Optional[str] = None, seed: Optional[int] = None,
                     policy: Optional[str] = None, max_steps: Optional[int] = None
                     ) -> Tuple[Observation, Info]:
@@ -216,10 +219,3 @@ class AsyncServers:
         if ours == self.episode:
             self.episode = None
         return dict(reply, episode=ours) if isinstance(reply, dict) else reply
-
-    def _episode(self, episode: Optional[int]) -> int:
-        if episode is not None:
-            return int(episode)
-        if self.episode is None:
-            raise BadRequest("no current episode: call reset() first or pass episode=")
-        return self.episode
